@@ -1,0 +1,3 @@
+from unpersonal.cli import main
+
+main()

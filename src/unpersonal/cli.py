@@ -1,0 +1,179 @@
+"""The `unpersonal` command: one subcommand per pipeline stage, plus `run` for all of them.
+
+Every stage command takes the same run options (`--out`, `--preset`, `--config`, `--set`,
+`--force`). On an existing run directory its `config.yaml` is the starting point, so redoing one
+stage uses the config the run was made with unless the command line changes it.
+
+Errors the user can fix print one line and exit with code 2; nothing half-written is left.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from unpersonal import __version__
+from unpersonal.config import Config, load_config
+from unpersonal.errors import UserError
+from unpersonal.progress import console, note, warn
+from unpersonal.rundir import RunDir
+
+app = typer.Typer(
+    name="unpersonal",
+    help="Turn a patient-labelled medical image dataset into a synthetic one that singles out "
+         "no patient. Without --data every command uses the built-in phantom demo data.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DEMO_RUN = Path("runs/demo")
+
+OutOption = Annotated[Optional[Path], typer.Option(
+    "--out", "-o", help="run directory (default runs/demo for the demo data)")]
+DataOption = Annotated[Optional[Path], typer.Option(
+    "--data", "-d", help="dataset: .npz, image folder or CSV, DICOM or NIfTI folder; none = demo "
+    "phantoms")]
+PresetOption = Annotated[Optional[str], typer.Option(
+    "--preset", "-p", help="demo, cpu or gpu (default: demo without --data, cpu with it)")]
+ConfigOption = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", help="YAML config file (default: the run directory's config.yaml)")]
+SetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", "-s", help="override one config field, e.g. --set data.resolution=32 (repeatable)")]
+ForceOption = Annotated[bool, typer.Option("--force", help="redo the stage even if up to date")]
+NoPatientIdsOption = Annotated[bool, typer.Option(
+    "--no-patient-ids", help="the data has no patient IDs: count each image as its own patient")]
+CsvOption = Annotated[Optional[Path], typer.Option(
+    "--csv", help="label CSV of an image/DICOM/NIfTI folder (default: the only *.csv in it)")]
+
+
+def resolve_run(out: Path | None, data: Path | None, preset: str | None,
+                config_file: Path | None, overrides: list[str] | None,
+                no_patient_ids: bool = False, csv: Path | None = None) -> tuple[Config, RunDir]:
+    """The config and run directory a stage command works on."""
+    if out is None:
+        if data is not None:
+            raise UserError("--out is required with --data: name the run directory, "
+                            "e.g. --out runs/my_release")
+        out = DEMO_RUN
+    saved = out / "config.yaml"
+    if config_file is None and saved.is_file():
+        config_file = saved
+    extra = list(overrides or [])
+    if no_patient_ids:
+        extra.append("data.no_patient_ids=true")
+    if csv is not None:
+        extra.append(f"data.csv={csv.expanduser().resolve()}")
+    config = load_config(preset, config_file, extra, data_source=data)
+    return config, RunDir(out)
+
+
+@app.command()
+def prepare(out: OutOption = None, data: DataOption = None, preset: PresetOption = None,
+            config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False,
+            no_patient_ids: NoPatientIdsOption = False, csv: CsvOption = None) -> None:
+    """Read a dataset into the run directory's canonical form, with a patient-level split.
+
+    Refuses a patient in two splits, images without patient IDs, the same image in two splits,
+    unreadable files and non-finite pixels, naming the file or row.
+    """
+    resolved, run = resolve_run(out, data, preset, config, set_, no_patient_ids, csv)
+    _prepare(resolved, run, force)
+
+
+def _prepare(config: Config, run: RunDir, force: bool) -> None:
+    from unpersonal.data.prepare import run_prepare
+
+    result = run_prepare(config, run, force)
+    data = result.data
+    if result.skipped:
+        console.print(f"prepare: up to date in {run.stage_path('prepare')} (--force redoes it)")
+    for message in data.meta.get("notes", []):
+        note(message)
+    for message in data.meta.get("warnings", []):
+        warn(message)
+    console.print(summary_table(data.meta["summary"], data.label_names))
+    console.print(f"prepared {len(data)} images at {data.resolution} px, "
+                  f"{data.bit_depth}-bit, {data.label_kind} labels -> {run.stage_path('prepare')}")
+
+
+def summary_table(summary: dict, label_names: list[str]) -> Table:
+    """The per-split table `prepare` prints: what a steward checks before anything is trained."""
+    table = Table(title="prepared dataset", title_justify="left")
+    for column in ("split", "images", "patients", "images/patient (mean, max)",
+                   "patients with 2+ images"):
+        table.add_column(column, justify="right" if column != "split" else "left")
+    for name in label_names:
+        table.add_column(f"{name} positive", justify="right")
+    for split, row in summary["splits"].items():
+        images = row["images"]
+        balance = [f"{row['positives'][name]} ({100 * row['positives'][name] / max(images, 1):.0f}%)"
+                   for name in label_names]
+        table.add_row(split, f"{images:,}", f"{row['patients']:,}",
+                      f"{row['images_per_patient_mean']:.2f}, {row['images_per_patient_max']}",
+                      f"{row['patients_with_2plus_images']:,}", *balance)
+    table.caption = f"patients shared between splits: {summary['shared_patients']}"
+    return table
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Option("--out", "-o", help="file (.npz) or folder to write")] = Path(
+        "demo_data.npz"),
+    layout: Annotated[str, typer.Option(help="npz (one file) or folder (PNGs + labels.csv)")] = "npz",
+    preset: PresetOption = None, config: ConfigOption = None, set_: SetOption = None,
+) -> None:
+    """Write the procedural phantom chest X-rays (known patients, a binary finding) as files.
+
+    The phantoms are what `prepare` uses without --data; written out, they show the input
+    formats unpersonal reads.
+    """
+    from unpersonal.data.demo import write_demo_data
+
+    if layout not in ("npz", "folder"):
+        raise UserError(f"--layout {layout!r}: choose npz or folder")
+    resolved = load_config(preset, config, set_ or [])
+    console.print(write_demo_data(resolved, out, layout))
+
+
+@app.command("config")
+def show_config(out: OutOption = None, data: DataOption = None, preset: PresetOption = None,
+                config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Print the resolved config (YAML) a command with these options would use."""
+    resolved, _ = resolve_run(out, data, preset, config, set_)
+    sys.stdout.write(resolved.to_yaml())
+
+
+@app.command()
+def run(out: OutOption = None, data: DataOption = None, preset: PresetOption = None,
+        config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False,
+        no_patient_ids: NoPatientIdsOption = False, csv: CsvOption = None) -> None:
+    """Run every stage in order, skipping those already up to date; rerun to resume."""
+    resolved, run_dir = resolve_run(out, data, preset, config, set_, no_patient_ids, csv)
+    _prepare(resolved, run_dir, force)
+    console.print(f"run directory: {run_dir.root}")
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"unpersonal {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """Turn a patient-labelled medical image dataset into a shareable synthetic one."""
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except UserError as error:
+        sys.stderr.write(f"error: {error}\n")
+        raise SystemExit(error.exit_code) from None

@@ -1,0 +1,209 @@
+"""The one config object of a run.
+
+A run is fully described by a `Config`: a preset (`demo`, `cpu`, `gpu`) gives the defaults, a YAML
+file may change any of them, and `--set section.field=value` on the command line changes any
+field last. Unknown keys are errors, never silently ignored: a typo in a privacy threshold must
+not fall back to a default without the user knowing.
+
+Each pipeline stage declares which sections it depends on; the run directory re-runs a stage when
+those sections (or the stage's inputs) change, and skips it otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from unpersonal.errors import UserError
+
+PresetName = Literal["demo", "cpu", "gpu"]
+PRESETS: tuple[str, ...] = ("demo", "cpu", "gpu")
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are refused, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Where the dataset comes from and the canonical form `prepare` turns it into."""
+
+    source: Path | None = Field(
+        None, description="dataset: .npz file, folder of images, DICOM or NIfTI folder, or a CSV; "
+        "none = built-in phantom demo data")
+    format: Literal["auto", "npz", "images", "dicom", "nifti"] = Field(
+        "auto", description="input format; auto = guess from the files")
+    csv: Path | None = Field(
+        None, description="CSV with path, label column(s), patient_id[, split]; default: the only "
+        "*.csv in the data folder")
+    label_columns: list[str] | None = Field(
+        None, description="CSV label columns; default: every column but path/patient_id/split")
+    label_kind: Literal["auto", "binary", "multiclass", "multilabel"] = "auto"
+    resolution: int = Field(64, ge=8, le=4096, description="side of the square canonical image, px")
+    fit: Literal["crop", "pad", "stretch"] = Field(
+        "crop", description="how a non-square image becomes square: center-crop, zero-pad, or stretch")
+    bit_depth: Literal["auto", 8, 16] = Field(
+        "auto", description="canonical pixel depth; auto = 16 if any input is deeper than 8 bit")
+    window: tuple[float, float] | None = Field(
+        None, description="DICOM/NIfTI intensity window (center, width) after rescale; default: "
+        "the DICOM header's window, else the 0.5-99.5 percentile range of each image/volume")
+    nifti_axis: int = Field(2, ge=0, le=2, description="NIfTI axis along which volumes are sliced")
+    nifti_skip_empty: bool = Field(True, description="drop NIfTI slices with no signal")
+    no_patient_ids: bool = Field(
+        False, description="the data has no patient IDs: each image counts as its own patient")
+    split_fractions: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="train/val/test shares of the patient-level split made when "
+        "the data has none")
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(value) < 0 or abs(sum(value) - 1.0) > 1e-6 or value[0] <= 0:
+            raise ValueError("must be three non-negative shares summing to 1, train > 0")
+        return value
+
+    @field_validator("window")
+    @classmethod
+    def _positive_width(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and value[1] <= 0:
+            raise ValueError("window width must be > 0")
+        return value
+
+
+class PhantomConfig(Section):
+    """The built-in demo data: procedural chest X-ray phantoms with known patients."""
+
+    n_patients: int = Field(200, ge=4)
+    scans_per_patient: tuple[int, int] = (1, 6)
+    finding_rate: float = Field(0.4, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _scan_range(self) -> PhantomConfig:
+        low, high = self.scans_per_patient
+        if not 1 <= low <= high:
+            raise ValueError("scans_per_patient must be (min, max) with 1 <= min <= max")
+        return self
+
+
+class Config(Section):
+    """Everything a run needs; `config.yaml` in the run directory is this, resolved."""
+
+    preset: PresetName = "demo"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    phantoms: PhantomConfig = PhantomConfig()
+
+    def section_dump(self, names: tuple[str, ...]) -> dict[str, Any]:
+        """The named sections (plus the seed) as plain data: what a stage's cache key covers."""
+        dumped = self.model_dump(mode="json")
+        return {"seed": dumped["seed"], **{name: dumped[name] for name in names}}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# Presets only state what differs from the field defaults above.
+_PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
+    "demo": {"data": {"resolution": 32}, "phantoms": {"n_patients": 150}},
+    "cpu": {"data": {"resolution": 64}},
+    "gpu": {"data": {"resolution": 128}},
+}
+
+
+def load_config(
+    preset: str | None = None,
+    config_file: Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    data_source: Path | None = None,
+) -> Config:
+    """Resolve a config: preset defaults <- YAML file <- `--data` <- `--set key=value` overrides.
+
+    Without an explicit preset, a run on the built-in phantoms uses `demo` and a run on the
+    user's own data uses `cpu`.
+    """
+    from_file = _read_yaml(config_file) if config_file else {}
+    chosen = preset or from_file.get("preset")
+    merged: dict[str, Any] = {}
+    if data_source is not None:
+        _set_path(merged, "data.source", str(data_source))
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_path(merged, key, value)
+    merged = _deep_merge(from_file, merged)
+    if chosen is None:
+        has_data = merged.get("data", {}).get("source") if isinstance(merged.get("data"), dict) else None
+        chosen = "cpu" if has_data else "demo"
+    if chosen not in PRESETS:
+        raise UserError(f"unknown preset {chosen!r}: choose one of {', '.join(PRESETS)}")
+    merged = _deep_merge(copy.deepcopy(_PRESET_OVERRIDES[chosen]), merged)
+    merged["preset"] = chosen
+    try:
+        config = Config.model_validate(merged)
+    except ValidationError as error:
+        origin = f"config file {config_file}" if config_file else "config"
+        raise UserError(f"{origin}: {_describe(error)}") from None
+    if config.data.source is not None:
+        config.data.source = config.data.source.expanduser().resolve()
+    if config.data.csv is not None:
+        config.data.csv = config.data.csv.expanduser().resolve()
+    return config
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise UserError(f"cannot read config file {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"config file {path} is not valid YAML: {error}".splitlines()[0]) from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
+    return loaded
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    """`data.resolution=32` -> ("data.resolution", 32); values are read as YAML scalars/lists."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r}: expected section.field=value, e.g. data.resolution=32")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {dotted}: {part} is a field, not a section")
+    node[leaf] = value
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(error: ValidationError) -> str:
+    """The first validation problem in one line, naming the dotted key."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"unknown key {where!r} (check the spelling; `unpersonal config --help` lists the fields)"
+    return f"{where}: {first['msg']}"

@@ -1,0 +1,157 @@
+"""The run directory: the contract between pipeline stages.
+
+    runs/my_release/
+      config.yaml      the resolved config of the latest invocation
+      manifest.json    per stage: cache key, config it ran with, output files and their sha256
+      prepare/         one folder per stage, written whole or not at all
+      ...
+
+A stage builds its folder under `.partial/` and only a finished folder is renamed into place,
+followed by the manifest entry. A stage is skipped when its key (config sections it depends on,
+plus the hashes of the upstream outputs it reads) matches the manifest and its files still hash
+to what the manifest recorded, so editing or deleting an output makes the stage run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from unpersonal import __version__
+from unpersonal.config import Config
+from unpersonal.errors import UserError
+
+MANIFEST_FORMAT = 1
+_HASH_CHUNK = 1 << 20
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write a file so that readers see either the old content or the new, never a torn one."""
+    payload = data.encode() if isinstance(data, str) else data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_json(value: Any) -> str:
+    """Hash of a JSON-able value that does not depend on key order."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class RunDir:
+    """One run's folder; stages read and write only through it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.manifest_path = self.root / "manifest.json"
+
+    def stage_path(self, stage: str) -> Path:
+        return self.root / stage
+
+    def manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.exists():
+            return {"format": MANIFEST_FORMAT, "stages": {}}
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{self.manifest_path} is corrupt; remove it or use --force") from None
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise UserError(f"{self.manifest_path} has format {manifest.get('format')}, "
+                            f"this unpersonal reads format {MANIFEST_FORMAT}")
+        return manifest
+
+    def stage_record(self, stage: str) -> dict[str, Any] | None:
+        return self.manifest()["stages"].get(stage)
+
+    def require(self, stage: str) -> dict[str, str]:
+        """Output hashes of a finished upstream stage, or an error saying which command makes it."""
+        record = self.stage_record(stage)
+        if record is None or not self.stage_path(stage).is_dir():
+            raise UserError(f"{self.root} has no finished '{stage}' stage; run `unpersonal {stage} "
+                            f"--out {self.root}` first")
+        return record["outputs"]
+
+    def is_fresh(self, stage: str, key: str) -> bool:
+        """True when the stage ran with this key and its outputs are intact."""
+        record = self.stage_record(stage)
+        if record is None or record.get("key") != key:
+            return False
+        folder = self.stage_path(stage)
+        for relative, digest in record["outputs"].items():
+            path = folder / relative
+            if not path.is_file() or sha256_file(path) != digest:
+                return False
+        return True
+
+    @contextmanager
+    def build_stage(self, stage: str, key: str, config: Config) -> Iterator[Path]:
+        """Yield an empty folder to build `stage` in; publish it only if the block succeeds.
+
+        On any exception the partial folder is removed, and so is the run directory itself when
+        this call created it: a failed first run leaves nothing behind.
+        """
+        created_root = not self.root.exists()
+        partial = self.root / ".partial" / f"{stage}-{os.getpid()}"
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        try:
+            yield partial
+            self._publish(stage, key, config, partial)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            if created_root:
+                shutil.rmtree(self.root, ignore_errors=True)
+            else:
+                _remove_if_empty(self.root / ".partial")
+            raise
+        _remove_if_empty(self.root / ".partial")
+
+    def _publish(self, stage: str, key: str, config: Config, partial: Path) -> None:
+        outputs = {
+            str(path.relative_to(partial)): sha256_file(path)
+            for path in sorted(partial.rglob("*")) if path.is_file()
+        }
+        target = self.stage_path(stage)
+        if target.exists():
+            retired = self.root / ".partial" / f"{stage}-retired-{os.getpid()}"
+            os.replace(target, retired)
+            os.replace(partial, target)
+            shutil.rmtree(retired)
+        else:
+            os.replace(partial, target)
+        write_atomic(self.root / "config.yaml", config.to_yaml())
+        manifest = self.manifest()
+        manifest["stages"][stage] = {
+            "key": key,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "unpersonal": __version__,
+            "outputs": outputs,
+        }
+        write_atomic(self.manifest_path, json.dumps(manifest, indent=2) + "\n")
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
