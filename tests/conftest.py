@@ -1,0 +1,87 @@
+"""Shared fixtures: run the CLI in-process, and write small datasets of every input format."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+        ) -> Callable[..., CliResult]:
+    """Run `unpersonal ARGS...` as the console script would, returning exit code and output."""
+    from unpersonal.cli import main
+
+    def invoke(*args: str | Path) -> CliResult:
+        monkeypatch.setattr(sys, "argv", ["unpersonal", *map(str, args)])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    return invoke
+
+
+def random_images(count: int, size: int = 16, seed: int = 0) -> np.ndarray:
+    """Distinct uint8 images (no two identical), so duplicate checks only fire when meant to."""
+    return np.random.default_rng(seed).integers(0, 256, (count, size, size), dtype=np.uint8)
+
+
+def write_flat_npz(path: Path, count: int = 24, size: int = 16, patients: Sequence[str] | None = None,
+                   splits: Sequence[str] | None = None, **extra: np.ndarray) -> Path:
+    """An .npz in the layout of the shared Kermany files: images, label, patient_id[, split]."""
+    arrays: dict[str, np.ndarray] = {
+        "images": random_images(count, size),
+        "label": np.arange(count) % 2,
+        "patient_id": np.array(list(patients) if patients is not None
+                               else [f"P{i // 2:03d}" for i in range(count)]),
+    }
+    if splits is not None:
+        arrays["split"] = np.array(list(splits))
+    arrays.update(extra)
+    np.savez(path, **arrays)
+    return path
+
+
+def write_image_folder(folder: Path, count: int = 12, size: int = 16, header: str | None = None,
+                       rows: Sequence[str] | None = None, mode: str = "L") -> Path:
+    """PNG files plus labels.csv (path, finding, patient_id); `rows`/`header` replace the CSV."""
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    images = random_images(count, size)
+    lines = [header or "path,finding,patient_id"]
+    for i, pixels in enumerate(images):
+        image = Image.fromarray(pixels, mode="L")
+        image.convert(mode).save(folder / "img" / f"{i:03d}.png")
+        lines.append(f"img/{i:03d}.png,{i % 2},P{i // 2:02d}")
+    if rows is not None:
+        lines = [lines[0], *rows]
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real Kermany chest X-rays beside the project; tests needing them skip without them."""
+    if not (SHARED_DATA / "kermany_cxr_64.npz").is_file():
+        pytest.skip(f"real data not found at {SHARED_DATA} (optional: tests on generated data "
+                    "cover the same code)")
+    return SHARED_DATA
