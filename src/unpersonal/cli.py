@@ -91,33 +91,39 @@ def _prepare(config: Config, run: RunDir, force: bool) -> None:
     result = run_prepare(config, run, force)
     data = result.data
     if result.skipped:
-        console.print(f"prepare: up to date in {run.stage_path('prepare')} (--force redoes it)")
+        console.print(f"prepare: up to date in {run.stage_path('prepare')} (--force redoes it)",
+                      soft_wrap=True)
     for message in data.meta.get("notes", []):
         note(message)
     for message in data.meta.get("warnings", []):
         warn(message)
-    console.print(summary_table(data.meta["summary"], data.label_names))
+    for table in summary_tables(data.meta["summary"], data.label_names):
+        console.print(table)
     console.print(f"prepared {len(data)} images at {data.resolution} px, "
-                  f"{data.bit_depth}-bit, {data.label_kind} labels -> {run.stage_path('prepare')}")
+                  f"{data.bit_depth}-bit, {data.label_kind} labels -> {run.stage_path('prepare')}",
+                  soft_wrap=True)
 
 
-def summary_table(summary: dict, label_names: list[str]) -> Table:
-    """The per-split table `prepare` prints: what a steward checks before anything is trained."""
-    table = Table(title="prepared dataset", title_justify="left")
-    for column in ("split", "images", "patients", "images/patient (mean, max)",
-                   "patients with 2+ images"):
-        table.add_column(column, justify="right" if column != "split" else "left")
+def summary_tables(summary: dict, label_names: list[str]) -> tuple[Table, Table]:
+    """What a steward checks before anything is trained: patients per split, label balance."""
+    splits = summary["splits"]
+    people = Table(title="prepared dataset", title_justify="left",
+                   caption=f"patients shared between splits: {summary['shared_patients']}")
+    for column in ("split", "images", "patients", "per patient", "max", "2+ images"):
+        people.add_column(column, justify="left" if column == "split" else "right")
+    for split, row in splits.items():
+        people.add_row(split, f"{row['images']:,}", f"{row['patients']:,}",
+                       f"{row['images_per_patient_mean']:.2f}",
+                       str(row["images_per_patient_max"]), f"{row['patients_with_2plus_images']:,}")
+    balance = Table(title="positive images per label", title_justify="left")
+    balance.add_column("label")
+    for split in splits:
+        balance.add_column(split, justify="right")
     for name in label_names:
-        table.add_column(f"{name} positive", justify="right")
-    for split, row in summary["splits"].items():
-        images = row["images"]
-        balance = [f"{row['positives'][name]} ({100 * row['positives'][name] / max(images, 1):.0f}%)"
-                   for name in label_names]
-        table.add_row(split, f"{images:,}", f"{row['patients']:,}",
-                      f"{row['images_per_patient_mean']:.2f}, {row['images_per_patient_max']}",
-                      f"{row['patients_with_2plus_images']:,}", *balance)
-    table.caption = f"patients shared between splits: {summary['shared_patients']}"
-    return table
+        cells = [f"{row['positives'][name]:,} ({100 * row['positives'][name] / max(row['images'], 1):.0f}%)"
+                 for row in splits.values()]
+        balance.add_row(name, *cells)
+    return people, balance
 
 
 @app.command("demo-data")
