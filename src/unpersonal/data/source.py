@@ -76,7 +76,7 @@ def interpret_labels(raw: np.ndarray, names: Sequence[str], kind: str, refs: Seq
         row = int(np.argwhere(outside)[0][0])
         raise UserError(f"{refs[row]}: {kind} labels must be 0 or 1, got {ints[row].tolist()}")
     if kind == "binary" and ints.shape[1] != 1:
-        raise UserError(f"{origin}: binary labels need one column, got {ints.shape[1]}")
+        raise UserError(f"binary labels need one column, got {ints.shape[1]}: {list(names)}")
     return ints.astype(np.uint8), list(names), kind
 
 

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from unpersonal.config import DataConfig
-from unpersonal.data.readers.table import CsvRow, find_csv, read_table
+from unpersonal.data.readers.table import CsvRow, find_csv, one_line_reason, read_table
 from unpersonal.data.source import Source
 from unpersonal.errors import UserError
 
@@ -40,7 +40,7 @@ def _bit_depth(row: CsvRow) -> int:
             with Image.open(row.path) as image:
                 mode = image.mode
     except (UnidentifiedImageError, OSError) as error:
-        raise UserError(f"{row.ref}: not a readable image ({_reason(error)})") from None
+        raise UserError(f"{row.ref}: not a readable image ({_reason(error, row)})") from None
     return 16 if mode in _SIXTEEN_BIT_MODES else 8
 
 
@@ -51,7 +51,7 @@ def load_image_file(row: CsvRow) -> np.ndarray:
             image.load()
             return pil_to_float(image)
     except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise UserError(f"{row.ref}: cannot decode image ({_reason(error)})") from None
+        raise UserError(f"{row.ref}: cannot decode image ({_reason(error, row)})") from None
 
 
 def pil_to_float(image: Image.Image) -> np.ndarray:
@@ -65,7 +65,7 @@ def pil_to_float(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
-def _reason(error: Exception) -> str:
+def _reason(error: Exception, row: CsvRow) -> str:
     if isinstance(error, UnidentifiedImageError):
         return "not a format Pillow can identify"
-    return str(error) or type(error).__name__
+    return one_line_reason(error, row)

@@ -29,8 +29,8 @@ def read_npz(path: Path) -> Source:
 
 
 def _load_all(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
+    try:  # our own handle: np.load leaves its file open when the zip is truncated
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
     except (zipfile.BadZipFile, EOFError, OSError) as error:
         raise UserError(f"{path.name}: not a readable .npz file ({error})") from None

@@ -32,7 +32,13 @@ class CsvRow:
 
     @property
     def ref(self) -> str:
-        return f"{self.relative} (CSV line {self.line})"
+        """How errors and the canonical `ref` column name this row's image."""
+        return self.ref_for(None)
+
+    def ref_for(self, part: str | None) -> str:
+        """The ref of one part of the file (a DICOM frame, a NIfTI slice)."""
+        inside = f" {part}" if part else ""
+        return f"{self.relative}{inside} (CSV line {self.line})"
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,13 @@ def _number(where: str, column: str, text: str | None) -> float:
     except ValueError:
         shown = repr(cleaned) if cleaned else "empty"
         raise UserError(f"{where}: label column {column!r} is {shown}, not a number") from None
+
+
+def one_line_reason(error: Exception, row: CsvRow) -> str:
+    """A library's error message on one line, naming the file as the CSV does, not by full path."""
+    text = str(error).replace(str(row.path), row.relative)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
 
 
 def _check_split_column(csv_path: Path, rows: list[CsvRow], has_column: bool) -> None:
