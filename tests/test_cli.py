@@ -120,3 +120,11 @@ def test_run_resumes_by_skipping_finished_stages(cli, tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert cli("run", "--out", run, *SMALL_DEMO).code == 0
     assert "prepare: up to date" in cli("run", "--out", run).stderr
+
+
+def test_switching_preset_on_an_existing_run_is_refused(cli, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert cli("prepare", "--out", run, *SMALL_DEMO).code == 0
+    result = cli("prepare", "--out", run, "--preset", "gpu")
+    assert result.code == 2 and "made with preset demo" in result.stderr
+    assert cli("prepare", "--out", run, "--preset", "demo").code == 0

@@ -63,6 +63,10 @@ def resolve_run(out: Path | None, data: Path | None, preset: str | None,
     saved = out / "config.yaml"
     if config_file is None and saved.is_file():
         config_file = saved
+        made_with = load_config(None, saved).preset
+        if preset is not None and preset != made_with:
+            raise UserError(f"--preset {preset}: {out} was made with preset {made_with}; use a new "
+                            "--out for another preset, or change single fields with --set")
     extra = list(overrides or [])
     if no_patient_ids:
         extra.append("data.no_patient_ids=true")
