@@ -94,7 +94,7 @@ class Config(Section):
     """Everything a run needs; `config.yaml` in the run directory is this, resolved."""
 
     preset: PresetName = "demo"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
     phantoms: PhantomConfig = PhantomConfig()
 

@@ -16,15 +16,19 @@ from PIL import Image
 from unpersonal.config import Config, PhantomConfig
 from unpersonal.data.phantoms import PhantomSet, generate_phantoms
 from unpersonal.data.source import Source
+from unpersonal.errors import UserError
 from unpersonal.rundir import write_atomic
 
 LABEL_NAMES = ["finding"]
 
 
 def _generate(phantoms: PhantomConfig, resolution: int, seed: int) -> PhantomSet:
-    return generate_phantoms(phantoms.n_patients, resolution, seed,
-                             scans_per_patient=phantoms.scans_per_patient,
-                             finding_rate=phantoms.finding_rate)
+    try:
+        return generate_phantoms(phantoms.n_patients, resolution, seed,
+                                 scans_per_patient=phantoms.scans_per_patient,
+                                 finding_rate=phantoms.finding_rate)
+    except ValueError as error:  # e.g. a resolution too small to draw ribs in
+        raise UserError(f"demo phantoms: {error}") from None
 
 
 def phantom_source(config: Config) -> Source:
