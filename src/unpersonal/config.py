@@ -136,7 +136,8 @@ def load_config(
         _set_path(merged, key, value)
     merged = _deep_merge(from_file, merged)
     if chosen is None:
-        has_data = merged.get("data", {}).get("source") if isinstance(merged.get("data"), dict) else None
+        data_section = merged.get("data")
+        has_data = isinstance(data_section, dict) and data_section.get("source") is not None
         chosen = "cpu" if has_data else "demo"
     if chosen not in PRESETS:
         raise UserError(f"unknown preset {chosen!r}: choose one of {', '.join(PRESETS)}")
