@@ -9,6 +9,7 @@ Errors the user can fix print one line and exit with code 2; nothing half-writte
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,7 +19,7 @@ from rich.table import Table
 
 from unpersonal import __version__
 from unpersonal.config import Config, load_config
-from unpersonal.errors import UserError
+from unpersonal.errors import Interrupted, UserError
 from unpersonal.progress import console, note, warn
 from unpersonal.rundir import RunDir
 
@@ -130,6 +131,31 @@ def summary_tables(summary: dict, label_names: list[str]) -> tuple[Table, Table]
     return people, balance
 
 
+@app.command("fit-diffusion")
+def fit_diffusion(out: OutOption = None, data: DataOption = None, preset: PresetOption = None,
+                  config: ConfigOption = None, set_: SetOption = None,
+                  force: ForceOption = False) -> None:
+    """Train the diffusion model on the training split; Ctrl-C saves, rerunning resumes.
+
+    Runs on the CPU, one GPU, or many processes with `accelerate launch -m unpersonal ...`.
+    """
+    resolved, run_dir = resolve_run(out, data, preset, config, set_)
+    _fit_diffusion(resolved, run_dir, force)
+
+
+def _fit_diffusion(config: Config, run: RunDir, force: bool) -> None:
+    from unpersonal.training.diffusion import STAGE, install_sigterm_as_interrupt, run_fit_diffusion
+
+    install_sigterm_as_interrupt()
+    if not run_fit_diffusion(config, run, force):
+        console.print(f"fit-diffusion: up to date in {run.stage_path(STAGE)} (--force redoes it)",
+                      soft_wrap=True)
+        return
+    meta = json.loads((run.stage_path(STAGE) / "model.json").read_text())
+    console.print(f"trained {meta['parameters']:,}-parameter denoiser for {meta['steps_done']} "
+                  f"steps in {meta['seconds']:.0f} s -> {run.stage_path(STAGE)}", soft_wrap=True)
+
+
 @app.command("demo-data")
 def demo_data(
     out: Annotated[Path, typer.Option("--out", "-o", help="file (.npz) or folder to write")] = Path(
@@ -165,6 +191,7 @@ def run(out: OutOption = None, data: DataOption = None, preset: PresetOption = N
     """Run every stage in order, skipping those already up to date; rerun to resume."""
     resolved, run_dir = resolve_run(out, data, preset, config, set_, no_patient_ids, csv)
     _prepare(resolved, run_dir, force)
+    _fit_diffusion(resolved, run_dir, force)
     console.print(f"run directory: {run_dir.root}")
 
 
@@ -184,6 +211,9 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:
         app()
+    except Interrupted as stop:
+        sys.stderr.write(f"interrupted: {stop}\n")
+        raise SystemExit(stop.exit_code) from None
     except UserError as error:
         sys.stderr.write(f"error: {error}\n")
         raise SystemExit(error.exit_code) from None

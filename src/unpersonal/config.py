@@ -90,6 +90,63 @@ class PhantomConfig(Section):
         return self
 
 
+class DiffusionConfig(Section):
+    """The generator: an EDM2-style denoiser, how it is conditioned, and its training budget."""
+
+    conditioning: Literal["uncond", "class", "pseudo", "class+pseudo"] = Field(
+        "class+pseudo", description="what the denoiser is told: nothing, the labels, a training "
+        "image's embedding (diversity-aware pseudo-conditioning), or both")
+    cond_dropout: float = Field(
+        0.1, ge=0.0, lt=1.0, description="chance of dropping each condition part while training, "
+        "so one network also learns the null condition for classifier-free guidance")
+    pseudo_features: Path | None = Field(
+        None, description=".npy [N_train, D] of pseudo-conditioning features in training-split "
+        "order; default: the embedder's, or unit-norm PCA of the training pixels until it exists")
+    pseudo_dim: int = Field(32, ge=2, description="size of the PCA stand-in features")
+    model_channels: int = Field(32, ge=8)
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_blocks: int = Field(2, ge=1)
+    attn_resolutions: tuple[int, ...] = (8,)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    sigma_data: float = Field(0.5, gt=0.0)
+    p_mean: float = -0.4
+    p_std: float = Field(1.0, gt=0.0)
+    batch_size: int = Field(64, ge=1, description="images per optimiser step, over all processes")
+    steps: int = Field(2000, ge=1, description="optimiser steps (the reproducible budget)")
+    max_minutes: float | None = Field(
+        None, gt=0.0, description="stop earlier after this wall time (not reproducible)")
+    lr: float = Field(0.01, gt=0.0, description="EDM2 reference learning rate (Adam, betas 0.9/0.99)")
+    lr_ref_steps: int = Field(1000, ge=1, description="steps before the 1/sqrt(t) decay starts")
+    warmup_steps: int = Field(100, ge=0)
+    ema_std: float = Field(0.1, gt=0.0, lt=0.3, description="EDM2 power-function EMA relative width")
+    guide_at: float = Field(
+        0.125, gt=0.0, lt=1.0, description="share of training after which the EMA is saved as the "
+        "autoguidance guide (an early, weaker model of the same data)")
+    augment_shift: int = Field(2, ge=0, description="random shifts of up to this many pixels")
+    augment_intensity: float = Field(
+        0.05, ge=0.0, lt=0.5, description="random brightness/contrast change of up to this share")
+    augment_flip: bool = Field(
+        False, description="left-right flips; off by default since anatomy is lateral")
+    checkpoint_every: int = Field(250, ge=1, description="steps between resumable checkpoints")
+
+
+class SamplingConfig(Section):
+    """How images are drawn from the trained denoiser."""
+
+    solver: Literal["dpmpp2m", "heun"] = Field(
+        "dpmpp2m", description="dpmpp2m (fast multistep) or heun (EDM reference, 2n-1 NFE)")
+    steps: int = Field(16, ge=1, description="solver steps; NFE is steps for dpmpp2m, 2*steps-1 "
+                                             "for heun (times 2 with classifier-free guidance)")
+    guidance: float = Field(1.0, ge=0.0, description="guidance weight w; 1 = none")
+    guide: Literal["cfg", "autoguidance"] = Field(
+        "cfg", description="guide against the null condition, or against the early checkpoint")
+    sigma_min: float = Field(0.002, gt=0.0)
+    sigma_max: float = Field(80.0, gt=0.0)
+    rho: float = Field(7.0, gt=0.0)
+    batch_size: int = Field(64, ge=1)
+    count: int = Field(64, ge=1, description="images `unpersonal sample` draws")
+
+
 class Config(Section):
     """Everything a run needs; `config.yaml` in the run directory is this, resolved."""
 
@@ -97,6 +154,8 @@ class Config(Section):
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
     phantoms: PhantomConfig = PhantomConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    sampling: SamplingConfig = SamplingConfig()
 
     def section_dump(self, names: tuple[str, ...]) -> dict[str, Any]:
         """The named sections (plus the seed) as plain data: what a stage's cache key covers."""
@@ -109,9 +168,15 @@ class Config(Section):
 
 # Presets only state what differs from the field defaults above.
 _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
-    "demo": {"data": {"resolution": 32}, "phantoms": {"n_patients": 150}},
-    "cpu": {"data": {"resolution": 64}},
-    "gpu": {"data": {"resolution": 128}},
+    "demo": {"data": {"resolution": 32}, "phantoms": {"n_patients": 150},
+             "diffusion": {"steps": 600, "batch_size": 32, "lr_ref_steps": 300}},
+    "cpu": {"data": {"resolution": 64},
+            "diffusion": {"model_channels": 48, "channel_mult": [1, 2, 2, 2],
+                          "steps": 6000, "batch_size": 64}},
+    "gpu": {"data": {"resolution": 128},
+            "diffusion": {"model_channels": 128, "channel_mult": [1, 2, 2, 2],
+                          "attn_resolutions": [16, 8], "num_blocks": 3, "steps": 100000,
+                          "batch_size": 256, "lr_ref_steps": 20000, "checkpoint_every": 2000}},
 }
 
 
@@ -152,6 +217,8 @@ def load_config(
         config.data.source = config.data.source.expanduser().resolve()
     if config.data.csv is not None:
         config.data.csv = config.data.csv.expanduser().resolve()
+    if config.diffusion.pseudo_features is not None:
+        config.diffusion.pseudo_features = config.diffusion.pseudo_features.expanduser().resolve()
     return config
 
 

@@ -12,3 +12,9 @@ class UserError(Exception):
     """A problem with the user's input or options, reported in one line (exit code 2)."""
 
     exit_code = 2
+
+
+class Interrupted(UserError):
+    """Ctrl-C (or SIGTERM) during a resumable stage: its state is saved, rerun to resume."""
+
+    exit_code = 130

@@ -28,3 +28,38 @@ def note(message: str) -> None:
 
 def warn(message: str) -> None:
     console.print(Text.assemble(("warning: ", "yellow"), message), soft_wrap=True)
+
+
+class LiveBar:
+    """A progress bar with live figures (loss, images/s) for long loops; silent off a terminal.
+
+    Off a terminal (CI, logs) it prints one plain line every `log_every` updates instead, so a
+    long job still shows it is alive.
+    """
+
+    def __init__(self, description: str, total: int, start: int = 0, log_every: int = 100,
+                 enabled: bool = True) -> None:
+        self.description, self.total, self.done = description, total, start
+        self.log_every, self.enabled = log_every, enabled
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[figures]}"), TimeRemainingColumn())
+        self._progress = Progress(*columns, console=console, transient=False,
+                                  disable=not (enabled and console.is_terminal))
+        self._task = self._progress.add_task(description, total=total, completed=start,
+                                             figures="")
+
+    def __enter__(self) -> LiveBar:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(*exc)
+
+    def update(self, advance: int = 1, **figures: float | str) -> None:
+        self.done += advance
+        text = "  ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                         for key, value in figures.items())
+        self._progress.update(self._task, advance=advance, figures=text)
+        if self.enabled and not console.is_terminal and (
+                self.done % self.log_every == 0 or self.done == self.total):
+            console.print(f"{self.description} {self.done}/{self.total}  {text}", soft_wrap=True)

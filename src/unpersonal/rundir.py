@@ -102,6 +102,25 @@ class RunDir:
                 return False
         return True
 
+    def work_dir(self, stage: str, key: str) -> Path:
+        """A persistent folder for a long stage's resumable state (checkpoints).
+
+        It survives a kill, so rerunning the same command resumes. State left by a different key
+        (another config or other inputs) cannot be resumed and is discarded.
+        """
+        folder = self.root / ".work" / stage
+        key_file = folder / "key"
+        if folder.exists() and (not key_file.is_file() or key_file.read_text() != key):
+            shutil.rmtree(folder)
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            write_atomic(key_file, key)
+        return folder
+
+    def clear_work(self, stage: str) -> None:
+        shutil.rmtree(self.root / ".work" / stage, ignore_errors=True)
+        _remove_if_empty(self.root / ".work")
+
     @contextmanager
     def build_stage(self, stage: str, key: str, config: Config) -> Iterator[Path]:
         """Yield an empty folder to build `stage` in; publish it only if the block succeeds.

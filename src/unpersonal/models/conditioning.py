@@ -1,0 +1,97 @@
+"""Condition vectors: what the denoiser is told about the image it should draw.
+
+One vector per image, `[label code | pseudo feature]`, each part scaled to unit RMS so neither
+drowns the other. The all-zero vector is the null condition (classifier-free guidance), so every
+real condition must be non-zero: a binary label is coded as the pair (1 - y, y), never as a bare
+0 that would read as "no condition".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MODES = ("uncond", "class", "pseudo", "class+pseudo")
+
+
+def label_code(labels: np.ndarray, kind: str) -> np.ndarray:
+    """uint8 labels [N, C] -> float32 code [N, L] with no all-zero row.
+
+    Multi-class labels are already one-hot. Binary and multi-label columns each become two
+    slots (absent, present), so "no finding" is a condition of its own.
+    """
+    values = labels.astype(np.float32)
+    if kind == "multiclass":
+        return values
+    return np.stack([1.0 - values, values], axis=2).reshape(len(values), -1)
+
+
+def _unit_rms(part: torch.Tensor) -> torch.Tensor:
+    """Scale each row to norm sqrt(dim) (unit RMS); all-zero rows stay zero."""
+    norm = part.norm(dim=1, keepdim=True)
+    return part * (part.shape[1] ** 0.5) / norm.clamp_min(1e-8)
+
+
+@dataclass(frozen=True)
+class Conditioner:
+    """Builds condition vectors for one conditioning mode and knows their layout."""
+
+    mode: str
+    label_dim: int
+    pseudo_dim: int
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"conditioning mode {self.mode!r} is not one of {MODES}")
+
+    @property
+    def uses_labels(self) -> bool:
+        return "class" in self.mode
+
+    @property
+    def uses_pseudo(self) -> bool:
+        return "pseudo" in self.mode
+
+    @property
+    def dim(self) -> int:
+        return self.label_dim * self.uses_labels + self.pseudo_dim * self.uses_pseudo
+
+    def parts(self) -> list[slice]:
+        """Where each part sits in the vector; condition dropout drops parts independently."""
+        slices, start = [], 0
+        for used, width in ((self.uses_labels, self.label_dim), (self.uses_pseudo, self.pseudo_dim)):
+            if used:
+                slices.append(slice(start, start + width))
+                start += width
+        return slices
+
+    def build(self, codes: torch.Tensor | None, pseudo: torch.Tensor | None) -> torch.Tensor | None:
+        """The condition for a batch; None for an unconditional model."""
+        pieces = []
+        if self.uses_labels:
+            pieces.append(_unit_rms(_required(codes, "label codes").float()))
+        if self.uses_pseudo:
+            pieces.append(_unit_rms(_required(pseudo, "pseudo features").float()))
+        return torch.cat(pieces, dim=1) if pieces else None
+
+    def drop(self, cond: torch.Tensor | None, rate: float, generator: torch.Generator
+             ) -> torch.Tensor | None:
+        """Zero each part of each row with probability `rate` (trains the null condition)."""
+        if cond is None or rate == 0:
+            return cond
+        out = cond.clone()
+        for part in self.parts():
+            dropped = torch.rand(len(cond), generator=generator) < rate
+            out[dropped.to(cond.device), part] = 0
+        return out
+
+    def to_json(self) -> dict[str, object]:
+        return {"mode": self.mode, "label_dim": self.label_dim, "pseudo_dim": self.pseudo_dim}
+
+
+def _required(value: torch.Tensor | None, what: str) -> torch.Tensor:
+    if value is None:
+        raise ValueError(f"this conditioning mode needs {what}")
+    return value

@@ -1,0 +1,162 @@
+"""`fit-diffusion`: the loop trains, publishes, resumes exactly, and splits work across processes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unpersonal.config import load_config
+from unpersonal.training import diffusion
+from unpersonal.training.diffusion import augment, batch_indices
+
+TINY = ("--set", "phantoms.n_patients=10", "--set", "data.resolution=16",
+        "--set", "diffusion.model_channels=8", "--set", "diffusion.channel_mult=[1,2]",
+        "--set", "diffusion.num_blocks=1", "--set", "diffusion.attn_resolutions=[]",
+        "--set", "diffusion.batch_size=4", "--set", "diffusion.warmup_steps=0")
+
+
+def _steps(count: int, every: int = 2) -> tuple[str, ...]:
+    return ("--set", f"diffusion.steps={count}", "--set", f"diffusion.checkpoint_every={every}")
+
+
+def _log(run: Path) -> list[dict[str, str]]:
+    with open(run / "fit-diffusion" / "training_log.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_fit_diffusion_publishes_a_loadable_model(cli, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = cli("fit-diffusion", "--out", run, *TINY, *_steps(20))
+    assert result.code == 2 and "no finished 'prepare' stage" in result.stderr
+    assert cli("prepare", "--out", run, *TINY).code == 0
+    result = cli("fit-diffusion", "--out", run, *TINY, *_steps(20))
+    assert result.code == 0, result.stderr
+    folder = run / "fit-diffusion"
+    assert {p.name for p in folder.iterdir()} == {"ema.safetensors", "guide.safetensors",
+                                                 "model.json", "pseudo_features.npy",
+                                                 "training_log.csv"}
+    meta = json.loads((folder / "model.json").read_text())
+    assert meta["steps_done"] == 20 and meta["conditioner"]["mode"] == "class+pseudo"
+    assert [int(row["step"]) for row in _log(run)] == [10, 20]
+    assert not (run / ".work").exists()  # resumable state is dropped once published
+    denoiser, _ = diffusion.load_denoiser(folder)
+    x = torch.randn(2, 1, 16, 16)
+    cond = torch.zeros(2, denoiser.cond_dim)
+    assert denoiser(x, torch.full((2,), 1.0), cond).shape == (2, 1, 16, 16)
+    assert "up to date" in cli("fit-diffusion", "--out", run).stderr
+
+
+def _ema_bytes(run: Path) -> bytes:
+    return (run / "fit-diffusion" / "ema.safetensors").read_bytes()
+
+
+def test_ctrl_c_saves_and_rerun_resumes_to_the_same_weights(cli, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for run in (straight, resumed):
+        assert cli("prepare", "--out", run, *TINY).code == 0
+    assert cli("fit-diffusion", "--out", straight, *TINY, *_steps(6, every=100)).code == 0
+
+    calls = {"n": 0}
+    original = diffusion.augment
+
+    def interrupt_at_step_4(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(diffusion, "augment", interrupt_at_step_4)
+    stopped = cli("fit-diffusion", "--out", resumed, *TINY, *_steps(6, every=100))
+    assert stopped.code == 130 and "interrupted at step 3 of 6" in stopped.stderr
+    assert (resumed / ".work" / "fit-diffusion" / "checkpoint.pt").is_file()
+    assert not (resumed / "fit-diffusion").exists()
+    monkeypatch.setattr(diffusion, "augment", original)
+    again = cli("fit-diffusion", "--out", resumed, *TINY, *_steps(6, every=100))
+    assert again.code == 0 and "resuming at step 3" in again.stderr
+    assert _ema_bytes(resumed) == _ema_bytes(straight)
+
+
+def test_changed_config_does_not_resume_stale_state(cli, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    assert cli("prepare", "--out", run, *TINY).code == 0
+    monkeypatch.setattr(diffusion, "augment", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli("fit-diffusion", "--out", run, *TINY, *_steps(6)).code == 130
+    monkeypatch.undo()
+    result = cli("fit-diffusion", "--out", run, *TINY, *_steps(6), "--set", "diffusion.lr=0.005")
+    assert result.code == 0 and "resuming" not in result.stderr
+
+
+def _unpersonal(*args: str | Path, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "unpersonal", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_sigkill_mid_training_then_rerun_finishes_with_a_continuous_log(cli, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert cli("prepare", "--out", run, *TINY).code == 0
+    args = ("fit-diffusion", "--out", run, *TINY, *_steps(60, every=10))
+    process = _unpersonal(*args)
+    checkpoint = run / ".work" / "fit-diffusion" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert checkpoint.exists(), process.communicate()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved_step = torch.load(checkpoint, weights_only=True)["step"]
+    assert 10 <= saved_step < 60
+    finish = _unpersonal(*args)
+    out, err = finish.communicate(timeout=300)
+    assert finish.returncode == 0, err
+    assert f"resuming at step {saved_step}" in err
+    steps = [int(row["step"]) for row in _log(run)]
+    assert steps == list(range(10, 61, 10))  # no gap, no repeat across the kill
+    assert json.loads((run / "fit-diffusion" / "model.json").read_text())["steps_done"] == 60
+
+
+def test_two_processes_split_each_batch_and_train(cli, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert cli("prepare", "--out", run, *TINY).code == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(29500 + os.getpid() % 1000), "-m", "unpersonal", "fit-diffusion", "--out", str(run),
+         *TINY, *_steps(6, every=100)], env=env, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    meta = json.loads((run / "fit-diffusion" / "model.json").read_text())
+    assert meta["processes"] == 2 and meta["steps_done"] == 6
+
+
+def test_batch_indices_cover_each_image_once_per_epoch_and_split_by_rank() -> None:
+    n, world, local = 10, 2, 3
+    seen = [batch_indices(0, step, rank, local, world, n) for step in range(5) for rank in range(world)]
+    flat = torch.cat(seen).numpy()
+    assert sorted(flat[:n].tolist()) == list(range(n))  # first epoch: every image once
+    assert sorted(flat[n:2 * n].tolist()) == list(range(n))
+    assert not set(seen[0].tolist()) & set(seen[1].tolist())  # ranks take different images
+    assert torch.equal(batch_indices(0, 3, 1, local, world, n), seen[7])  # a pure function
+
+
+def test_augment_shifts_without_wrapping_and_never_flips_by_default() -> None:
+    settings = load_config(None, None, ["diffusion.augment_intensity=0"]).diffusion
+    image = torch.linspace(-1, 1, 16).repeat(16, 1)[None, None].repeat(64, 1, 1, 1)  # dark->bright
+    out = augment(image, settings, torch.Generator().manual_seed(0))
+    assert out.shape == image.shape
+    assert (out[:, :, :, 0] <= -0.7).all() and (out[:, :, :, -1] >= 0.7).all()  # no wrap, no flip
+    assert not torch.equal(out, image)
+    flipping = settings.model_copy(update={"augment_flip": True, "augment_shift": 0})
+    flipped = augment(image, flipping, torch.Generator().manual_seed(0))
+    assert (flipped[:, 0, 0, 0] > 0).any() and (flipped[:, 0, 0, 0] < 0).any()
