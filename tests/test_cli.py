@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import write_flat_npz, write_image_folder
 
-COMMANDS = ["prepare", "demo-data", "config", "run"]
+COMMANDS = ["prepare", "fit-diffusion", "sample", "demo-data", "config", "run"]
 SMALL_DEMO = ("--set", "phantoms.n_patients=12", "--set", "data.resolution=16")
 
 

@@ -160,3 +160,26 @@ def test_augment_shifts_without_wrapping_and_never_flips_by_default() -> None:
     flipping = settings.model_copy(update={"augment_flip": True, "augment_shift": 0})
     flipped = augment(image, flipping, torch.Generator().manual_seed(0))
     assert (flipped[:, 0, 0, 0] > 0).any() and (flipped[:, 0, 0, 0] < 0).any()
+
+
+def _sampled(run: Path) -> tuple[np.ndarray, dict]:
+    with np.load(run / "sample" / "images.npz") as arrays:
+        images = arrays["images"]
+    return images, json.loads((run / "sample" / "sampling.json").read_text())
+
+
+def test_sample_counts_nfe_honestly_and_ignores_batch_size(cli, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert cli("prepare", "--out", run, *TINY).code == 0
+    assert cli("fit-diffusion", "--out", run, *TINY, *_steps(4)).code == 0
+    base = (*TINY, *_steps(4), "--set", "sampling.count=6", "--set", "sampling.steps=5")
+    assert cli("sample", "--out", run, *base, "--set", "sampling.batch_size=6").code == 0
+    whole, report = _sampled(run)
+    assert whole.shape == (6, 16, 16) and whole.dtype == np.uint8
+    assert report["nfe_per_image"] == 5 and (run / "sample" / "grid.png").is_file()
+    assert cli("sample", "--out", run, *base, "--set", "sampling.batch_size=4").code == 0
+    split, _ = _sampled(run)
+    assert np.abs(whole.astype(int) - split.astype(int)).max() <= 1  # same seed, same image
+    heun = cli("sample", "--out", run, *base, "--set", "sampling.solver=heun",
+               "--set", "sampling.guidance=2")
+    assert heun.code == 0 and _sampled(run)[1]["nfe_per_image"] == 2 * (2 * 5 - 1)

@@ -156,6 +156,33 @@ def _fit_diffusion(config: Config, run: RunDir, force: bool) -> None:
                   f"steps in {meta['seconds']:.0f} s -> {run.stage_path(STAGE)}", soft_wrap=True)
 
 
+@app.command("sample")
+def sample_images(out: OutOption = None, data: DataOption = None, preset: PresetOption = None,
+                  config: ConfigOption = None, set_: SetOption = None,
+                  force: ForceOption = False) -> None:
+    """Draw unfiltered images from the trained model, with a real-vs-synthetic grid to look at.
+
+    Solver, steps, guidance and count come from the sampling section, e.g.
+    --set sampling.solver=heun --set sampling.steps=32. Nothing drawn here is filtered or
+    exportable.
+    """
+    resolved, run_dir = resolve_run(out, data, preset, config, set_)
+    _sample(resolved, run_dir, force)
+
+
+def _sample(config: Config, run: RunDir, force: bool) -> None:
+    from unpersonal.sampling.draw import STAGE, run_sample
+
+    folder = run.stage_path(STAGE)
+    if not run_sample(config, run, force):
+        console.print(f"sample: up to date in {folder} (--force redoes it)", soft_wrap=True)
+        return
+    report = json.loads((folder / "sampling.json").read_text())
+    console.print(f"sampled {report['count']} images with {report['solver']}, "
+                  f"{report['nfe_per_image']} NFE each, {report['images_per_s']:.2f} images/s "
+                  f"-> {folder / 'grid.png'}", soft_wrap=True)
+
+
 @app.command("demo-data")
 def demo_data(
     out: Annotated[Path, typer.Option("--out", "-o", help="file (.npz) or folder to write")] = Path(
@@ -192,6 +219,7 @@ def run(out: OutOption = None, data: DataOption = None, preset: PresetOption = N
     resolved, run_dir = resolve_run(out, data, preset, config, set_, no_patient_ids, csv)
     _prepare(resolved, run_dir, force)
     _fit_diffusion(resolved, run_dir, force)
+    _sample(resolved, run_dir, force)
     console.print(f"run directory: {run_dir.root}")
 
 
