@@ -13,6 +13,13 @@ from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+# A whole pipeline in seconds: 10 phantom patients at 16 px, a 40k-parameter UNet.
+TINY = ("--set", "phantoms.n_patients=10", "--set", "data.resolution=16",
+        "--set", "diffusion.model_channels=8", "--set", "diffusion.channel_mult=[1,2]",
+        "--set", "diffusion.num_blocks=1", "--set", "diffusion.attn_resolutions=[]",
+        "--set", "diffusion.batch_size=4", "--set", "diffusion.warmup_steps=0",
+        "--set", "diffusion.steps=6", "--set", "sampling.count=8", "--set", "sampling.steps=4")
+
 
 @dataclass
 class CliResult:

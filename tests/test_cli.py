@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import write_flat_npz, write_image_folder
+from tests.conftest import TINY, write_flat_npz, write_image_folder
 
 COMMANDS = ["prepare", "fit-diffusion", "sample", "demo-data", "config", "run"]
 SMALL_DEMO = ("--set", "phantoms.n_patients=12", "--set", "data.resolution=16")
@@ -116,10 +116,13 @@ def test_demo_data_files_prepare_like_the_builtin_phantoms(cli, tmp_path: Path, 
         assert np.array_equal(a[key], b[key]), key
 
 
-def test_run_resumes_by_skipping_finished_stages(cli, tmp_path: Path) -> None:
+def test_run_does_every_stage_then_skips_them_all(cli, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    assert cli("run", "--out", run, *SMALL_DEMO).code == 0
-    assert "prepare: up to date" in cli("run", "--out", run).stderr
+    assert cli("run", "--out", run, *TINY).code == 0
+    assert {"prepare", "fit-diffusion", "sample"} <= {p.name for p in run.iterdir()}
+    again = cli("run", "--out", run).stderr
+    for stage in ("prepare", "fit-diffusion", "sample"):
+        assert f"{stage}: up to date" in again
 
 
 def test_switching_preset_on_an_existing_run_is_refused(cli, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ def test_presets_set_their_resolution_and_data_implies_cpu(tmp_path: Path) -> No
     assert load_config().data.resolution == 32
     assert load_config("gpu").data.resolution == 128
     with_data = load_config(data_source=tmp_path)
-    assert with_data.preset == "cpu" and with_data.data.resolution == 64
+    assert with_data.preset == "cpu" and with_data.data.resolution == 32
     assert with_data.data.source == tmp_path.resolve()
 
 

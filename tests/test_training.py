@@ -18,11 +18,9 @@ import torch
 from unpersonal.config import load_config
 from unpersonal.training import diffusion
 from unpersonal.training.diffusion import augment, batch_indices
+from tests.conftest import TINY
 
-TINY = ("--set", "phantoms.n_patients=10", "--set", "data.resolution=16",
-        "--set", "diffusion.model_channels=8", "--set", "diffusion.channel_mult=[1,2]",
-        "--set", "diffusion.num_blocks=1", "--set", "diffusion.attn_resolutions=[]",
-        "--set", "diffusion.batch_size=4", "--set", "diffusion.warmup_steps=0")
+
 
 
 def _steps(count: int, every: int = 2) -> tuple[str, ...]:

@@ -168,11 +168,15 @@ class Config(Section):
 
 # Presets only state what differs from the field defaults above.
 _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
+    # Budgets measured on a 2-core CPU (BENCHMARKS.md): a 24-channel, one-block UNet trains at
+    # about 110 images/s at 32 px, a 32-channel one at about 85; each doubling of the resolution
+    # costs about 4x. Hence 32 px on CPUs, and the big model only on GPUs.
     "demo": {"data": {"resolution": 32}, "phantoms": {"n_patients": 150},
-             "diffusion": {"steps": 600, "batch_size": 32, "lr_ref_steps": 300}},
-    "cpu": {"data": {"resolution": 64},
-            "diffusion": {"model_channels": 48, "channel_mult": [1, 2, 2, 2],
-                          "steps": 6000, "batch_size": 64}},
+             "diffusion": {"model_channels": 24, "num_blocks": 1, "attn_resolutions": [],
+                           "steps": 800, "batch_size": 32, "lr_ref_steps": 400}},
+    "cpu": {"data": {"resolution": 32},
+            "diffusion": {"model_channels": 32, "num_blocks": 1, "attn_resolutions": [],
+                          "steps": 2400, "batch_size": 64, "lr_ref_steps": 1000}},
     "gpu": {"data": {"resolution": 128},
             "diffusion": {"model_channels": 128, "channel_mult": [1, 2, 2, 2],
                           "attn_resolutions": [16, 8], "num_blocks": 3, "steps": 100000,
