@@ -162,6 +162,9 @@ def train(config: Config, data: TrainingData, checkpoint: Path, accelerator: Any
     log: list[dict[str, float]] = state["log"] if state else []
     guide = state["guide"] if state else None
     elapsed_before = state["elapsed_s"] if state else 0.0
+    # Channels-last memory layout: 12-20% more images/s for these convolutions on CPU
+    # (benchmarks/diffusion_throughput.py), the same numbers.
+    denoiser.to(memory_format=torch.channels_last)
     model, optimizer = accelerator.prepare(denoiser, optimizer)
     ema.to(accelerator.device)
     loss_fn = EDM2Loss(settings.p_mean, settings.p_std, settings.sigma_data)
@@ -185,7 +188,7 @@ def train(config: Config, data: TrainingData, checkpoint: Path, accelerator: Any
                 indices = batch_indices(config.seed, step, rank, local_batch, world,
                                         len(data.images))
                 images = augment(_to_unit_range(data, indices, accelerator.device), settings,
-                                 generator)
+                                 generator).contiguous(memory_format=torch.channels_last)
                 cond = conditioner.build(data.codes[indices].to(accelerator.device),
                                          data.pseudo[indices].to(accelerator.device))
                 cond = conditioner.drop(cond, settings.cond_dropout, generator)
