@@ -1,0 +1,1 @@
+"""Evaluation: fidelity, diversity and utility figures of a synthetic set against real data."""
