@@ -41,6 +41,7 @@ class LiveBar:
                  enabled: bool = True) -> None:
         self.description, self.total, self.done = description, total, start
         self.log_every, self.enabled = log_every, enabled
+        self._text = ""
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[figures]}"), TimeRemainingColumn())
         self._progress = Progress(*columns, console=console, transient=False,
@@ -56,9 +57,12 @@ class LiveBar:
         self._progress.__exit__(*exc)
 
     def update(self, advance: int = 1, **figures: float | str) -> None:
+        """Advance; new figures replace the shown ones, which otherwise stay until the next."""
         self.done += advance
-        text = "  ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
-                         for key, value in figures.items())
+        if figures:
+            self._text = "  ".join(f"{key} {value:.4g}" if isinstance(value, float)
+                                   else f"{key} {value}" for key, value in figures.items())
+        text = self._text
         self._progress.update(self._task, advance=advance, figures=text)
         if self.enabled and not console.is_terminal and (
                 self.done % self.log_every == 0 or self.done == self.total):
