@@ -64,6 +64,6 @@ class LiveBar:
                                    else f"{key} {value}" for key, value in figures.items())
         text = self._text
         self._progress.update(self._task, advance=advance, figures=text)
-        if self.enabled and not console.is_terminal and (
+        if advance and self.enabled and not console.is_terminal and (
                 self.done % self.log_every == 0 or self.done == self.total):
             console.print(f"{self.description} {self.done}/{self.total}  {text}", soft_wrap=True)
