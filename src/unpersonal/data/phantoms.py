@@ -26,13 +26,15 @@ import numpy as np
 
 __all__ = ["PhantomSet", "generate_phantoms"]
 
-# How far below air a lung field sits, in the same attenuation units as soft tissue (1.0).
+# Attenuation along a ray, in units of the full soft-tissue thickness (1.0): lung air removes
+# some of it, bone, heart and mediastinum add to it. Only their ratios matter for the look.
 _SOFT_TISSUE = 1.0
-_LUNG_AIR = 0.62
-_BONE = 0.55
-_HEART = 0.45
+_LUNG_AIR = 0.75
+_BONE = 0.5
+_HEART = 0.12
+_MEDIASTINUM = 0.15
 # Scale from attenuation to displayed brightness (1 - exp(-k * attenuation)).
-_DISPLAY_K = 1.25
+_DISPLAY_K = 0.95
 # Number of sinusoids in a patient's texture field: enough to look irregular, few enough to be fast.
 _TEXTURE_WAVES = 10
 
@@ -78,6 +80,7 @@ class _Ribs:
     curvature: float
     thickness: float
     lateral_extent: float
+    lowest_y: float  # ribs fade out below the lung bases, where the abdomen starts
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class _Anatomy:
     ribs: tuple[_Ribs, _Ribs]
     spine_x: float
     spine_half_width: float
+    mediastinum_half_width: float
     vertebra_period: float
     heart_cx: float
     heart_cy: float
@@ -141,11 +145,17 @@ def generate_phantoms(
     scans_per_patient: tuple[int, int] = (1, 6),
     finding_rate: float = 0.4,
 ) -> PhantomSet:
-    """Generate ``n_patients`` phantom patients with 1..k scans each, ordered by patient then scan.
+    """Generate ``n_patients`` phantom patients, ordered by patient then scan.
 
-    Patient ``k`` depends only on ``(seed, k)`` (and, for its scans, on ``scans_per_patient`` and
-    ``resolution``), never on ``n_patients``; its anatomy is also unaffected by ``finding_rate``,
-    so toggling the finding rate changes only whether the opacity is drawn.
+    Each patient has between ``scans_per_patient[0]`` and ``scans_per_patient[1]`` scans
+    (inclusive) and carries the finding with probability ``finding_rate``.
+
+    Patient ``k`` depends only on ``(seed, k)`` (its scans also on ``scans_per_patient`` and
+    ``resolution``), never on ``n_patients``, so a small set is a prefix of a large one. Anatomy,
+    finding and scan conditions come from separate streams, so changing ``finding_rate`` only adds
+    or removes opacities and changing ``scans_per_patient`` leaves each patient's anatomy alone.
+
+    Raises ValueError for arguments outside the documented ranges.
     """
     _check_arguments(n_patients, resolution, seed, scans_per_patient, finding_rate)
     grid_y, grid_x = _pixel_grid(resolution)
@@ -188,7 +198,8 @@ def _check_arguments(
     if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if (
-        len(scans_per_patient) != 2
+        not isinstance(scans_per_patient, (tuple, list))
+        or len(scans_per_patient) != 2
         or not all(_is_int(v) for v in scans_per_patient)
         or not 1 <= scans_per_patient[0] <= scans_per_patient[1]
     ):
@@ -196,7 +207,8 @@ def _check_arguments(
             "scans_per_patient must be (min, max) integers with 1 <= min <= max, "
             f"got {scans_per_patient!r}"
         )
-    if not 0.0 <= float(finding_rate) <= 1.0:
+    is_number = isinstance(finding_rate, (int, float, np.integer, np.floating))
+    if not is_number or isinstance(finding_rate, bool) or not 0.0 <= finding_rate <= 1.0:
         raise ValueError(f"finding_rate must be between 0 and 1, got {finding_rate!r}")
 
 
@@ -220,24 +232,8 @@ def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
     """Draw one patient's fixed anatomy; ranges are wide so patients differ clearly."""
     lung_scale = rng.uniform(0.85, 1.15)  # big and small chests
     lungs = (_draw_lung(rng, -1.0, lung_scale), _draw_lung(rng, +1.0, lung_scale))
-    rib_count = int(rng.integers(8, 12))
-    rib_spacing = rng.uniform(0.12, 0.17)
-    rib_curvature = rng.uniform(0.25, 0.75)
-    rib_thickness = rng.uniform(0.018, 0.032)
-    first_rib_y = rng.uniform(-0.85, -0.7)
-    ribs = tuple(
-        _Ribs(
-            side=side,
-            count=rib_count,
-            first_y=first_rib_y + rng.uniform(-0.03, 0.03),
-            spacing=rib_spacing * rng.uniform(0.96, 1.04),
-            spacing_growth=rng.uniform(0.0, 0.06),
-            curvature=rib_curvature * rng.uniform(0.9, 1.1),
-            thickness=rib_thickness,
-            lateral_extent=lung.cx * side + lung.half_width + rng.uniform(0.04, 0.12),
-        )
-        for side, lung in zip((-1.0, 1.0), lungs)
-    )
+    lung_top = min(lung.cy - lung.half_height for lung in lungs)
+    ribs = _draw_ribs(rng, lungs)
     freqs, phases, amps = _draw_texture(rng)
     return _Anatomy(
         body_half_width=rng.uniform(0.74, 0.97),
@@ -246,18 +242,19 @@ def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
         body_exponent=rng.uniform(2.6, 4.5),
         neck_half_width=rng.uniform(0.14, 0.22),
         lungs=lungs,
-        ribs=ribs,  # type: ignore[arg-type]
+        ribs=ribs,
         spine_x=rng.uniform(-0.04, 0.04),
         spine_half_width=rng.uniform(0.055, 0.085),
+        mediastinum_half_width=rng.uniform(0.09, 0.14),
         vertebra_period=rng.uniform(0.1, 0.14),
-        heart_cx=rng.uniform(0.08, 0.2),
-        heart_cy=rng.uniform(0.18, 0.34),
-        heart_rx=rng.uniform(0.2, 0.3),
-        heart_ry=rng.uniform(0.15, 0.22),
-        heart_tilt=rng.uniform(-0.5, 0.1),
-        clavicle_y=rng.uniform(-0.72, -0.58),
-        clavicle_slope=rng.uniform(0.05, 0.25),
-        clavicle_bend=rng.uniform(-0.2, 0.3),
+        heart_cx=rng.uniform(0.06, 0.17),
+        heart_cy=rng.uniform(0.2, 0.32),
+        heart_rx=rng.uniform(0.24, 0.33),
+        heart_ry=rng.uniform(0.18, 0.25),
+        heart_tilt=rng.uniform(-0.5, 0.0),
+        clavicle_y=lung_top + rng.uniform(0.02, 0.1),
+        clavicle_slope=rng.uniform(0.0, 0.15),
+        clavicle_bend=rng.uniform(0.0, 0.3),
         clavicle_length=rng.uniform(0.5, 0.7),
         texture_freqs=freqs,
         texture_phases=phases,
@@ -270,15 +267,43 @@ def _draw_lung(rng: np.random.Generator, side: float, scale: float) -> _Lung:
     """Draw one lung; each side gets its own jitter so lungs are asymmetric per patient."""
     return _Lung(
         side=side,
-        cx=side * rng.uniform(0.3, 0.42),
-        cy=rng.uniform(-0.12, 0.02),
-        half_width=scale * rng.uniform(0.19, 0.27),
-        half_height=scale * rng.uniform(0.45, 0.6),
-        apex_taper=rng.uniform(0.3, 0.6),
+        cx=side * rng.uniform(0.31, 0.39),
+        cy=rng.uniform(-0.14, 0.0),
+        half_width=scale * rng.uniform(0.22, 0.3),
+        half_height=scale * rng.uniform(0.5, 0.62),
+        apex_taper=rng.uniform(0.2, 0.45),
         exponent=rng.uniform(2.0, 3.2),
         dome=rng.uniform(0.05, 0.25),
         darkness=rng.uniform(0.8, 1.1),
     )
+
+
+def _draw_ribs(rng: np.random.Generator, lungs: tuple[_Lung, _Lung]) -> tuple[_Ribs, _Ribs]:
+    """Draw a rib cage that fits the lungs: one shared pattern, small left/right differences."""
+    rib_spacing = rng.uniform(0.12, 0.17)
+    rib_curvature = rng.uniform(0.25, 0.75)
+    rib_thickness = rng.uniform(0.018, 0.032)
+    lung_top = min(lung.cy - lung.half_height for lung in lungs)
+    lung_base = max(lung.cy + lung.half_height for lung in lungs)
+    first_rib_y = lung_top - rng.uniform(0.0, 0.12)
+    # Enough ribs to cover the lungs, give or take one, so the count is patient specific.
+    rib_count = int(round((lung_base - first_rib_y) / rib_spacing)) + int(rng.integers(-1, 2))
+
+    def one_side(lung: _Lung) -> _Ribs:
+        return _Ribs(
+            side=lung.side,
+            count=rib_count,
+            first_y=first_rib_y + rng.uniform(-0.03, 0.03),
+            spacing=rib_spacing * rng.uniform(0.96, 1.04),
+            spacing_growth=rng.uniform(0.0, 0.06),
+            curvature=rib_curvature * rng.uniform(0.9, 1.1),
+            thickness=rib_thickness,
+            lateral_extent=lung.cx * lung.side + lung.half_width + rng.uniform(0.04, 0.12),
+            lowest_y=lung_base + 0.08,
+        )
+
+    left = one_side(lungs[0])  # a separate statement fixes the order of the random draws
+    return left, one_side(lungs[1])
 
 
 def _draw_texture(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -303,14 +328,14 @@ def _draw_finding(
     has_finding = bool(rng.uniform() < finding_rate)
     lung = anatomy.lungs[int(rng.integers(0, 2))]
     u = rng.uniform(-0.5, 0.5)  # lung-local position: stay well inside the field
-    v = rng.uniform(-0.35, 0.55)
+    v = rng.uniform(0.05, 0.55)
     cx = lung.cx + u * lung.half_width
     cy = lung.cy + v * lung.half_height
     finding = _Finding(
         cx=cx + rng.normal(0.0, 0.015, size=n_scans),
         cy=cy + rng.normal(0.0, 0.015, size=n_scans),
-        radius=rng.uniform(0.08, 0.14),
-        intensity=rng.uniform(0.3, 0.45) * rng.uniform(0.75, 1.25, size=n_scans),
+        radius=rng.uniform(0.1, 0.16),
+        intensity=rng.uniform(0.4, 0.55) * rng.uniform(0.75, 1.25, size=n_scans),
     )
     return has_finding, finding
 
@@ -326,7 +351,7 @@ def _draw_scan_conditions(rng: np.random.Generator, n_scans: int) -> _ScanCondit
         offset=rng.uniform(-0.04, 0.04, size=n_scans),
         gamma=rng.uniform(0.85, 1.15, size=n_scans),
         blur=rng.uniform(0.0, 0.6, size=n_scans),
-        noise_sigma=rng.uniform(0.01, 0.03, size=n_scans),
+        noise_sigma=rng.uniform(0.008, 0.025, size=n_scans),
     )
 
 
@@ -394,11 +419,11 @@ def _attenuation(
     texture = _texture(anatomy, x, y, resolution)
     attenuation = body * (_SOFT_TISSUE + 0.35 * anatomy.texture_strength * texture)
     attenuation -= _LUNG_AIR * air * (1.0 - anatomy.texture_strength * texture)
-    attenuation += _HEART * heart
+    attenuation += _HEART * heart + _MEDIASTINUM * body * _mediastinum(anatomy, x, edge)
     attenuation += _BONE * body * (
         _spine(anatomy, x, y, edge)
-        + 0.7 * _ribs(anatomy, x, y, edge, resolution)
-        + _clavicles(anatomy, x, y, resolution)
+        + 0.6 * _ribs(anatomy, x, y, edge, resolution)
+        + 0.8 * _clavicles(anatomy, x, y, resolution)
     )
     if finding is not None:
         attenuation += lung_area * _opacity(finding, x, y)
@@ -443,6 +468,11 @@ def _heart_mask(anatomy: _Anatomy, x: np.ndarray, y: np.ndarray, edge: np.float3
     return _soft_inside((np.sqrt(u * u + v * v) - 1.0) * anatomy.heart_ry, edge)
 
 
+def _mediastinum(anatomy: _Anatomy, x: np.ndarray, edge: np.float32) -> np.ndarray:
+    """Soft-tissue column between the lungs (great vessels, trachea), denser than chest wall."""
+    return _soft_inside(np.abs(x - anatomy.spine_x) - anatomy.mediastinum_half_width, 4 * edge)
+
+
 def _spine(anatomy: _Anatomy, x: np.ndarray, y: np.ndarray, edge: np.float32) -> np.ndarray:
     """Vertical bright band with faint vertebral banding."""
     band = _soft_inside(np.abs(x - anatomy.spine_x) - anatomy.spine_half_width, edge)
@@ -466,7 +496,8 @@ def _ribs(
         on_side = _soft_inside(lateral - ribs.lateral_extent, edge) * _soft_inside(
             0.02 - lateral, edge
         )
-        total = total + band * on_side
+        above_abdomen = _soft_inside(y - ribs.lowest_y, np.float32(0.05))
+        total = total + band * on_side * above_abdomen
     return total
 
 
