@@ -26,13 +26,14 @@ SHARED = ROOT.parent / "shared" / "data"
 
 def cases() -> list[tuple[str, list[str]]]:
     found = [("phantoms, demo preset (150 patients, 32 px)", ["--preset", "demo"]),
-             ("phantoms, cpu preset (200 patients, 64 px)", ["--preset", "cpu"])]
+             ("phantoms, 200 patients, 64 px", ["--preset", "cpu", "--set", "data.resolution=64"])]
     if (SHARED / "kermany_cxr_64.npz").is_file():
+        k64, k128 = str(SHARED / "kermany_cxr_64.npz"), str(SHARED / "kermany_cxr_128.npz")
         found += [
-            ("Kermany 64 px npz, cpu preset", ["--data", str(SHARED / "kermany_cxr_64.npz")]),
-            ("Kermany 128 px npz resized to 64", ["--data", str(SHARED / "kermany_cxr_128.npz")]),
-            ("Kermany 128 px npz, gpu preset (128 px)",
-             ["--data", str(SHARED / "kermany_cxr_128.npz"), "--preset", "gpu"]),
+            ("Kermany 64 px npz kept at 64 px", ["--data", k64, "--set", "data.resolution=64"]),
+            ("Kermany 64 px npz resized to 32 px (cpu preset)", ["--data", k64]),
+            ("Kermany 128 px npz resized to 64 px", ["--data", k128, "--set", "data.resolution=64"]),
+            ("Kermany 128 px npz kept at 128 px (gpu preset)", ["--data", k128, "--preset", "gpu"]),
         ]
     return found
 
