@@ -181,3 +181,8 @@ def test_sample_counts_nfe_honestly_and_ignores_batch_size(cli, tmp_path: Path) 
     heun = cli("sample", "--out", run, *base, "--set", "sampling.solver=heun",
                "--set", "sampling.guidance=2")
     assert heun.code == 0 and _sampled(run)[1]["nfe_per_image"] == 2 * (2 * 5 - 1)
+    guided = cli("sample", "--out", run, *base, "--set", "sampling.solver=dpmpp2m",
+                 "--set", "sampling.guide=autoguidance",
+                 "--set", "sampling.guidance=2")
+    assert guided.code == 0 and _sampled(run)[1]["nfe_per_image"] == 2 * 5
+    assert not np.array_equal(_sampled(run)[0], whole)  # the early-checkpoint guide acts
