@@ -96,8 +96,7 @@ def _prepare(config: Config, run: RunDir, force: bool) -> None:
     result = run_prepare(config, run, force)
     data = result.data
     if result.skipped:
-        console.print(f"prepare: up to date in {run.stage_path('prepare')} (--force redoes it)",
-                      soft_wrap=True)
+        _up_to_date(run, "prepare")
     for message in data.meta.get("notes", []):
         note(message)
     for message in data.meta.get("warnings", []):
@@ -106,6 +105,11 @@ def _prepare(config: Config, run: RunDir, force: bool) -> None:
         console.print(table)
     console.print(f"prepared {len(data)} images at {data.resolution} px, "
                   f"{data.bit_depth}-bit, {data.label_kind} labels -> {run.stage_path('prepare')}",
+                  soft_wrap=True)
+
+
+def _up_to_date(run: RunDir, stage: str) -> None:
+    console.print(f"{stage}: up to date in {run.stage_path(stage)} (--force redoes it)",
                   soft_wrap=True)
 
 
@@ -148,8 +152,7 @@ def _fit_diffusion(config: Config, run: RunDir, force: bool) -> None:
 
     install_sigterm_as_interrupt()
     if not run_fit_diffusion(config, run, force):
-        console.print(f"fit-diffusion: up to date in {run.stage_path(STAGE)} (--force redoes it)",
-                      soft_wrap=True)
+        _up_to_date(run, STAGE)
         return
     meta = json.loads((run.stage_path(STAGE) / "model.json").read_text())
     console.print(f"trained {meta['parameters']:,}-parameter denoiser for {meta['steps_done']} "
@@ -175,7 +178,7 @@ def _sample(config: Config, run: RunDir, force: bool) -> None:
 
     folder = run.stage_path(STAGE)
     if not run_sample(config, run, force):
-        console.print(f"sample: up to date in {folder} (--force redoes it)", soft_wrap=True)
+        _up_to_date(run, STAGE)
         return
     report = json.loads((folder / "sampling.json").read_text())
     console.print(f"sampled {report['count']} images with {report['solver']}, "

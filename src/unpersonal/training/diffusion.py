@@ -55,7 +55,6 @@ class TrainingData:
     max_value: float
     codes: torch.Tensor  # label codes [N, L]
     pseudo: torch.Tensor  # pseudo features [N, D] (empty D when unused)
-    pca: PixelPCA | None  # the stand-in feature extractor, when it made `pseudo`
 
 
 def stage_key(config: Config, run: RunDir) -> str:
@@ -70,9 +69,9 @@ def run_fit_diffusion(config: Config, run: RunDir, force: bool = False) -> bool:
     from accelerate import Accelerator
 
     key = stage_key(config, run)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if not force and run.is_fresh(STAGE, key):
         return False
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if force and accelerator.is_main_process:
         run.clear_work(STAGE)
     accelerator.wait_for_everyone()
@@ -92,27 +91,25 @@ def load_training_data(dataset: CanonicalDataset, settings: DiffusionConfig) -> 
     train = dataset.subset("train")
     if len(train) == 0:
         raise UserError("the training split is empty: nothing to train the diffusion model on")
-    pseudo, pca = _pseudo_features(train, settings)
     return TrainingData(
         images=torch.from_numpy(train.images.astype(np.int32)).unsqueeze(1),
         max_value=float((1 << train.bit_depth) - 1),
         codes=torch.from_numpy(label_code(train.labels, train.label_kind)),
-        pseudo=torch.from_numpy(pseudo), pca=pca)
+        pseudo=torch.from_numpy(_pseudo_features(train, settings)))
 
 
-def _pseudo_features(train: CanonicalDataset, settings: DiffusionConfig
-                     ) -> tuple[np.ndarray, PixelPCA | None]:
+def _pseudo_features(train: CanonicalDataset, settings: DiffusionConfig) -> np.ndarray:
     if "pseudo" not in settings.conditioning:
-        return np.zeros((len(train), 0), np.float32), None
+        return np.zeros((len(train), 0), np.float32)
     if settings.pseudo_features is not None:
         features = np.load(settings.pseudo_features)
         if features.ndim != 2 or len(features) != len(train):
             raise UserError(f"diffusion.pseudo_features {settings.pseudo_features}: shape "
                             f"{features.shape}, expected [{len(train)}, D] (one row per training image)")
         norms = np.linalg.norm(features, axis=1, keepdims=True).clip(1e-8)
-        return (features / norms).astype(np.float32), None
-    pca = PixelPCA(dim=min(settings.pseudo_dim, len(train) - 1)).fit(train.images_float())
-    return pca.transform(train.images_float()), pca
+        return (features / norms).astype(np.float32)
+    pixels = train.images_float()
+    return PixelPCA(dim=min(settings.pseudo_dim, len(train) - 1)).fit(pixels).transform(pixels)
 
 
 def build_denoiser(settings: DiffusionConfig, resolution: int, conditioner: Conditioner) -> Denoiser:
@@ -169,7 +166,7 @@ def train(config: Config, data: TrainingData, checkpoint: Path, accelerator: Any
     ema.to(accelerator.device)
     loss_fn = EDM2Loss(settings.p_mean, settings.p_std, settings.sigma_data)
     ema_exponent = _ema_exponent(settings.ema_std)
-    guide_step = max(1, round(settings.guide_at * settings.steps))
+    guide_step = _guide_step(settings)
     started, window_loss, window_start = time.perf_counter(), [], time.perf_counter()
 
     def save() -> None:
@@ -202,7 +199,7 @@ def train(config: Config, data: TrainingData, checkpoint: Path, accelerator: Any
                 step += 1
                 _update_ema(ema, accelerator.unwrap_model(model), step, ema_exponent)
                 if step == guide_step:
-                    guide = {k: v.detach().cpu().clone() for k, v in ema.state_dict().items()}
+                    guide = _cpu_state(ema)
                 window_loss.append(loss.item())
                 if step % LOG_EVERY == 0 or step == settings.steps:
                     now = time.perf_counter()
@@ -220,9 +217,19 @@ def train(config: Config, data: TrainingData, checkpoint: Path, accelerator: Any
         raise Interrupted(f"fit-diffusion interrupted at step {step} of {settings.steps}; "
                           "state saved, rerun the same command to resume") from None
     save()
-    ema_state = {k: v.detach().cpu().clone() for k, v in ema.state_dict().items()}
+    ema_state = _cpu_state(ema)
     return TrainingResult(ema_state, guide or ema_state, log, step,
                           count_parameters(denoiser), conditioner, world)
+
+
+def _guide_step(settings: DiffusionConfig) -> int:
+    """The step after which the EMA is kept as the autoguidance guide."""
+    return max(1, round(settings.guide_at * settings.steps))
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of a module's weights, safe to keep while training goes on."""
+    return {name: value.detach().cpu().clone() for name, value in module.state_dict().items()}
 
 
 def batch_indices(seed: int, step: int, rank: int, local_batch: int, world: int, n: int
@@ -329,7 +336,7 @@ def publish(folder: Path, result: TrainingResult, data: TrainingData, config: Co
         "pseudo_source": ("file" if settings.pseudo_features else "pixel PCA")
         if result.conditioner.uses_pseudo else None,
         "steps_planned": settings.steps, "steps_done": result.steps_done,
-        "guide_at_step": max(1, round(settings.guide_at * settings.steps)),
+        "guide_at_step": _guide_step(settings),
         "parameters": result.parameters, "processes": result.world_size,
         "seconds": round(result.log[-1]["elapsed_s"], 1) if result.log else 0.0,
     }
