@@ -17,7 +17,8 @@ import torch
 
 from unpersonal.config import load_config
 from unpersonal.training import diffusion
-from unpersonal.training.diffusion import augment, batch_indices
+from unpersonal.training.common import batch_indices
+from unpersonal.training.diffusion import augment
 from tests.conftest import TINY
 
 

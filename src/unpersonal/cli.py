@@ -148,7 +148,8 @@ def fit_diffusion(out: OutOption = None, data: DataOption = None, preset: Preset
 
 
 def _fit_diffusion(config: Config, run: RunDir, force: bool) -> None:
-    from unpersonal.training.diffusion import STAGE, install_sigterm_as_interrupt, run_fit_diffusion
+    from unpersonal.training.common import install_sigterm_as_interrupt
+    from unpersonal.training.diffusion import STAGE, run_fit_diffusion
 
     install_sigterm_as_interrupt()
     if not run_fit_diffusion(config, run, force):

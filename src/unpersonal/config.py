@@ -147,6 +147,96 @@ class SamplingConfig(Section):
     count: int = Field(64, ge=1, description="images `unpersonal sample` draws")
 
 
+class ViewAugmentation(Section):
+    """Random views of one grey image for self-supervised and re-identification training.
+
+    Kept to what a radiograph plausibly varies by between acquisitions of one patient: small
+    geometric changes, exposure and contrast, blur and noise. No left-right flips by default,
+    since anatomy is lateral.
+    """
+
+    crop_scale: tuple[float, float] = Field(
+        (0.7, 1.0), description="share of the image side a random crop keeps (min, max)")
+    rotate_degrees: float = Field(8.0, ge=0.0, le=45.0)
+    shift: float = Field(0.06, ge=0.0, le=0.3, description="random shift, share of the side")
+    brightness: float = Field(0.2, ge=0.0, le=1.0, description="additive change of up to this")
+    contrast: float = Field(0.3, ge=0.0, le=1.0, description="multiplicative change of up to this")
+    gamma: float = Field(0.3, ge=0.0, le=1.0, description="gamma drawn in [1/(1+g), 1+g]")
+    blur_sigma: float = Field(0.8, ge=0.0, description="Gaussian blur sigma up to this (pixels)")
+    noise: float = Field(0.03, ge=0.0, description="Gaussian pixel noise std up to this")
+    flip: bool = False
+
+
+class EmbedderConfig(Section):
+    """The self-supervised image encoder: features for pseudo-conditioning and fidelity metrics."""
+
+    method: Literal["simclr", "vicreg"] = Field(
+        "simclr", description="contrastive (SimCLR, NT-Xent) or variance-invariance-covariance")
+    extractor: Path | None = Field(
+        None, description="use this TorchScript (.pt) or safetensors file instead of training "
+        "one; it maps [B, 1, R, R] images in [0, 1] to [B, D] features")
+    dim: int = Field(128, ge=2, description="size of the unit-norm feature")
+    width: int = Field(32, ge=4, description="channels of the encoder's first stage")
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(128, ge=4)
+    lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    temperature: float = Field(0.2, gt=0.0, description="SimCLR softmax temperature")
+    max_minutes: float | None = Field(None, gt=0.0)
+    checkpoint_every: int = Field(250, ge=1)
+    augment: ViewAugmentation = ViewAugmentation()
+
+
+class ReidConfig(Section):
+    """The patient re-identification network: "are these two images of the same patient?"."""
+
+    dim: int = Field(128, ge=2, description="size of the unit-norm re-ID embedding")
+    width: int = Field(32, ge=4)
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(64, ge=2, description="pairs per step: half same-patient, half not")
+    hard_negatives: float = Field(
+        0.5, ge=0.0, le=1.0, description="share of negative pairs mined as the hardest in the batch")
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    validate_every: int = Field(200, ge=1, description="steps between validation ROC-AUCs")
+    patience: int = Field(5, ge=1, description="validations without improvement before stopping")
+    sensitivity: float = Field(
+        0.99, gt=0.5, lt=1.0, description="share of held-out same-patient pairs the calibrated "
+        "threshold must flag")
+    max_minutes: float | None = Field(None, gt=0.0)
+    checkpoint_every: int = Field(250, ge=1)
+    augment: ViewAugmentation = ViewAugmentation()
+
+
+class ClassifierConfig(Section):
+    """The downstream classifier: real baseline, label consistency, train-on-synthetic utility."""
+
+    width: int = Field(32, ge=4)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    augment_shift: int = Field(2, ge=0)
+    augment_intensity: float = Field(0.1, ge=0.0, lt=0.5)
+    patience: int = Field(8, ge=1, description="epochs without a better validation AUC before stopping")
+    max_minutes: float | None = Field(None, gt=0.0)
+
+
+class PrivacyConfig(Section):
+    """The nearest-neighbour index and the calibrated distance floor the filter and audit use."""
+
+    knn_exact_max: int = Field(
+        50_000, ge=1, description="above this many indexed vectors an approximate index is used")
+    knn_lists: int | None = Field(None, ge=1, description="IVF lists (default: about 4 sqrt(N))")
+    knn_probe: int = Field(16, ge=1, description="IVF lists searched per query")
+    reid_neighbours: int = Field(
+        16, ge=1, description="training images, nearest in re-ID space, each candidate is also "
+        "checked against")
+    floor_quantile: float = Field(
+        0.01, ge=0.0, lt=0.5, description="distance floor: this quantile of held-out real "
+        "images' distances to their nearest training image (embedding and pixel space)")
+
+
 class Config(Section):
     """Everything a run needs; `config.yaml` in the run directory is this, resolved."""
 
@@ -156,6 +246,10 @@ class Config(Section):
     phantoms: PhantomConfig = PhantomConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     sampling: SamplingConfig = SamplingConfig()
+    embedder: EmbedderConfig = EmbedderConfig()
+    reid: ReidConfig = ReidConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     def section_dump(self, names: tuple[str, ...]) -> dict[str, Any]:
         """The named sections (plus the seed) as plain data: what a stage's cache key covers."""
@@ -223,6 +317,8 @@ def load_config(
         config.data.csv = config.data.csv.expanduser().resolve()
     if config.diffusion.pseudo_features is not None:
         config.diffusion.pseudo_features = config.diffusion.pseudo_features.expanduser().resolve()
+    if config.embedder.extractor is not None:
+        config.embedder.extractor = config.embedder.extractor.expanduser().resolve()
     return config
 
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import copy
 import csv
-import io
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,8 @@ from unpersonal.models.edm import Denoiser, EDM2Loss, count_parameters, learning
 from unpersonal.models.pixel_pca import PixelPCA
 from unpersonal.models.unet import UNet
 from unpersonal.progress import LiveBar, console
+from unpersonal.training.common import (batch_indices, cpu_state, load_state, out_of_time,
+                                        save_state, step_seed)
 from unpersonal.rundir import RunDir, sha256_file, sha256_json, write_atomic
 
 STAGE = "fit-diffusion"
@@ -150,7 +150,7 @@ def train(config: Config, data: TrainingData, checkpoint: Path, accelerator: Any
     denoiser = build_denoiser(settings, data.images.shape[-1], conditioner)
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=settings.lr, betas=(0.9, 0.99), eps=1e-8)
-    state = _load_checkpoint(checkpoint)
+    state = load_state(checkpoint)
     if state is not None:
         denoiser.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -179,9 +179,9 @@ def train(config: Config, data: TrainingData, checkpoint: Path, accelerator: Any
     try:
         with LiveBar("training diffusion", settings.steps, start=step, log_every=LOG_EVERY * 10,
                      enabled=accelerator.is_main_process) as bar:
-            while step < settings.steps and not _out_of_time(settings, elapsed_before, started):
+            while step < settings.steps and not out_of_time(settings.max_minutes, elapsed_before, started):
                 generator = torch.Generator(accelerator.device).manual_seed(
-                    _step_seed(config.seed, step, rank))
+                    step_seed(config.seed, step, rank))
                 indices = batch_indices(config.seed, step, rank, local_batch, world,
                                         len(data.images))
                 images = augment(_to_unit_range(data, indices, accelerator.device), settings,
@@ -199,7 +199,7 @@ def train(config: Config, data: TrainingData, checkpoint: Path, accelerator: Any
                 step += 1
                 _update_ema(ema, accelerator.unwrap_model(model), step, ema_exponent)
                 if step == guide_step:
-                    guide = _cpu_state(ema)
+                    guide = cpu_state(ema)
                 window_loss.append(loss.item())
                 if step % LOG_EVERY == 0 or step == settings.steps:
                     now = time.perf_counter()
@@ -217,7 +217,7 @@ def train(config: Config, data: TrainingData, checkpoint: Path, accelerator: Any
         raise Interrupted(f"fit-diffusion interrupted at step {step} of {settings.steps}; "
                           "state saved, rerun the same command to resume") from None
     save()
-    ema_state = _cpu_state(ema)
+    ema_state = cpu_state(ema)
     return TrainingResult(ema_state, guide or ema_state, log, step,
                           count_parameters(denoiser), conditioner, world)
 
@@ -227,29 +227,10 @@ def _guide_step(settings: DiffusionConfig) -> int:
     return max(1, round(settings.guide_at * settings.steps))
 
 
-def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of a module's weights, safe to keep while training goes on."""
-    return {name: value.detach().cpu().clone() for name, value in module.state_dict().items()}
 
 
-def batch_indices(seed: int, step: int, rank: int, local_batch: int, world: int, n: int
-                  ) -> torch.Tensor:
-    """This process's images for `step`: epochs of seeded permutations, split across processes.
-
-    Every image is seen once per epoch, and the indices are a pure function of the arguments.
-    """
-    first = step * local_batch * world + rank * local_batch
-    positions = np.arange(first, first + local_batch)
-    out = np.empty(local_batch, dtype=np.int64)
-    for epoch in np.unique(positions // n):
-        permutation = np.random.default_rng([seed, int(epoch)]).permutation(n)
-        in_epoch = positions // n == epoch
-        out[in_epoch] = permutation[positions[in_epoch] % n]
-    return torch.from_numpy(out)
 
 
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
 def _to_unit_range(data: TrainingData, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -300,25 +281,15 @@ def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, exponen
         averaged.copy_(current)
 
 
-def _out_of_time(settings: DiffusionConfig, elapsed_before: float, started: float) -> bool:
-    if settings.max_minutes is None:
-        return False
-    return elapsed_before + time.perf_counter() - started >= settings.max_minutes * 60
 
 
 def _save_checkpoint(path: Path, model: torch.nn.Module, ema: torch.nn.Module, optimizer: Any,
                      step: int, log: list, guide: dict | None, elapsed_s: float) -> None:
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(), "step": step, "log": log, "guide": guide,
-                "elapsed_s": elapsed_s}, buffer)
-    write_atomic(path, buffer.getvalue())
+    save_state(path, {"model": model.state_dict(), "ema": ema.state_dict(),
+                      "optimizer": optimizer.state_dict(), "step": step, "log": log,
+                      "guide": guide, "elapsed_s": elapsed_s})
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def publish(folder: Path, result: TrainingResult, data: TrainingData, config: Config) -> None:
@@ -355,15 +326,4 @@ def load_denoiser(folder: Path, which: str = "ema") -> tuple[Denoiser, dict[str,
     denoiser = build_denoiser(settings, meta["resolution"], conditioner)
     denoiser.load_state_dict(load_file(str(folder / f"{which}.safetensors")))
     return denoiser.eval().requires_grad_(False), meta
-
-
-def install_sigterm_as_interrupt() -> None:
-    """SIGTERM (a scheduler's kill, accelerate's shutdown) saves state like Ctrl-C does."""
-    import signal
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    if os.name == "posix":
-        signal.signal(signal.SIGTERM, handler)
 
