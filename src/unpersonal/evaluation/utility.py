@@ -1,0 +1,104 @@
+"""Utility of a dataset: how well a classifier ranks the real test images, per class and overall.
+
+ROC-AUC is the figure throughout (DESIGN.md section 6): it is threshold-free, so a classifier
+trained on synthetic images is not penalised for a shifted calibration, and it reads the same for
+a 62%-positive test split as for a 5%-positive one. Every class is scored one-vs-rest from its own
+probability column, so binary ([N, 1]), multi-class (one-hot [N, C]) and multi-label ([N, C])
+labels all go through the same code; the mean is the unweighted (macro) mean over the classes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+LABEL_KINDS = ("binary", "multiclass", "multilabel")
+
+
+def roc_auc_per_class(labels: np.ndarray, probs: np.ndarray, label_kind: str,
+                      label_names: list[str]) -> dict:
+    """{"per_class": {name: AUC}, "mean": macro mean or None, "skipped": [names]}.
+
+    A class whose images are all positive or all negative has no AUC; it is listed under
+    "skipped" rather than scored 0.5 or left out silently, and the mean covers the others.
+    """
+    labels, probs = _checked(labels, probs, label_kind, label_names)
+    per_class: dict[str, float] = {}
+    skipped: list[str] = []
+    for column, name in enumerate(label_names):
+        truth = labels[:, column]
+        if truth.min() == truth.max():
+            skipped.append(name)
+            continue
+        per_class[name] = float(roc_auc_score(truth, probs[:, column]))
+    mean = float(np.mean(list(per_class.values()))) if per_class else None
+    return {"per_class": per_class, "mean": mean, "skipped": skipped}
+
+
+def bootstrap_auc_ci(labels: np.ndarray, probs: np.ndarray, label_kind: str, n: int = 1000,
+                     seed: int = 0, groups: np.ndarray | None = None, level: float = 0.95
+                     ) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean ROC-AUC over classes.
+
+    With `groups` (e.g. patient IDs) whole groups are resampled, not images: several images of
+    one patient are not independent evidence, and resampling them one by one would give an
+    interval that is too narrow. A resample scores the classes that have both positives and
+    negatives in it; resamples where none has are drawn again in effect (left out).
+    """
+    names = [str(column) for column in range(np.asarray(labels).shape[-1])]
+    labels, probs = _checked(labels, probs, label_kind, names)
+    if n < 1 or not 0 < level < 1:
+        raise ValueError(f"need n >= 1 and 0 < level < 1, got n={n}, level={level}")
+    members = _group_members(len(labels), groups)
+    rng = np.random.default_rng(seed)
+    means = []
+    for _ in range(n):
+        chosen = rng.integers(0, len(members), len(members))
+        rows = np.concatenate([members[g] for g in chosen])
+        mean = _mean_auc(labels[rows], probs[rows])
+        if mean is not None:
+            means.append(mean)
+    if not means:
+        raise ValueError("no class has both positive and negative examples: the AUC is undefined")
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def _mean_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    scores = [roc_auc_score(labels[:, c], probs[:, c]) for c in range(labels.shape[1])
+              if labels[:, c].min() != labels[:, c].max()]
+    return float(np.mean(scores)) if scores else None
+
+
+def _group_members(count: int, groups: np.ndarray | None) -> list[np.ndarray]:
+    """Row indices of each resampling unit: one row each, or all rows of one group."""
+    if groups is None:
+        return list(np.arange(count)[:, None])
+    groups = np.asarray(groups)
+    if len(groups) != count:
+        raise ValueError(f"groups has {len(groups)} entries for {count} images")
+    _, inverse = np.unique(groups, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    boundaries = np.flatnonzero(np.diff(inverse[order])) + 1
+    return np.split(order, boundaries)
+
+
+def _checked(labels: np.ndarray, probs: np.ndarray, label_kind: str, label_names: list[str]
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and probabilities as [N, C] arrays that agree with each other and the names."""
+    if label_kind not in LABEL_KINDS:
+        raise ValueError(f"label_kind {label_kind!r} is not one of {LABEL_KINDS}")
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    if labels.ndim == 1:
+        labels = labels[:, None]
+    if probs.ndim == 1:
+        probs = probs[:, None]
+    if labels.shape != probs.shape or labels.shape[1] != len(label_names):
+        raise ValueError(f"labels {labels.shape}, probabilities {probs.shape} and "
+                         f"{len(label_names)} label names do not match")
+    if label_kind == "binary" and labels.shape[1] != 1:
+        raise ValueError(f"binary labels have one column, got {labels.shape[1]}")
+    if len(labels) == 0:
+        raise ValueError("no images to score")
+    return labels, probs

@@ -1,0 +1,1 @@
+"""Privacy models: the nearest-neighbour index, the distance floor, re-identification."""

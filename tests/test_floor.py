@@ -1,0 +1,100 @@
+"""The calibrated distance floor: held-out images set it, planted copies fall under it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from unpersonal.errors import UserError
+from unpersonal.privacy.floor import (DistanceFloor, calibrate_floor, floor_from_distances,
+                                      pixel_vectors)
+from unpersonal.privacy.knn import NeighbourIndex
+
+
+def population(count: int, seed: int, dim: int = 16) -> np.ndarray:
+    """Draws from one fixed distribution (same centres for every seed): train and held-out alike."""
+    centres = np.random.default_rng(1234).normal(size=(8, dim)) * 2
+    rng = np.random.default_rng(seed)
+    return (centres[rng.integers(8, size=count)] + rng.normal(size=(count, dim))).astype(np.float32)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_floor_is_the_quantile_of_heldout_nearest_distances(metric: str) -> None:
+    train, heldout = population(500, seed=0), population(200, seed=1)
+    floor = calibrate_floor(train, heldout, quantile=0.05, metric=metric)
+    if metric == "l2":
+        pairwise = np.sqrt(((heldout[:, None].astype(np.float64) - train[None]) ** 2).sum(-1))
+    else:
+        unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+        pairwise = 1 - unit(heldout.astype(np.float64)) @ unit(train.astype(np.float64)).T
+    nearest = pairwise.min(axis=1)
+    assert floor.value == pytest.approx(np.quantile(nearest, 0.05), rel=1e-5)
+    assert floor.heldout_summary["min"] == pytest.approx(nearest.min(), rel=1e-5)
+    assert floor.heldout_summary["median"] == pytest.approx(np.median(nearest), rel=1e-5)
+    assert (floor.metric, floor.quantile, floor.n_heldout) == (metric, 0.05, 200)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_planted_copies_fall_under_the_floor_and_new_patients_mostly_do_not(metric: str) -> None:
+    train = population(2000, seed=2)
+    floor = calibrate_floor(train, population(400, seed=3), quantile=0.01, metric=metric)
+    rng = np.random.default_rng(4)
+    copies = train[rng.choice(len(train), 50, replace=False)]
+    near_copies = copies + rng.normal(size=copies.shape).astype(np.float32) * 1e-3
+    fresh = population(400, seed=5)  # not the calibration set: new "patients"
+    index = NeighbourIndex(metric).fit(train)
+    copy_distances = index.search(np.concatenate([copies, near_copies]), k=1)[0][:, 0]
+    fresh_distances = index.search(fresh, k=1)[0][:, 0]
+    assert floor.flags(copy_distances).all()
+    assert floor.flags(fresh_distances).mean() < 0.05
+
+
+def test_quantile_zero_gives_the_minimum_and_flags_no_heldout_image() -> None:
+    train, heldout = population(300, seed=6), population(100, seed=7)
+    floor = calibrate_floor(train, heldout, quantile=0.0, metric="l2")
+    nearest = NeighbourIndex("l2").fit(train).search(heldout, k=1)[0][:, 0]
+    assert floor.value == pytest.approx(float(nearest.min()))
+    assert not floor.flags(nearest).any()
+
+
+def test_an_approximate_index_calibrates_close_to_the_exact_floor() -> None:
+    train, heldout = population(3000, seed=8), population(300, seed=9)
+    exact = calibrate_floor(train, heldout, quantile=0.1, metric="cosine")
+    approximate = calibrate_floor(train, heldout, quantile=0.1, metric="cosine", exact_max=500)
+    assert approximate.value == pytest.approx(exact.value, rel=0.05)
+    assert approximate.value >= exact.value - 1e-6  # missing a neighbour only lengthens distances
+
+
+def test_empty_heldout_set_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="held-out"):
+        calibrate_floor(population(10, seed=0), np.zeros((0, 16), np.float32), 0.01, "l2")
+    with pytest.raises(UserError, match="held-out"):
+        floor_from_distances(np.array([]), 0.01, "cosine")
+    with pytest.raises(UserError, match="quantile"):
+        floor_from_distances(np.array([0.5]), 1.0, "cosine")
+
+
+def test_floor_round_trips_through_json() -> None:
+    floor = floor_from_distances(np.linspace(0.1, 1.0, 50), 0.02, "cosine")
+    again = DistanceFloor.from_json(json.loads(json.dumps(floor.to_json())))
+    assert again == floor
+    below, at = np.nextafter(floor.value, 0), floor.value
+    np.testing.assert_array_equal(again.flags(np.array([0.0, below, at, 1.0])),
+                                  [True, True, False, False])
+
+
+def test_pixel_vectors_make_euclidean_distance_the_per_pixel_rmse() -> None:
+    rng = np.random.default_rng(10)
+    for resolution in (8, 16):
+        images = rng.random((6, resolution, resolution)).astype(np.float32)
+        vectors = pixel_vectors(images)
+        assert vectors.shape == (6, resolution * resolution) and vectors.dtype == np.float32
+        distances, indices = NeighbourIndex("l2").fit(vectors[1:]).search(vectors[:1], k=5)
+        rmse = np.sqrt(((images[0] - images[1:][indices[0]]) ** 2).mean(axis=(1, 2)))
+        np.testing.assert_allclose(distances[0], rmse, rtol=1e-5)
+    channel_first = pixel_vectors(images[:, None])  # [N, 1, R, R] as the networks hold them
+    np.testing.assert_array_equal(channel_first, pixel_vectors(images))
+    with pytest.raises(ValueError, match="images_float"):
+        pixel_vectors((images * 255).astype(np.uint8))
