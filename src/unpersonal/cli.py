@@ -187,6 +187,104 @@ def _sample(config: Config, run: RunDir, force: bool) -> None:
                   f"-> {folder / 'grid.png'}", soft_wrap=True)
 
 
+@app.command("fit-embedder")
+def fit_embedder(out: OutOption = None, data: DataOption = None, preset: PresetOption = None,
+                 config: ConfigOption = None, set_: SetOption = None,
+                 force: ForceOption = False) -> None:
+    """Train the self-supervised embedder on the training split; Ctrl-C saves, rerunning resumes.
+
+    With --set embedder.extractor=FILE (TorchScript, or .safetensors in the format of
+    unpersonal.training.embedder) nothing is trained: that file's features are used instead.
+    """
+    resolved, run_dir = resolve_run(out, data, preset, config, set_)
+    _fit_embedder(resolved, run_dir, force)
+
+
+def _fit_embedder(config: Config, run: RunDir, force: bool) -> None:
+    from unpersonal.training.common import install_sigterm_as_interrupt
+    from unpersonal.training.embedder import STAGE, run_fit_embedder
+
+    install_sigterm_as_interrupt()
+    if not run_fit_embedder(config, run, force):
+        _up_to_date(run, STAGE)
+        return
+    meta = json.loads((run.stage_path(STAGE) / "embedder.json").read_text())
+    auc = meta["linear_probe"]["mean_auc"]
+    shown = "n/a (no label has both classes in train and test)" if auc is None else f"{auc:.3f}"
+    what = (f"trained {meta['method']} embedder" if meta["source"] == "trained"
+            else f"extractor {meta['extractor']['file']}")
+    console.print(f"{what}: {meta['steps_done']} steps in {meta['seconds']:.0f} s, "
+                  f"{meta['dim']}-d features, linear-probe mean AUC {shown} "
+                  f"-> {run.stage_path(STAGE)}", soft_wrap=True)
+
+
+@app.command("fit-reid")
+def fit_reid(out: OutOption = None, data: DataOption = None, preset: PresetOption = None,
+             config: ConfigOption = None, set_: SetOption = None,
+             force: ForceOption = False) -> None:
+    """Train the patient re-identification network; validate and calibrate it on held-out patients.
+
+    Ctrl-C saves, rerunning resumes. Prints the held-out verification AUC and the threshold.
+    """
+    resolved, run_dir = resolve_run(out, data, preset, config, set_)
+    _fit_reid(resolved, run_dir, force)
+
+
+def _fit_reid(config: Config, run: RunDir, force: bool) -> None:
+    from unpersonal.training.common import install_sigterm_as_interrupt
+    from unpersonal.training.reid import STAGE, run_fit_reid
+
+    install_sigterm_as_interrupt()
+    if not run_fit_reid(config, run, force):
+        _up_to_date(run, STAGE)
+        return
+    meta = json.loads((run.stage_path(STAGE) / "reid.json").read_text())
+    auc, fpr, caught = meta["auc"], meta["false_positive_rate"], meta["sensitivity_measured"]
+
+    def share(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    def number(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    console.print(
+        f"re-ID held-out AUC: val {number(auc['val'])}, test {number(auc['test'])}, val+test "
+        f"{number(auc['val+test'])}; threshold {meta['threshold']:.4g} flags same-patient pairs "
+        f"{share(caught['val'])} val / {share(caught['test'])} test, different-patient pairs "
+        f"(false positives) {share(fpr['val'])} val / {share(fpr['test'])} test; "
+        f"{meta['steps_done']} steps (best {meta['best_step']}) in {meta['seconds']:.0f} s "
+        f"-> {run.stage_path(STAGE)}", soft_wrap=True)
+
+
+@app.command("calibrate")
+def calibrate(out: OutOption = None, data: DataOption = None, preset: PresetOption = None,
+              config: ConfigOption = None, set_: SetOption = None,
+              force: ForceOption = False) -> None:
+    """Calibrate the privacy filter's distance floors on held-out (validation) patients.
+
+    Needs fit-embedder and fit-reid. The floors are a low quantile (privacy.floor_quantile) of
+    how close held-out real images come to their nearest training image, in embedding and in
+    pixel space; a synthetic image closer than that to a training image is rejected.
+    """
+    resolved, run_dir = resolve_run(out, data, preset, config, set_)
+    _calibrate(resolved, run_dir, force)
+
+
+def _calibrate(config: Config, run: RunDir, force: bool) -> None:
+    from unpersonal.privacy.filter import STAGE, run_calibrate
+
+    if not run_calibrate(config, run, force):
+        _up_to_date(run, STAGE)
+        return
+    summary = json.loads((run.stage_path(STAGE) / "floors.json").read_text())
+    floors = summary["floors"]
+    console.print(
+        f"calibrated on {summary['n_heldout']} validation images: embedding floor "
+        f"{floors['embedding']['value']:.4f} (cosine distance), pixel floor "
+        f"{floors['pixel']['value']:.4f} (RMSE), re-ID threshold {summary['reid_threshold']:.4f}"
+        f" -> {run.stage_path(STAGE)}", soft_wrap=True)
+
+
 @app.command("demo-data")
 def demo_data(
     out: Annotated[Path, typer.Option("--out", "-o", help="file (.npz) or folder to write")] = Path(
@@ -213,6 +311,49 @@ def show_config(out: OutOption = None, data: DataOption = None, preset: PresetOp
     """Print the resolved config (YAML) a command with these options would use."""
     resolved, _ = resolve_run(out, data, preset, config, set_)
     sys.stdout.write(resolved.to_yaml())
+
+
+@app.command("fit-classifier")
+def fit_classifier(out: OutOption = None, data: DataOption = None, preset: PresetOption = None,
+                   config: ConfigOption = None, set_: SetOption = None,
+                   force: ForceOption = False) -> None:
+    """Train the classifier on the real training split and score it on the test split.
+
+    The real-data baseline the synthetic data's utility is measured against (test ROC-AUC per
+    class, with a patient-level bootstrap 95% interval). Ctrl-C saves, rerunning resumes.
+    """
+    resolved, run_dir = resolve_run(out, data, preset, config, set_)
+    _fit_classifier(resolved, run_dir, force)
+
+
+def _fit_classifier(config: Config, run: RunDir, force: bool) -> None:
+    from unpersonal.training.classifier import STAGE, run_fit_classifier
+    from unpersonal.training.common import install_sigterm_as_interrupt
+
+    install_sigterm_as_interrupt()
+    if not run_fit_classifier(config, run, force):
+        _up_to_date(run, STAGE)
+    meta = json.loads((run.stage_path(STAGE) / "classifier.json").read_text())
+    console.print(classifier_table(meta))
+    training = meta["training"]
+    console.print(f"trained for {training['epochs_run']} epochs (best {training['best_epoch']}, "
+                  f"stopped by {training['stopped_by']}) in {training['seconds']:.0f} s "
+                  f"-> {run.stage_path(STAGE)}", soft_wrap=True)
+
+
+def classifier_table(meta: dict) -> Table:
+    """Test ROC-AUC per class, then the mean with its bootstrap interval."""
+    test = meta["test"]
+    table = Table(title=f"test ROC-AUC ({test['images']:,} images)", title_justify="left")
+    table.add_column("class")
+    table.add_column("ROC-AUC", justify="right")
+    for name in meta["label_names"]:
+        auc = test["per_class"].get(name)
+        table.add_row(name, "n/a (one class only)" if auc is None else f"{auc:.3f}")
+    if test["mean"] is not None:
+        low, high = test["ci95"]
+        table.add_row("mean", f"{test['mean']:.3f} (95% CI {low:.3f}-{high:.3f})")
+    return table
 
 
 @app.command()

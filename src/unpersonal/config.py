@@ -192,10 +192,17 @@ class ReidConfig(Section):
 
     dim: int = Field(128, ge=2, description="size of the unit-norm re-ID embedding")
     width: int = Field(32, ge=4)
+    input_size: int = Field(
+        32, ge=8, description="larger images are area-downsampled to this side inside the "
+        "network: identity lies in coarse anatomy, and each halving costs 4x less")
     steps: int = Field(3000, ge=1)
     batch_size: int = Field(64, ge=2, description="pairs per step: half same-patient, half not")
     hard_negatives: float = Field(
         0.5, ge=0.0, le=1.0, description="share of negative pairs mined as the hardest in the batch")
+    loss: Literal["supcon", "bce"] = Field(
+        "supcon", description="supervised contrastive over every pair in the batch, or BCE on "
+        "balanced pairs with hard negatives; the score's scale and bias always learn by BCE")
+    temperature: float = Field(0.1, gt=0.0, description="supervised-contrastive temperature")
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     validate_every: int = Field(200, ge=1, description="steps between validation ROC-AUCs")
@@ -209,16 +216,24 @@ class ReidConfig(Section):
 
 
 class ClassifierConfig(Section):
-    """The downstream classifier: real baseline, label consistency, train-on-synthetic utility."""
+    """The downstream classifier: real baseline, label consistency, train-on-synthetic utility.
 
-    width: int = Field(32, ge=4)
-    epochs: int = Field(30, ge=1)
+    Defaults measured on Kermany CXR at 32 px (4,699 training images) on a busy 2-core CPU:
+    width 16 for 10 epochs reaches test ROC-AUC 0.957-0.965 over 3 seeds in about 90 s of one
+    core (2-2.5 min wall, one torch thread); width 8 reaches 0.943-0.950 in half the time.
+    """
+
+    width: int = Field(16, ge=4, description="channels of the encoder's first stage")
+    epochs: int = Field(10, ge=1, description="passes over the training images (the cosine "
+                                              "learning-rate schedule spans them)")
     batch_size: int = Field(64, ge=2)
-    lr: float = Field(1e-3, gt=0.0)
+    lr: float = Field(1e-3, gt=0.0, description="AdamW peak learning rate")
     weight_decay: float = Field(1e-4, ge=0.0)
-    augment_shift: int = Field(2, ge=0)
-    augment_intensity: float = Field(0.1, ge=0.0, lt=0.5)
-    patience: int = Field(8, ge=1, description="epochs without a better validation AUC before stopping")
+    augment_shift: int = Field(2, ge=0, description="random shifts of up to this many pixels")
+    augment_intensity: float = Field(
+        0.1, ge=0.0, lt=0.5, description="random brightness/contrast change of up to this share")
+    patience: int = Field(
+        4, ge=1, description="epochs without a better validation AUC before stopping")
     max_minutes: float | None = Field(None, gt=0.0)
 
 
