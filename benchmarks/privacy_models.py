@@ -101,8 +101,7 @@ def main() -> None:
     knn_file = RESULTS / "knn.json"
     knn = json.loads(knn_file.read_text()) if knn_file.is_file() else {}
     result = {
-        "reid_auc_heldout": reid["auc"]["heldout"] if isinstance(reid.get("auc"), dict)
-        else reid.get("auc_heldout"),
+        "reid_auc_heldout": reid["auc"]["val+test"],
         "reid_threshold": reid["threshold"],
         "reid": {key: reid[key] for key in reid if key not in ("architecture",)},
         "planted_copies_caught": round(float(np.concatenate(caught_all).mean()), 4),
@@ -112,8 +111,7 @@ def main() -> None:
         "heldout_count": int((dataset.split == "test").sum()),
         "planted_by_perturbation": by_perturbation,
         "floors": floors["floors"],
-        "embedder_linear_probe_auc": embedder["linear_probe"]["mean_auc"]
-        if "linear_probe" in embedder else None,
+        "embedder_linear_probe_auc": embedder["linear_probe"]["mean_auc"],
         "embedder": {key: embedder[key] for key in embedder if key != "architecture"},
         **{key: knn[key] for key in ("knn_seconds_exact", "knn_seconds_approx",
                                      "knn_recall_approx", "knn_seconds_cdist") if key in knn},

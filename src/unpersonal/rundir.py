@@ -117,6 +117,12 @@ class RunDir:
             write_atomic(key_file, key)
         return folder
 
+    def resumable_work_dir(self, stage: str, key: str, force: bool) -> Path:
+        """`work_dir`, emptied first when the user asked to redo the stage (`--force`)."""
+        if force:
+            self.clear_work(stage)
+        return self.work_dir(stage, key)
+
     def clear_work(self, stage: str) -> None:
         shutil.rmtree(self.root / ".work" / stage, ignore_errors=True)
         _remove_if_empty(self.root / ".work")

@@ -368,9 +368,7 @@ def run_fit_classifier(config: Config, run: RunDir, force: bool = False) -> bool
     key = stage_key(config, run)
     if not force and run.is_fresh(STAGE, key):
         return False
-    if force:
-        run.clear_work(STAGE)
-    work = run.work_dir(STAGE, key)
+    work = run.resumable_work_dir(STAGE, key, force)
     dataset = load_canonical(run.stage_path("prepare"))
     train, val, test = (dataset.subset(split) for split in ("train", "val", "test"))
     if len(train) < 2:

@@ -167,15 +167,13 @@ def run_fit_embedder(config: Config, run: RunDir, force: bool = False) -> bool:
     key = stage_key(config, run)
     if not force and run.is_fresh(STAGE, key):
         return False
-    if force:
-        run.clear_work(STAGE)
     dataset = load_canonical(run.stage_path("prepare"))
     device = pick_device()
     if config.embedder.extractor is not None:
         embedder, meta = _extractor_embedder(config.embedder.extractor, dataset, device)
         log: list[dict[str, float]] = []
     else:
-        work = run.work_dir(STAGE, key)
+        work = run.resumable_work_dir(STAGE, key, force)
         result = train(config, dataset.subset("train"), work / "checkpoint.pt", device)
         embedder = Embedder(result.network, dataset.resolution, config.embedder.dim, device)
         meta, log = _trained_meta(config.embedder, result), result.log
