@@ -320,8 +320,10 @@ def balanced_pair_loss(net: ReidNet, embeddings: torch.Tensor, labels: torch.Ten
                                    device=generator.device)[:count - hard].to(easier.device)]
     negative = negative[torch.cat([ranked[:hard], picked])]
     logit_pos, logit_neg = net.logit(positive), net.logit(negative)
-    return 0.5 * (F.binary_cross_entropy_with_logits(logit_pos, torch.ones_like(logit_pos))
-                  + F.binary_cross_entropy_with_logits(logit_neg, torch.zeros_like(logit_neg)))
+    loss = F.binary_cross_entropy_with_logits(logit_pos, torch.ones_like(logit_pos))
+    if count == 0:  # a tiny dataset's batch can hold one patient only
+        return loss
+    return 0.5 * (loss + F.binary_cross_entropy_with_logits(logit_neg, torch.zeros_like(logit_neg)))
 
 
 def supervised_contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor,
@@ -389,7 +391,7 @@ def train(config: Config, data: TrainingData, val_pairs: PairSet, checkpoint: Pa
           device: torch.device) -> TrainingResult:
     """The loop. Saves `checkpoint` every `checkpoint_every` steps and on Ctrl-C / SIGTERM."""
     settings = config.reid
-    patients = max(1, settings.batch_size // 2)
+    patients = settings.batch_size // 2
     torch.manual_seed(config.seed)
     net = build_net(settings).to(device)
     optimizer = make_optimizer(net, settings)
