@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unpersonal.errors import Interrupted
 from unpersonal.rundir import write_atomic
 
 
@@ -85,3 +86,9 @@ def install_sigterm_as_interrupt() -> None:
 
     if os.name == "posix":
         signal.signal(signal.SIGTERM, handler)
+
+
+def interrupted(stage: str, step: int, total: int) -> Interrupted:
+    """The error a trainer raises after saving its state on Ctrl-C or SIGTERM (exit 130)."""
+    return Interrupted(f"{stage} interrupted at step {step} of {total}; state saved, rerun the "
+                       "same command to resume")

@@ -32,14 +32,14 @@ from safetensors.torch import load_file, save_file
 
 from unpersonal.config import Config, DiffusionConfig
 from unpersonal.data.canonical import CanonicalDataset, load_canonical
-from unpersonal.errors import Interrupted, UserError
+from unpersonal.errors import UserError
 from unpersonal.models.conditioning import Conditioner, label_code
 from unpersonal.models.edm import Denoiser, EDM2Loss, count_parameters, learning_rate
 from unpersonal.models.pixel_pca import PixelPCA
 from unpersonal.models.unet import UNet
 from unpersonal.progress import LiveBar, console
-from unpersonal.training.common import (batch_indices, cpu_state, load_state, out_of_time,
-                                        save_state, step_seed)
+from unpersonal.training.common import (batch_indices, cpu_state, interrupted, load_state,
+                                        out_of_time, save_state, step_seed)
 from unpersonal.rundir import RunDir, sha256_file, sha256_json, write_atomic
 
 STAGE = "fit-diffusion"
@@ -214,8 +214,7 @@ def train(config: Config, data: TrainingData, checkpoint: Path, accelerator: Any
                     save()
     except KeyboardInterrupt:
         save()
-        raise Interrupted(f"fit-diffusion interrupted at step {step} of {settings.steps}; "
-                          "state saved, rerun the same command to resume") from None
+        raise interrupted(STAGE, step, settings.steps) from None
     save()
     ema_state = cpu_state(ema)
     return TrainingResult(ema_state, guide or ema_state, log, step,

@@ -50,13 +50,13 @@ from torch import Tensor, nn
 
 from unpersonal.config import Config, EmbedderConfig
 from unpersonal.data.canonical import CanonicalDataset, load_canonical
-from unpersonal.errors import Interrupted, UserError
+from unpersonal.errors import UserError
 from unpersonal.evaluation.probe import linear_probe_auc
 from unpersonal.models.encoder import ResNetEncoder, unit_norm
 from unpersonal.progress import LiveBar, console
 from unpersonal.rundir import RunDir, sha256_file, sha256_json, write_atomic
-from unpersonal.training.common import (batch_indices, cpu_state, load_state, out_of_time,
-                                        pick_device, save_state, step_generator)
+from unpersonal.training.common import (batch_indices, cpu_state, interrupted, load_state,
+                                        out_of_time, pick_device, save_state, step_generator)
 from unpersonal.training.views import random_views
 
 STAGE = "fit-embedder"
@@ -264,8 +264,7 @@ def train(config: Config, train_split: CanonicalDataset, checkpoint: Path, devic
                     save()
     except KeyboardInterrupt:
         save()
-        raise Interrupted(f"{STAGE} interrupted at step {step} of {settings.steps}; state saved, "
-                          "rerun the same command to resume") from None
+        raise interrupted(STAGE, step, settings.steps) from None
     save()
     seconds = elapsed_before + time.perf_counter() - started
     return TrainingResult(network.eval(), log, step, seconds)

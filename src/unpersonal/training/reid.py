@@ -50,13 +50,14 @@ from sklearn.metrics import roc_auc_score
 
 from unpersonal.config import Config, ReidConfig, ViewAugmentation
 from unpersonal.data.canonical import CanonicalDataset, load_canonical
-from unpersonal.errors import Interrupted, UserError
+from unpersonal.errors import UserError
 from unpersonal.models.reid import ReidNet
 from unpersonal.privacy.reid import cosine_to_score
 from unpersonal.progress import LiveBar, console
 from unpersonal.rundir import RunDir, sha256_json, write_atomic
-from unpersonal.training.common import (batch_indices, cpu_state, load_state, out_of_time,
-                                        pick_device, save_state, step_generator, step_seed)
+from unpersonal.training.common import (batch_indices, cpu_state, interrupted, load_state,
+                                        out_of_time, pick_device, save_state, step_generator,
+                                        step_seed)
 from unpersonal.training.views import random_views
 
 STAGE = "fit-reid"
@@ -461,8 +462,7 @@ def train(config: Config, data: TrainingData, val_pairs: PairSet, checkpoint: Pa
                             "val_auc": auc})
     except KeyboardInterrupt:
         save()
-        raise Interrupted(f"fit-reid interrupted at step {step} of {settings.steps}; state saved, "
-                          "rerun the same command to resume") from None
+        raise interrupted(STAGE, step, settings.steps) from None
     save()
     seconds = elapsed_before + time.perf_counter() - started
     return TrainingResult(best["weights"], best["step"], best["auc"], best["untrained"], log,
