@@ -1,27 +1,36 @@
-"""`unpersonal fit-reid`: train the patient re-identification network, validated on held-out patients.
+"""`unpersonal fit-reid`: train the patient re-identification network on training patients.
 
 Training. Each step draws P = batch_size / 2 training patients that have two or more images,
 two different images of each, and a random view of every image (`random_views`, reid.augment),
-so the network learns what stays the same across one patient's acquisitions and not what a
-re-exposure, shift or rotation changes. The loss is binary cross-entropy on the pair score over
-balanced pairs: every same-patient pair of the batch (P of them) and as many different-patient
-pairs, a share `hard_negatives` of them the most similar ones in the batch, the rest drawn at
-random. The hardest negatives are what separates look-alike patients; the random ones keep the
-score calibrated on the typical pair, which is what a threshold is set on. With
-data.no_patient_ids every image is its own patient and the positives are two views of one image.
+so the network learns what stays the same across one patient's acquisitions rather than what a
+re-exposure, shift or rotation changes. With data.no_patient_ids every image is its own patient
+and the positives are two views of one image.
+
+The loss. `bce` is binary cross-entropy on the pair score over balanced pairs: every
+same-patient pair of the batch (P of them) and as many different-patient pairs, a share
+`hard_negatives` of them the most similar in the batch, the rest random. `supcon` (the default)
+is the supervised contrastive loss (Khosla et al. 2020): each image must pick out its partner
+among all 2P - 1 others, so one batch gives 2P(2P - 2) negatives instead of P and weighs them by
+how hard they are through the softmax. The embedding then learns from every pair it computes,
+which is what matters with a few hundred training patients; the score's scale and bias still
+fit by the balanced BCE, on detached cosines. Measured on Kermany (586 training patients with
+2+ images, 32 px, width 16, 600 steps, validation/test AUC): bce 0.858/0.914, supcon + bce on
+the same embedding 0.871/0.917, supcon 0.896/0.927.
 
 Held-out pairs (validation and the final report), per split, from its patients only:
   * same-patient: every pair of two images of one patient (patients with 2+ images), at most
     MAX_SAME_PAIRS of them (a seeded subset when there are more);
   * different-patient: as many pairs of two images of different patients, drawn at random
-    (seeded) from all the split's images;
+    (seeded) from all the split's images, single-image patients included;
   * near-identical pairs (pixel correlation above NEAR_COPY_CORRELATION) are left out of both:
     they are the same scan stored twice, which any network matches, and would flatter the AUC.
   With data.no_patient_ids the same-patient pairs are two fixed random views of one image.
-Early stopping watches the verification ROC-AUC on the validation pairs every `validate_every`
-steps and keeps the best weights. The threshold is the score that flags `sensitivity` of the
-validation same-patient pairs; the test pairs, never used for choosing anything, report how
-many same-patient pairs it really flags and how many different-patient pairs it flags too.
+The val+test AUC pools both pair sets. Early stopping watches the validation AUC every
+`validate_every` steps and keeps the best weights, with BatchNorm statistics re-measured on
+clean training images (`with_clean_batch_norm`). The threshold is the score that flags
+`sensitivity` of the validation same-patient pairs; the test pairs, used for choosing nothing,
+report how many same-patient pairs it really flags, and both splits how many different-patient
+pairs it flags too (the false-positive rate).
 
     run/.work/fit-reid/checkpoint.pt   resumable state (weights, best weights, Adam, step, log)
     run/fit-reid/                      published when training ends:
