@@ -356,6 +356,48 @@ def classifier_table(meta: dict) -> Table:
     return table
 
 
+@app.command("generate")
+def generate(out: OutOption = None, data: DataOption = None, preset: PresetOption = None,
+             config: ConfigOption = None, set_: SetOption = None,
+             force: ForceOption = False) -> None:
+    """Generate the filtered synthetic set: candidates per training image, privacy filter,
+    label-consistent survivor.
+
+    Needs the run's fit-embedder, fit-reid, calibrate, fit-classifier and fit-diffusion stages.
+    Writes synthetic/ (PNGs, labels.csv) and the private decisions.csv. Ctrl-C or a kill keeps
+    every finished block; rerunning resumes and gives the same set. `accelerate launch
+    --num_processes N -m unpersonal generate ...` splits the work and gives the same set too.
+    """
+    resolved, run_dir = resolve_run(out, data, preset, config, set_)
+    _generate(resolved, run_dir, force)
+
+
+def _generate(config: Config, run: RunDir, force: bool) -> None:
+    from unpersonal.sampling.generate import STAGE, run_generate
+    from unpersonal.training.common import install_sigterm_as_interrupt
+
+    install_sigterm_as_interrupt()
+    try:
+        fresh = run_generate(config, run, force)
+    except KeyboardInterrupt:
+        raise Interrupted("generate stopped; finished blocks are kept, rerun the same command "
+                          "to resume") from None
+    if not fresh:
+        _up_to_date(run, STAGE)
+    summary_path = run.stage_path(STAGE) / "generate.json"
+    if not summary_path.is_file():  # a non-main process of a sharded run
+        return
+    summary = json.loads(summary_path.read_text())
+    reasons = ", ".join(f"{check} {count}" for check, count in
+                        summary["rejections_by_reason"].items())
+    console.print(f"accepted {summary['accepted_sources']} of {summary['sources']} sources "
+                  f"({summary['acceptance_rate']:.1%}), {summary['images']} images; "
+                  f"{summary['candidates']} candidates drawn, rejected by {reasons}; "
+                  f"{summary['nfe_per_accepted']:.0f} NFE and "
+                  f"{summary['seconds_per_accepted']:.3f} s per image "
+                  f"-> {run.stage_path(STAGE) / 'synthetic'}", soft_wrap=True)
+
+
 @app.command()
 def run(out: OutOption = None, data: DataOption = None, preset: PresetOption = None,
         config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False,

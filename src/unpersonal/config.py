@@ -255,6 +255,46 @@ class PrivacyConfig(Section):
         "images' distances to their nearest training image (embedding and pixel space)")
 
 
+class GenerateConfig(Section):
+    """`unpersonal generate`: candidates per training image, the filter's rules, the selection.
+
+    The solver, its steps, the guidance weight and the guide come from `sampling`; here is what
+    happens around them. Sources are processed in blocks of `block_size`: a block is the unit of
+    resuming and of sharding across processes, and its batches do not depend on how many
+    processes run, so one process and many give the same set.
+    """
+
+    count: int | None = Field(
+        None, ge=1, description="sources to generate for (default: every training image once; "
+        "more cycles through them again in a new order)")
+    candidates: int = Field(8, ge=1, description="K: most candidates drawn per source and attempt")
+    mode: Literal["first", "best"] = Field(
+        "first", description="first: draw in rounds and stop at the first survivor whose labels "
+        "agree within `tolerance`; best: draw all K and keep the best survivor")
+    round_size: int = Field(2, ge=1, description="candidates per source per round in first mode")
+    tolerance: float = Field(
+        0.5, ge=0.0, description="first mode: largest label divergence that ends the search")
+    selection: Literal["symmetric-kl", "jensen-shannon", "total-variation"] = Field(
+        "symmetric-kl", description="divergence between the classifier's outputs on a candidate "
+        "and on its source; the survivor with the smallest is kept")
+    keep_second: bool = Field(False, description="also keep the second-best survivor")
+    attempts: int = Field(
+        3, ge=1, description="tries per source; each new try draws new seeds with guidance "
+        "lowered by `guidance_step`, down to `guidance_floor`; then the source is skipped")
+    guidance_step: float = Field(0.5, ge=0.0)
+    guidance_floor: float = Field(1.0, ge=0.0, description="guidance never drops below this")
+    block_size: int = Field(64, ge=1, description="sources per resumable, shardable block")
+    reid_check: Literal["neighbours", "source"] = Field(
+        "neighbours", description="compare a candidate with its source and its nearest training "
+        "images in re-ID space (all patients), or with its source only (the reference recipe)")
+    reid_threshold: float | None = Field(
+        None, gt=0.0, lt=1.0, description="fixed re-ID score threshold (the reference recipe "
+        "uses 0.5); default: the one calibrated on held-out patients")
+    distance_floors: bool = Field(
+        True, description="also reject candidates closer to a training image than the "
+        "calibrated floor (embedding and pixel space); off only to reproduce the reference")
+
+
 class Config(Section):
     """Everything a run needs; `config.yaml` in the run directory is this, resolved."""
 
@@ -268,6 +308,7 @@ class Config(Section):
     reid: ReidConfig = ReidConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    generate: GenerateConfig = GenerateConfig()
 
     def section_dump(self, names: tuple[str, ...]) -> dict[str, Any]:
         """The named sections (plus the seed) as plain data: what a stage's cache key covers."""

@@ -82,21 +82,52 @@ def _index(settings: Any, metric: str, seed: int) -> NeighbourIndex:
                           probe=settings.knn_probe, seed=seed)
 
 
+@dataclass(frozen=True)
+class FilterPolicy:
+    """Which checks decide. The default is the product's filter; the other settings exist to
+    reproduce the reference recipe (source-only re-ID check, fixed threshold, no floors) and
+    measure what it lets through."""
+
+    reid_against: str = "neighbours"  # or "source"
+    reid_threshold: float | None = None  # None: the calibrated threshold
+    distance_floors: bool = True
+
+    @classmethod
+    def from_config(cls, config: Config) -> FilterPolicy:
+        settings = config.generate
+        return cls(settings.reid_check, settings.reid_threshold, settings.distance_floors)
+
+
 @dataclass
 class FilterResult:
-    """Per-candidate scores, nearest training rows, and the decision of each check."""
+    """Per-candidate scores, nearest training rows, and the decision of each check.
 
-    reid_score: np.ndarray  # highest score against any training image (or the source)
-    reid_nearest: np.ndarray  # training row of the nearest image in re-ID space
+    `flags` are the decisions under the policy the check ran with; `strict` are those of the
+    default policy (all training patients, calibrated threshold, both floors), so a run with a
+    weaker policy still records which of its images the product's filter would have rejected.
+    """
+
+    reid_score: np.ndarray  # highest score against the source and its nearest training images
+    reid_source_score: np.ndarray  # score against the source alone (NaN without sources)
+    reid_nearest: np.ndarray  # training row the highest score was against
     embedding_distance: np.ndarray
     embedding_nearest: np.ndarray
     pixel_distance: np.ndarray
     pixel_nearest: np.ndarray
     flags: dict[str, np.ndarray] = field(default_factory=dict)
+    strict: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def rejected(self) -> np.ndarray:
         return np.logical_or.reduce([self.flags[check] for check in CHECKS])
+
+    @property
+    def strictly_rejected(self) -> np.ndarray:
+        return np.logical_or.reduce([self.strict[check] for check in CHECKS])
+
+    def reason(self, row: int) -> str:
+        """The checks that rejected one candidate, joined by '+', or '' when it passed."""
+        return "+".join(check for check in CHECKS if self.flags[check][row])
 
     def __len__(self) -> int:
         return len(self.reid_score)
@@ -113,6 +144,7 @@ class PrivacyFilter:
     embedding_index: NeighbourIndex
     pixel_index: NeighbourIndex
     floors: dict[str, DistanceFloor]
+    neighbours: int = 16
 
     @classmethod
     def load(cls, run: RunDir, config: Config) -> PrivacyFilter:
@@ -133,29 +165,50 @@ class PrivacyFilter:
             embedding_index=_index(settings, "cosine", config.seed).fit(features),
             pixel_index=_index(settings, "l2", config.seed).fit(pixels),
             floors={space: DistanceFloor.from_json(floor)
-                    for space, floor in summary["floors"].items()})
+                    for space, floor in summary["floors"].items()},
+            neighbours=settings.reid_neighbours)
 
-    def check(self, images: np.ndarray, sources: np.ndarray | None = None) -> FilterResult:
+    def check(self, images: np.ndarray, sources: np.ndarray | None = None,
+              policy: FilterPolicy = FilterPolicy()) -> FilterResult:
         """images: float [M, R, R] in [0, 1]; sources: the training row each was drawn for.
 
-        The source is checked explicitly, not only through the index: an approximate index may
-        miss it, and it is the image a leak would most likely copy.
+        The re-ID score is the highest against the source and the `neighbours` training images
+        nearest in re-ID space (all patients). The score rises with the cosine, so the nearest is
+        the highest; the k beyond it guard against an approximate index missing it. The source
+        is scored explicitly for the same reason: it is the image a leak would most likely copy.
         """
         reid_embedding = self.reid.embed(images)
-        cosine_distance, reid_nearest = self.reid_index.search(reid_embedding, k=1)
-        best_cosine = 1.0 - cosine_distance[:, 0]
+        k = min(self.neighbours, len(self.reid_train))
+        cosine_distance, reid_nearest = self.reid_index.search(reid_embedding, k=k)
+        best_cosine, nearest = 1.0 - cosine_distance[:, 0], reid_nearest[:, 0].copy()
+        source_score = np.full(len(images), np.nan)
         if sources is not None:
             source_cosine = np.einsum("nd,nd->n", reid_embedding, self.reid_train[sources])
-            use_source = source_cosine > best_cosine
+            source_score = self._score(source_cosine)
+            use_source = source_cosine >= best_cosine
             best_cosine = np.where(use_source, source_cosine, best_cosine)
-            reid_nearest[:, 0] = np.where(use_source, sources, reid_nearest[:, 0])
-        reid_score = self.reid.score(best_cosine[:, None], np.ones((len(images), 1)))
+            nearest = np.where(use_source, sources, nearest)
         embedding_distance, embedding_nearest = self.embedding_index.search(
             self.embedder.embed(images), k=1)
         pixel_distance, pixel_nearest = self.pixel_index.search(pixel_vectors(images), k=1)
-        result = FilterResult(reid_score, reid_nearest[:, 0], embedding_distance[:, 0],
-                              embedding_nearest[:, 0], pixel_distance[:, 0], pixel_nearest[:, 0])
-        result.flags = {"reid": self.reid.flags(reid_score),
-                        "embedding": self.floors["embedding"].flags(result.embedding_distance),
-                        "pixel": self.floors["pixel"].flags(result.pixel_distance)}
+        result = FilterResult(self._score(best_cosine), source_score, nearest,
+                              embedding_distance[:, 0], embedding_nearest[:, 0],
+                              pixel_distance[:, 0], pixel_nearest[:, 0])
+        floors = {space: self.floors[space].flags(distance) for space, distance in
+                  (("embedding", result.embedding_distance), ("pixel", result.pixel_distance))}
+        result.strict = {"reid": self.reid.flags(result.reid_score), **floors}
+        if policy == FilterPolicy():
+            result.flags = dict(result.strict)
+            return result
+        if policy.reid_against == "source" and sources is None:
+            raise ValueError("a source-only re-ID check needs the candidates' sources")
+        reid_score = result.reid_source_score if policy.reid_against == "source" else result.reid_score
+        threshold = self.reid.threshold if policy.reid_threshold is None else policy.reid_threshold
+        no_flags = np.zeros(len(images), dtype=bool)
+        result.flags = {"reid": reid_score >= threshold,
+                        **{space: flags if policy.distance_floors else no_flags
+                           for space, flags in floors.items()}}
         return result
+
+    def _score(self, cosine: np.ndarray) -> np.ndarray:
+        return self.reid.score(np.asarray(cosine, np.float64)[:, None], np.ones((len(cosine), 1)))

@@ -55,12 +55,29 @@ class TrainingData:
     max_value: float
     codes: torch.Tensor  # label codes [N, L]
     pseudo: torch.Tensor  # pseudo features [N, D] (empty D when unused)
+    pseudo_source: str = "none"  # where they came from (see `pseudo_source`)
+
+
+def pseudo_source(config: Config, run: RunDir) -> tuple[str, Path | None]:
+    """Where the pseudo-conditions come from: the user's file, else the run's embedder (its
+    unit-norm features, the space the privacy filter and the audit also measure in), else, in
+    a run without one, unit-norm PCA of the training pixels as a stand-in."""
+    settings = config.diffusion
+    if "pseudo" not in settings.conditioning:
+        return "none", None
+    if settings.pseudo_features is not None:
+        return "file", settings.pseudo_features
+    if run.stage_record("fit-embedder") is not None:
+        run.require("fit-embedder")
+        return "embedder", run.stage_path("fit-embedder") / "features.npy"
+    return "pixel PCA", None
 
 
 def stage_key(config: Config, run: RunDir) -> str:
     inputs: dict[str, Any] = {"prepare": run.require("prepare")}
-    if config.diffusion.pseudo_features is not None:
-        inputs["pseudo_features"] = sha256_file(config.diffusion.pseudo_features)
+    kind, path = pseudo_source(config, run)
+    if path is not None:
+        inputs[f"pseudo_features ({kind})"] = sha256_file(path)
     return sha256_json({"config": config.section_dump(("diffusion",)), "inputs": inputs})
 
 
@@ -77,7 +94,8 @@ def run_fit_diffusion(config: Config, run: RunDir, force: bool = False) -> bool:
     accelerator.wait_for_everyone()
     work = run.work_dir(STAGE, key) if accelerator.is_main_process else run.root / ".work" / STAGE
     accelerator.wait_for_everyone()
-    data = load_training_data(load_canonical(run.stage_path("prepare")), config.diffusion)
+    data = load_training_data(load_canonical(run.stage_path("prepare")), config.diffusion,
+                              pseudo_source(config, run))
     result = train(config, data, work / "checkpoint.pt", accelerator)
     if accelerator.is_main_process:
         with run.build_stage(STAGE, key, config) as folder:
@@ -87,7 +105,10 @@ def run_fit_diffusion(config: Config, run: RunDir, force: bool = False) -> bool:
     return True
 
 
-def load_training_data(dataset: CanonicalDataset, settings: DiffusionConfig) -> TrainingData:
+def load_training_data(dataset: CanonicalDataset, settings: DiffusionConfig,
+                       pseudo: tuple[str, Path | None] = ("pixel PCA", None)) -> TrainingData:
+    """The training split; `pseudo` is `pseudo_source`'s answer (ignored without pseudo
+    conditioning)."""
     train = dataset.subset("train")
     if len(train) == 0:
         raise UserError("the training split is empty: nothing to train the diffusion model on")
@@ -95,17 +116,21 @@ def load_training_data(dataset: CanonicalDataset, settings: DiffusionConfig) -> 
         images=torch.from_numpy(train.images.astype(np.int32)).unsqueeze(1),
         max_value=float((1 << train.bit_depth) - 1),
         codes=torch.from_numpy(label_code(train.labels, train.label_kind)),
-        pseudo=torch.from_numpy(_pseudo_features(train, settings)))
+        pseudo=torch.from_numpy(_pseudo_features(dataset, train, settings, *pseudo)),
+        pseudo_source=pseudo[0] if "pseudo" in settings.conditioning else "none")
 
 
-def _pseudo_features(train: CanonicalDataset, settings: DiffusionConfig) -> np.ndarray:
+def _pseudo_features(dataset: CanonicalDataset, train: CanonicalDataset,
+                     settings: DiffusionConfig, kind: str, path: Path | None) -> np.ndarray:
     if "pseudo" not in settings.conditioning:
         return np.zeros((len(train), 0), np.float32)
-    if settings.pseudo_features is not None:
-        features = np.load(settings.pseudo_features)
+    if kind == "embedder":  # one row per canonical image: keep the training rows
+        return np.load(path)[dataset.split == "train"].astype(np.float32)
+    if kind == "file":
+        features = np.load(path)
         if features.ndim != 2 or len(features) != len(train):
-            raise UserError(f"diffusion.pseudo_features {settings.pseudo_features}: shape "
-                            f"{features.shape}, expected [{len(train)}, D] (one row per training image)")
+            raise UserError(f"diffusion.pseudo_features {path}: shape {features.shape}, "
+                            f"expected [{len(train)}, D] (one row per training image)")
         norms = np.linalg.norm(features, axis=1, keepdims=True).clip(1e-8)
         return (features / norms).astype(np.float32)
     pixels = train.images_float()
@@ -303,8 +328,7 @@ def publish(folder: Path, result: TrainingResult, data: TrainingData, config: Co
                  "channel_mult": list(settings.channel_mult), "num_blocks": settings.num_blocks,
                  "attn_resolutions": list(settings.attn_resolutions), "dropout": settings.dropout},
         "sigma_data": settings.sigma_data, "conditioner": result.conditioner.to_json(),
-        "pseudo_source": ("file" if settings.pseudo_features else "pixel PCA")
-        if result.conditioner.uses_pseudo else None,
+        "pseudo_source": data.pseudo_source if result.conditioner.uses_pseudo else None,
         "steps_planned": settings.steps, "steps_done": result.steps_done,
         "guide_at_step": _guide_step(settings),
         "parameters": result.parameters, "processes": result.world_size,
