@@ -271,7 +271,9 @@ class GenerateConfig(Section):
     mode: Literal["first", "best"] = Field(
         "first", description="first: draw in rounds and stop at the first survivor whose labels "
         "agree within `tolerance`; best: draw all K and keep the best survivor")
-    round_size: int = Field(2, ge=1, description="candidates per source per round in first mode")
+    round_size: int = Field(
+        1, ge=1, description="candidates per source per round in first mode: 1 makes the common "
+        "case (the first candidate passes) cost one candidate")
     tolerance: float = Field(
         0.5, ge=0.0, description="first mode: largest label divergence that ends the search")
     selection: Literal["symmetric-kl", "jensen-shannon", "total-variation"] = Field(
