@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import copy_run_without, invoke_cli
 from unpersonal.config import GenerateConfig, load_config
 from unpersonal.data.canonical import load_canonical
 from unpersonal.privacy.filter import FilterPolicy, PrivacyFilter
@@ -24,48 +25,6 @@ from unpersonal.sampling import generate as generate_module
 from unpersonal.sampling.generate import (candidate_seed, guidance_at, label_divergence,
                                           run_generate)
 
-# Models just good enough to make the filter's decisions meaningful on 24 phantom patients at
-# 16 px: the re-ID network separates held-out patients (AUC near 1) in about 2 s.
-SETTINGS = ("--set", "phantoms.n_patients=24", "--set", "data.resolution=16",
-            "--set", "embedder.width=4", "--set", "embedder.steps=10",
-            "--set", "embedder.batch_size=16",
-            "--set", "reid.width=8", "--set", "reid.steps=150", "--set", "reid.batch_size=16",
-            "--set", "reid.validate_every=20", "--set", "reid.patience=20",
-            "--set", "classifier.width=4", "--set", "classifier.epochs=2",
-            "--set", "diffusion.conditioning=class+pseudo", "--set", "diffusion.model_channels=8",
-            "--set", "diffusion.channel_mult=[1,2]", "--set", "diffusion.num_blocks=1",
-            "--set", "diffusion.attn_resolutions=[]", "--set", "diffusion.batch_size=8",
-            "--set", "diffusion.steps=60", "--set", "sampling.steps=4",
-            "--set", "generate.block_size=8")
-STAGES = ("prepare", "fit-embedder", "fit-reid", "calibrate", "fit-classifier", "fit-diffusion",
-          "generate")
-
-
-def _invoke(*args: str | Path) -> None:
-    from typer.testing import CliRunner
-
-    from unpersonal.cli import app
-
-    result = CliRunner().invoke(app, [str(arg) for arg in args])
-    assert result.exit_code == 0, (args[0], result.output)
-
-
-@pytest.fixture(scope="module")
-def generated_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("generate") / "run"
-    for stage in STAGES:
-        _invoke(stage, "--out", root, *SETTINGS)
-    return root
-
-
-def _copy_without(run: Path, target: Path, stage: str = "generate") -> Path:
-    """A copy of the run whose `stage` must run again."""
-    shutil.copytree(run, target)
-    shutil.rmtree(target / stage)
-    manifest = json.loads((target / "manifest.json").read_text())
-    del manifest["stages"][stage]
-    (target / "manifest.json").write_text(json.dumps(manifest))
-    return target
 
 
 def _set_bytes(run: Path) -> dict[str, bytes]:
@@ -127,7 +86,7 @@ def test_released_files_carry_no_patient_id_or_source_reference(generated_run: P
 
 def test_a_memorising_sampler_gets_nothing_through(generated_run: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    run = _copy_without(generated_run, tmp_path / "run")
+    run = copy_run_without(generated_run, tmp_path / "run")
     train = load_canonical(run / "prepare").subset("train")
 
     def memorise(self, positions, attempts, candidates):  # the source image, +-1 grey level
@@ -152,7 +111,7 @@ def _unpersonal(*args: str | Path) -> subprocess.Popen:
 
 def test_killed_and_resumed_equals_uninterrupted_byte_for_byte(generated_run: Path,
                                                                tmp_path: Path) -> None:
-    run = _copy_without(generated_run, tmp_path / "run")
+    run = copy_run_without(generated_run, tmp_path / "run")
     process = _unpersonal("generate", "--out", run)
     first_block = run / ".work" / "generate" / "block-000000.npz"
     deadline = time.monotonic() + 120
@@ -170,7 +129,7 @@ def test_killed_and_resumed_equals_uninterrupted_byte_for_byte(generated_run: Pa
 
 
 def test_two_processes_give_the_same_set_as_one(generated_run: Path, tmp_path: Path) -> None:
-    run = _copy_without(generated_run, tmp_path / "run")
+    run = copy_run_without(generated_run, tmp_path / "run")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -183,8 +142,8 @@ def test_two_processes_give_the_same_set_as_one(generated_run: Path, tmp_path: P
 
 def test_best_mode_draws_all_k_and_can_keep_the_second_best(generated_run: Path,
                                                            tmp_path: Path) -> None:
-    run = _copy_without(generated_run, tmp_path / "run")
-    _invoke("generate", "--out", run, "--set", "generate.mode=best",
+    run = copy_run_without(generated_run, tmp_path / "run")
+    invoke_cli("generate", "--out", run, "--set", "generate.mode=best",
             "--set", "generate.candidates=3", "--set", "generate.keep_second=true",
             "--set", "generate.count=12")
     with open(run / "generate" / "decisions.csv", newline="") as handle:

@@ -398,6 +398,59 @@ def _generate(config: Config, run: RunDir, force: bool) -> None:
                   f"-> {run.stage_path(STAGE) / 'synthetic'}", soft_wrap=True)
 
 
+@app.command("evaluate")
+def evaluate(out: OutOption = None, data: DataOption = None, preset: PresetOption = None,
+             config: ConfigOption = None, set_: SetOption = None,
+             force: ForceOption = False) -> None:
+    """Fidelity, diversity and utility of the released set, each beside its real baseline.
+
+    Trains the audit's own embedder if needed (the feature space), classifiers on real,
+    synthetic and both (tested on the real test split), and a denoiser and a x2
+    super-resolution network on real and on synthetic images. Writes eval/metrics.json.
+    """
+    resolved, run_dir = resolve_run(out, data, preset, config, set_)
+    _evaluate(resolved, run_dir, force)
+
+
+def _evaluate(config: Config, run: RunDir, force: bool) -> None:
+    from unpersonal.evaluation.evaluate import STAGE, load_metrics, run_evaluate
+    from unpersonal.training.common import install_sigterm_as_interrupt
+
+    install_sigterm_as_interrupt()
+    if not run_evaluate(config, run, force):
+        _up_to_date(run, STAGE)
+    console.print(evaluation_table(load_metrics(run)))
+    console.print(f"-> {run.stage_path(STAGE) / 'metrics.json'}")
+
+
+def evaluation_table(metrics: dict) -> Table:
+    """The headline figures beside the value real held-out images get."""
+    fidelity, classes = metrics["fidelity"], metrics["utility"]["classification"]
+    table = Table(title=f"evaluation of {metrics['synthetic_images']:,} synthetic images",
+                  title_justify="left")
+    for column in ("figure", "synthetic", "real reference"):
+        table.add_column(column, justify="left" if column == "figure" else "right")
+    real, synthetic = classes["real"], classes["synthetic"]
+    table.add_row("test ROC-AUC, classifier trained on it",
+                  f"{synthetic['mean']:.3f} ({synthetic['ci95'][0]:.3f}-{synthetic['ci95'][1]:.3f})",
+                  f"{real['mean']:.3f} ({real['ci95'][0]:.3f}-{real['ci95'][1]:.3f})")
+    table.add_row("gap to real (pp)", f"{classes['gap_pp']:+.1f}", "")
+    if "real+synthetic" in classes:
+        both = classes["real+synthetic"]
+        table.add_row("test ROC-AUC, real + synthetic", f"{both['mean']:.3f}", "")
+    table.add_row("Fréchet distance to train", f"{fidelity['fd']:.4f}",
+                  f"{fidelity['fd_real_test']:.4f}")
+    for name in ("precision", "recall", "coverage"):
+        table.add_row(name, f"{fidelity['prdc'][name]:.3f}",
+                      f"{fidelity['prdc_real_test'][name]:.3f}")
+    table.add_row("retrieval score", f"{fidelity['retrieval']['synthetic']:.3f}",
+                  f"{fidelity['retrieval']['real_test']:.3f}")
+    for task, figures in metrics["utility"].get("restoration", {}).items():
+        table.add_row(f"{task} PSNR (dB), trained on it", f"{figures['synthetic']['psnr']['mean']:.2f}",
+                      f"{figures['real']['psnr']['mean']:.2f}")
+    return table
+
+
 @app.command()
 def run(out: OutOption = None, data: DataOption = None, preset: PresetOption = None,
         config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False,

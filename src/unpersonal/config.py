@@ -297,6 +297,51 @@ class GenerateConfig(Section):
         "calibrated floor (embedding and pixel space); off only to reproduce the reference")
 
 
+class AuditConfig(Section):
+    """`unpersonal audit`: the audit's own models and the attacks' settings.
+
+    The audit must not restate the filter. Its embedder and re-ID network are trained apart from
+    the filter's, with another seed and another width, on the same training patients, so a
+    filtered set is judged by models it was not selected against. Held-out images are the test
+    split's: patients no model was trained, validated or calibrated on.
+    """
+
+    seed_offset: int = Field(1, ge=1, description="the audit models train with seed + this")
+    embedder_width: int = Field(24, ge=4, description="the audit embedder's width (the filter's "
+                                                      "is embedder.width)")
+    reid_width: int = Field(24, ge=4, description="the audit re-ID network's width (the "
+                                                  "filter's is reid.width)")
+    reid_neighbours: int = Field(16, ge=1, description="training images, nearest in re-ID "
+                                 "space, each released image is verified against")
+    pso_thresholds: tuple[float, ...] = Field(
+        (0.5, 0.8, 0.9, 0.95, 0.99), description="re-ID score thresholds t of the singling-out "
+        "predicates 'score with s >= t'; the calibrated threshold is always added")
+    pso_repeats: int = Field(20, ge=2, description="subsamples of the training patients for "
+                                                   "the singling-out baseline and its interval")
+    planted: int = Field(200, ge=0, description="training images mixed in as near-copies to "
+                                                "check that the audit catches them")
+
+
+class EvaluateConfig(Section):
+    """`unpersonal evaluate`: fidelity, diversity and utility of the released set."""
+
+    classifier_seeds: int = Field(
+        1, ge=1, description="training seeds of each utility classifier; figures are their mean "
+        "(a classifier's test AUC moves with its seed: use 5 or more for a release)")
+    real_plus_synthetic: bool = Field(
+        True, description="also train on real + synthetic images together")
+    prdc_k: int = Field(5, ge=1, description="neighbours for precision/recall/density/coverage")
+    kid_subsets: int = Field(100, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)
+    restoration: bool = Field(True, description="also train a denoiser and a x2 super-resolution "
+                                                "network on each set (restoration utility)")
+    restoration_steps: int = Field(600, ge=1)
+    restoration_batch: int = Field(32, ge=1)
+    restoration_width: int = Field(32, ge=4)
+    noise_sigma: float = Field(0.1, gt=0.0, lt=1.0, description="test noise of the denoiser")
+    bootstrap: int = Field(1000, ge=10, description="bootstrap resamples of every interval")
+
+
 class Config(Section):
     """Everything a run needs; `config.yaml` in the run directory is this, resolved."""
 
@@ -311,6 +356,8 @@ class Config(Section):
     classifier: ClassifierConfig = ClassifierConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     generate: GenerateConfig = GenerateConfig()
+    audit: AuditConfig = AuditConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     def section_dump(self, names: tuple[str, ...]) -> dict[str, Any]:
         """The named sections (plus the seed) as plain data: what a stage's cache key covers."""

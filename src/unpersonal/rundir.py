@@ -29,6 +29,8 @@ from unpersonal.config import Config
 from unpersonal.errors import UserError
 
 MANIFEST_FORMAT = 1
+# Stages whose folder is not named after the command that makes them.
+COMMAND_OF_STAGE = {"eval": "evaluate", "audit-embedder": "audit", "audit-reid": "audit"}
 _HASH_CHUNK = 1 << 20
 
 
@@ -86,8 +88,9 @@ class RunDir:
         """Output hashes of a finished upstream stage, or an error saying which command makes it."""
         record = self.stage_record(stage)
         if record is None or not self.stage_path(stage).is_dir():
-            raise UserError(f"{self.root} has no finished '{stage}' stage; run `unpersonal {stage} "
-                            f"--out {self.root}` first")
+            command = COMMAND_OF_STAGE.get(stage, stage)
+            raise UserError(f"{self.root} has no finished '{stage}' stage; run `unpersonal "
+                            f"{command} --out {self.root}` first")
         return record["outputs"]
 
     def is_fresh(self, stage: str, key: str) -> bool:
@@ -128,8 +131,11 @@ class RunDir:
         _remove_if_empty(self.root / ".work")
 
     @contextmanager
-    def build_stage(self, stage: str, key: str, config: Config) -> Iterator[Path]:
+    def build_stage(self, stage: str, key: str, config: Config | None) -> Iterator[Path]:
         """Yield an empty folder to build `stage` in; publish it only if the block succeeds.
+
+        `config` becomes the run's config.yaml; None leaves that file alone (a stage run with
+        a config derived from the user's, such as the audit's own models).
 
         On any exception the partial folder is removed, and so is the run directory itself when
         this call created it: a failed first run leaves nothing behind.
@@ -151,7 +157,7 @@ class RunDir:
             raise
         _remove_if_empty(self.root / ".partial")
 
-    def _publish(self, stage: str, key: str, config: Config, partial: Path) -> None:
+    def _publish(self, stage: str, key: str, config: Config | None, partial: Path) -> None:
         outputs = {
             str(path.relative_to(partial)): sha256_file(path)
             for path in sorted(partial.rglob("*")) if path.is_file()
@@ -164,7 +170,8 @@ class RunDir:
             shutil.rmtree(retired)
         else:
             os.replace(partial, target)
-        write_atomic(self.root / "config.yaml", config.to_yaml())
+        if config is not None:
+            write_atomic(self.root / "config.yaml", config.to_yaml())
         manifest = self.manifest()
         manifest["stages"][stage] = {
             "key": key,

@@ -162,10 +162,13 @@ def stage_key(config: Config, run: RunDir) -> str:
     return sha256_json({"config": config.section_dump(("embedder", "data")), "inputs": inputs})
 
 
-def run_fit_embedder(config: Config, run: RunDir, force: bool = False) -> bool:
-    """Train (or resume, or load the extractor, or skip when up to date). False when skipped."""
+def run_fit_embedder(config: Config, run: RunDir, force: bool = False,
+                     stage: str = STAGE) -> bool:
+    """Train (or resume, or load the extractor, or skip when up to date). False when skipped.
+
+    `stage` names the output folder: the audit trains its own models under other names."""
     key = stage_key(config, run)
-    if not force and run.is_fresh(STAGE, key):
+    if not force and run.is_fresh(stage, key):
         return False
     dataset = load_canonical(run.stage_path("prepare"))
     device = pick_device()
@@ -173,7 +176,7 @@ def run_fit_embedder(config: Config, run: RunDir, force: bool = False) -> bool:
         embedder, meta = _extractor_embedder(config.embedder.extractor, dataset, device)
         log: list[dict[str, float]] = []
     else:
-        work = run.resumable_work_dir(STAGE, key, force)
+        work = run.resumable_work_dir(stage, key, force)
         result = train(config, dataset.subset("train"), work / "checkpoint.pt", device)
         embedder = Embedder(result.network, dataset.resolution, config.embedder.dim, device)
         meta, log = _trained_meta(config.embedder, result), result.log
@@ -181,9 +184,9 @@ def run_fit_embedder(config: Config, run: RunDir, force: bool = False) -> bool:
     meta["linear_probe"] = probe_features(features, dataset)
     meta.update({"dim": int(features.shape[1]), "resolution": dataset.resolution,
                  "n_images": len(dataset)})
-    with run.build_stage(STAGE, key, config) as folder:
+    with run.build_stage(stage, key, config if stage == STAGE else None) as folder:
         publish(folder, embedder, meta, features, log, config.embedder)
-    run.clear_work(STAGE)
+    run.clear_work(stage)
     return True
 
 

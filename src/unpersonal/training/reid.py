@@ -250,12 +250,15 @@ def stage_key(config: Config, run: RunDir) -> str:
     return sha256_json({"config": config.section_dump(("reid", "data")), "inputs": inputs})
 
 
-def run_fit_reid(config: Config, run: RunDir, force: bool = False) -> bool:
-    """Train (or resume, or skip when up to date). Returns False when skipped."""
+def run_fit_reid(config: Config, run: RunDir, force: bool = False,
+                 stage: str = STAGE) -> bool:
+    """Train (or resume, or skip when up to date). Returns False when skipped.
+
+    `stage` names the output folder: the audit trains its own models under other names."""
     key = stage_key(config, run)
-    if not force and run.is_fresh(STAGE, key):
+    if not force and run.is_fresh(stage, key):
         return False
-    work = run.resumable_work_dir(STAGE, key, force)
+    work = run.resumable_work_dir(stage, key, force)
     dataset = load_canonical(run.stage_path("prepare"))
     no_ids = config.data.no_patient_ids
     data = training_data(dataset.subset("train"), no_ids)
@@ -267,9 +270,9 @@ def run_fit_reid(config: Config, run: RunDir, force: bool = False) -> bool:
                         "data, larger data.split_fractions for val, or --no-patient-ids")
     device = pick_device()
     result = train(config, data, pairs["val"], work / "checkpoint.pt", device)
-    with run.build_stage(STAGE, key, config) as folder:
+    with run.build_stage(stage, key, config if stage == STAGE else None) as folder:
         publish(folder, result, pairs, config, data, device)
-    run.clear_work(STAGE)
+    run.clear_work(stage)
     return True
 
 

@@ -1,0 +1,234 @@
+"""`unpersonal evaluate`: fidelity, diversity and utility of the released set, each with its baseline.
+
+    run/eval/
+        metrics.json   every figure (schema below); the report and the datasheet read it
+        roc.png        test ROC curves of the classifiers trained on real, synthetic, both
+
+Every figure comes with the value a real held-out set gets (the test split, never used to train
+or choose anything), because a number alone does not say whether it is good:
+
+    {"schema": 1, "synthetic_images": N,
+     "fidelity": {"feature_space", "fd", "fd_real_test", "kid": {"mean", "std"},
+                  "kid_real_test", "prdc": {precision, recall, density, coverage},
+                  "prdc_real_test", "vendi": {"synthetic", "real_train", "real_test"},
+                  "retrieval": {"synthetic", "real_test", "queries"}},
+     "utility": {"classification": {"seeds", "test_images", "real" | "synthetic" |
+                                    "real+synthetic": {"mean", "std_over_seeds", "ci95",
+                                                       "per_class"},
+                                    "gap_pp", "gap_pp_ci95", "gap_pp_real+synthetic", ...},
+                 "restoration": {"denoise": {...}, "sr": {...}}   (see restoration.py)},
+     "privacy": the audit's privacy.json when the audit has run}
+
+Fidelity is measured in the audit embedder's space, against the training images the generator
+imitated; the real test images measured the same way are the reference.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+from unpersonal.config import Config
+from unpersonal.data.canonical import CanonicalDataset, load_canonical
+from unpersonal.evaluation.fidelity import (frechet_distance, kernel_inception_distance, prdc,
+                                            retrieval_score, vendi_score)
+from unpersonal.evaluation.restoration import TASKS, compare_restoration
+from unpersonal.evaluation.sets import AUDIT_EMBEDDER, fit_audit_models, read_synthetic_set
+from unpersonal.evaluation.utility import (bootstrap_auc_ci, bootstrap_auc_gap_ci,
+                                           roc_auc_per_class)
+from unpersonal.progress import console
+from unpersonal.rundir import RunDir, sha256_json, write_atomic
+from unpersonal.training.classifier import fit_classifier, load_classifier
+from unpersonal.training.embedder import load_embedder
+
+STAGE = "eval"
+SCHEMA = 1
+TRAINING_SETS = ("real", "synthetic", "real+synthetic")
+
+
+def stage_key(config: Config, run: RunDir) -> str:
+    inputs = {stage: run.require(stage) for stage in
+              ("prepare", "generate", AUDIT_EMBEDDER, "fit-classifier")}
+    if run.stage_record("audit") is not None:
+        inputs["audit"] = run.require("audit")
+    return sha256_json({"config": config.section_dump(("evaluate", "classifier")),
+                        "inputs": inputs})
+
+
+def run_evaluate(config: Config, run: RunDir, force: bool = False) -> bool:
+    """Measure the released set; False when eval/ is up to date."""
+    fit_audit_models(config, run)
+    key = stage_key(config, run)
+    if not force and run.is_fresh(STAGE, key):
+        return False
+    dataset = load_canonical(run.stage_path("prepare"))
+    released = read_synthetic_set(run.stage_path("generate") / "synthetic", dataset.label_names)
+    metrics, curves = evaluate_set(config, run, dataset, released.images, released.labels)
+    audit = run.stage_path("audit") / "privacy.json"
+    if run.stage_record("audit") is not None and audit.is_file():
+        metrics["privacy"] = json.loads(audit.read_text())
+    with run.build_stage(STAGE, key, config) as folder:
+        write_atomic(folder / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_atomic(folder / "roc.png", roc_plot(curves, dataset.label_names))
+    return True
+
+
+def evaluate_set(config: Config, run: RunDir, dataset: CanonicalDataset, images: np.ndarray,
+                 labels: np.ndarray) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """All fidelity and utility figures of one candidate training set (images float [N, R, R]).
+
+    Also used by the benchmarks on sets that are not released: the real training set itself,
+    an unfiltered sample. Returns the metrics and the seed-0 test probabilities per training set.
+    """
+    console.print(f"evaluate: fidelity and diversity of {len(images):,} images")
+    fidelity = fidelity_figures(config, run, dataset, images)
+    console.print("evaluate: classification utility")
+    classification, curves = classification_utility(config, run, dataset, images, labels)
+    utility: dict[str, Any] = {"classification": classification}
+    if config.evaluate.restoration:
+        utility["restoration"] = restoration_utility(config, dataset, images)
+    return {"schema": SCHEMA, "synthetic_images": len(images), "fidelity": fidelity,
+            "utility": utility}, curves
+
+
+def fidelity_figures(config: Config, run: RunDir, dataset: CanonicalDataset,
+                     images: np.ndarray) -> dict[str, Any]:
+    settings = config.evaluate
+    features = np.load(run.stage_path(AUDIT_EMBEDDER) / "features.npy")
+    train, test = features[dataset.split == "train"], features[dataset.split == "test"]
+    synthetic = load_embedder(run.stage_path(AUDIT_EMBEDDER)).embed(images)
+    kid = {name: kernel_inception_distance(train, other, settings.kid_subsets,
+                                           settings.kid_subset_size, config.seed)
+           for name, other in (("synthetic", synthetic), ("test", test))}
+    # The retrieval score grows with the number of queries: compare equal counts.
+    queries = min(len(synthetic), len(test))
+    rng = np.random.default_rng(config.seed)
+    pick_synthetic = rng.choice(len(synthetic), queries, replace=False)
+    pick_test = rng.choice(len(test), queries, replace=False)
+    return {
+        "feature_space": "audit embedder (unit-norm)", "reference": "real training images",
+        "fd": frechet_distance(train, synthetic), "fd_real_test": frechet_distance(train, test),
+        "kid": {"mean": kid["synthetic"][0], "std": kid["synthetic"][1]},
+        "kid_real_test": {"mean": kid["test"][0], "std": kid["test"][1]},
+        "prdc": prdc(train, synthetic, settings.prdc_k),
+        "prdc_real_test": prdc(train, test, settings.prdc_k),
+        "vendi": {"synthetic": vendi_score(synthetic), "real_train": vendi_score(train),
+                  "real_test": vendi_score(test)},
+        "retrieval": {"synthetic": retrieval_score(train, synthetic[pick_synthetic]),
+                      "real_test": retrieval_score(train, test[pick_test]),
+                      "queries": int(queries)},
+    }
+
+
+def classification_utility(config: Config, run: RunDir, dataset: CanonicalDataset,
+                           images: np.ndarray, labels: np.ndarray
+                           ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Train on real, synthetic and both; test each on the real test split (`seeds` times).
+
+    Seed 0's real classifier is fit-classifier's (same settings, same seed); the others are
+    trained here. Validation (early stopping) is on the real validation split for all of them.
+    """
+    settings = config.evaluate
+    train, val, test = (dataset.subset(split) for split in ("train", "val", "test"))
+    sets = {"real": (train.images_float(), train.labels),
+            "synthetic": (images, labels)}
+    if settings.real_plus_synthetic:
+        sets["real+synthetic"] = (np.concatenate([train.images_float(), images]),
+                                  np.concatenate([train.labels, labels]))
+    test_images = test.images_float()
+    probs: dict[str, list[np.ndarray]] = {name: [] for name in sets}
+    for s in range(settings.classifier_seeds):
+        seed = config.seed + s
+        for name, (x, y) in sets.items():
+            if name == "real" and s == 0:
+                classifier = load_classifier(run.stage_path("fit-classifier"))
+            else:
+                classifier = fit_classifier(
+                    x, y, dataset.label_kind, config.classifier, seed,
+                    val_images=val.images_float() if len(val) else None,
+                    val_labels=val.labels if len(val) else None,
+                    progress=f"classifier on {name} (seed {seed})",
+                    label_names=dataset.label_names)
+            probs[name].append(classifier.predict_proba(test_images))
+    figures: dict[str, Any] = {"seeds": settings.classifier_seeds, "test_images": len(test),
+                               "bootstrap_unit": "patient"}
+    for name, stack in probs.items():
+        figures[name] = _auc_summary(test, np.stack(stack), settings.bootstrap, config.seed)
+    for name in sets:
+        if name == "real":
+            continue
+        suffix = "" if name == "synthetic" else f"_{name}"
+        figures[f"gap_pp{suffix}"] = 100 * (figures[name]["mean"] - figures["real"]["mean"])
+        low, high = bootstrap_auc_gap_ci(test.labels, np.stack(probs[name]),
+                                         np.stack(probs["real"]), test.label_kind,
+                                         settings.bootstrap, config.seed, groups=test.patient_id)
+        figures[f"gap_pp{suffix}_ci95"] = [100 * low, 100 * high]
+    return figures, {name: stack[0] for name, stack in probs.items()} | {"labels": test.labels}
+
+
+def _auc_summary(test: CanonicalDataset, stack: np.ndarray, resamples: int, seed: int
+                 ) -> dict[str, Any]:
+    per_seed = [roc_auc_per_class(test.labels, probs, test.label_kind, test.label_names)
+                for probs in stack]
+    means = [scores["mean"] for scores in per_seed]
+    per_class = {name: float(np.mean([scores["per_class"][name] for scores in per_seed]))
+                 for name in per_seed[0]["per_class"]}
+    low, high = bootstrap_auc_ci(test.labels, stack, test.label_kind, resamples, seed,
+                                 groups=test.patient_id)
+    return {"mean": float(np.mean(means)), "std_over_seeds": float(np.std(means)),
+            "per_seed": [float(m) for m in means], "ci95": [low, high], "per_class": per_class}
+
+
+def restoration_utility(config: Config, dataset: CanonicalDataset, images: np.ndarray
+                        ) -> dict[str, Any]:
+    settings = config.evaluate
+    train, test = dataset.subset("train"), dataset.subset("test")
+    out = {}
+    for task in TASKS:
+        console.print(f"evaluate: restoration utility ({task})")
+        out[task] = compare_restoration(
+            train.images_float(), images, test.images_float(), task,
+            steps=settings.restoration_steps, batch_size=settings.restoration_batch,
+            seed=config.seed, noise_sigma=settings.noise_sigma, width=settings.restoration_width,
+            resamples=settings.bootstrap)
+    return out
+
+
+def roc_plot(curves: dict[str, np.ndarray], label_names: list[str]) -> bytes:
+    """Test ROC curves per class, one line per training set: the utility at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    labels = curves["labels"]
+    columns = range(labels.shape[1])
+    figure, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 4), squeeze=False)
+    for column, axis in zip(columns, axes[0]):
+        truth = labels[:, column]
+        if truth.min() == truth.max():
+            axis.set_title(f"{label_names[column]}: one class only")
+            continue
+        for name in TRAINING_SETS:
+            if name in curves:
+                fpr, tpr, _ = roc_curve(truth, curves[name][:, column])
+                axis.plot(fpr, tpr, label=f"trained on {name}")
+        axis.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":")
+        axis.set(title=label_names[column], xlabel="false positive rate",
+                 ylabel="true positive rate", aspect="equal")
+        axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def load_metrics(run: RunDir) -> dict[str, Any]:
+    run.require(STAGE)
+    return json.loads((run.stage_path(STAGE) / "metrics.json").read_text())
+

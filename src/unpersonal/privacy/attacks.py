@@ -1,0 +1,403 @@
+"""The privacy audit's attacks as pure functions of embeddings, so each has a known-answer test.
+
+Every figure here sets what the synthetic set reveals about the training patients beside what it
+reveals about patients nobody trained on. A re-ID rate of 3% means nothing alone: an honest image
+of a new patient also resembles some training patient now and then, and the held-out images
+measure how often. So each attack is run twice, or carries its own reference:
+
+    reid_rate              synthetic vs held-out images linked to any training patient
+    dcr_summary            distances to the closest training image, synthetic vs held-out
+    membership_inference   can the synthetic set tell training images from held-out ones? (AUC)
+    singling_out           do synthetic images isolate one training patient more often than one
+                           held-out patient? (excess rate, permutation interval and p-value)
+
+Inputs are unit-norm embeddings [N, D] (the re-ID network's or the embedder's); patient ids are
+any array of hashable labels, one per row. Nothing here loads a model: a re-ID network enters as
+a `ReidScorer`, its three published numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from unpersonal.privacy.knn import METRICS, Metric, NeighbourIndex
+
+if TYPE_CHECKING:  # the model module imports torch; the attacks only need its numbers
+    from unpersonal.privacy.reid import ReidModel
+
+UNIT_TOLERANCE = 1e-3  # embeddings are stored as float32: their norms are 1 to ~1e-7
+DCR_QUANTILES = {"q01": 0.01, "q05": 0.05, "q25": 0.25, "median": 0.5}
+LOG_DISTANCE_FLOOR = 1e-12  # an exact copy has distance 0; its log must stay finite
+MIA_FALSE_POSITIVE_RATE = 0.01  # the low-error regime where a membership attack does harm
+SCORE_CHUNK = 1024  # synthetic rows scored against every training image at a time
+
+
+@dataclass(frozen=True)
+class ReidScorer:
+    """A re-ID network's score, sigmoid(scale * cosine + bias), and its calibrated threshold.
+
+    Kept apart from `ReidModel` so that the attacks can be tested with a hand-set scorer and
+    without torch; `from_model` takes the numbers of a trained network.
+    """
+
+    scale: float
+    bias: float
+    threshold: float
+
+    @classmethod
+    def from_model(cls, model: ReidModel) -> ReidScorer:
+        return cls(float(model.scale), float(model.bias), float(model.threshold))
+
+    def score_matrix(self, emb_a: np.ndarray, emb_b: np.ndarray) -> np.ndarray:
+        """Scores of every pair -> float64 [N_a, N_b], exactly as ReidModel.score_matrix."""
+        cosine = np.asarray(emb_a, np.float64) @ np.asarray(emb_b, np.float64).T
+        return self.score_cosine(cosine)
+
+    def score_cosine(self, cosine: np.ndarray) -> np.ndarray:
+        """The score of given cosines, in float64 and finite for any logit (as reid.py does)."""
+        logit = self.scale * np.asarray(cosine, dtype=np.float64) + self.bias
+        return np.exp(-np.logaddexp(0.0, -logit))
+
+
+# ---- re-identification ----
+
+def reid_rate(queries: np.ndarray, train: np.ndarray, scorer: ReidScorer, k: int = 16,
+              exact_max: int = 50_000) -> dict:
+    """Share of query images the re-ID network links to any training patient.
+
+    The score rises with the cosine, so a query's highest score is against its nearest training
+    embeddings: only the `k` nearest are scored (in float64), which is exact with an exact index
+    and robust to the few neighbours an approximate one (above `exact_max` rows) misses.
+    Run it on the synthetic set for the figure and on held-out real images for the reference:
+    the rate an honest image of a new patient gets.
+
+    Returns {"rate", "linked" bool [M], "max_score" float64 [M], "threshold"}.
+    """
+    queries, train = _unit_rows(queries, "queries"), _unit_rows(train, "training embeddings")
+    _same_dim(queries, train)
+    _, nearest = NeighbourIndex("cosine", exact_max=exact_max).fit(train).search(
+        queries, min(k, len(train)))
+    found = nearest >= 0  # an approximate index may return fewer than k neighbours
+    cosine = np.einsum("md,mkd->mk", queries.astype(np.float64),
+                       train[np.where(found, nearest, 0)].astype(np.float64))
+    scores = np.where(found, scorer.score_cosine(cosine), -np.inf)
+    max_score = scores.max(axis=1)
+    linked = max_score >= scorer.threshold
+    return {"rate": float(linked.mean()), "linked": linked, "max_score": max_score,
+            "threshold": float(scorer.threshold)}
+
+
+# ---- distance to the closest record ----
+
+def distance_to_closest_record(queries: np.ndarray, train: np.ndarray,
+                               metric: Metric = "cosine", exact_max: int = 50_000) -> np.ndarray:
+    """Each query's distance to its nearest training vector, float64 [M] (1 - cos for cosine)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    queries, train = _matrix(queries, "queries"), _matrix(train, "training vectors")
+    _same_dim(queries, train)
+    distances, _ = NeighbourIndex(metric, exact_max=exact_max).fit(train).search(queries, 1)
+    return distances[:, 0].astype(np.float64)
+
+
+def dcr_summary(synthetic_dcr: np.ndarray, heldout_dcr: np.ndarray) -> dict:
+    """Quantiles of both distance sets, and how many fall below the held-out 1st percentile.
+
+    Held-out images are real images of patients not trained on, so their distances show how
+    close a new patient naturally comes to the training set. A private synthetic set has about
+    1% of its images below the held-out 1st percentile, as the held-out images themselves do
+    ("heldout_share_below" is that reference: at most 0.01, the comparison being strict); a set
+    that copies training images has many more.
+    """
+    synthetic = _finite_vector(synthetic_dcr, "synthetic distances")
+    heldout = _finite_vector(heldout_dcr, "held-out distances")
+    cutoff = float(np.quantile(heldout, 0.01))
+    return {"synthetic": _quantiles(synthetic), "heldout": _quantiles(heldout),
+            "heldout_q01": cutoff,
+            "synthetic_share_below": float(np.mean(synthetic < cutoff)),
+            "heldout_share_below": float(np.mean(heldout < cutoff)),
+            "n_synthetic": len(synthetic), "n_heldout": len(heldout)}
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float]:
+    return {name: float(np.quantile(values, q)) for name, q in DCR_QUANTILES.items()}
+
+
+# ---- membership inference ----
+
+def membership_inference(train_members: np.ndarray, heldout_nonmembers: np.ndarray,
+                         synthetic: np.ndarray, reference: np.ndarray | None = None,
+                         heldout_patient: np.ndarray | None = None, k: int = 5,
+                         metric: Metric = "cosine", seed: int = 0,
+                         exact_max: int = 50_000) -> dict:
+    """How well an attacker holding the synthetic set tells training images from held-out ones.
+
+    Two attacks score each candidate x (higher = "member"):
+
+      distance:       -d(x, nearest synthetic image). A generator that memorised x puts a
+                      synthetic image next to it.
+      density_ratio:  log p_synthetic(x) / p_reference(x) with k-nearest-neighbour densities,
+                      p(x) ~ k / (N r_k(x)^D) (as DOMIAS, van Breugel et al. 2023). Dividing by
+                      the density of real images of the same kind removes "x lies where images
+                      are common anyway", which the distance attack confuses with memorisation.
+
+    The reference population must be real images of patients that are neither members nor the
+    non-members scored. Without `reference`, the held-out images are split in two halves, seeded:
+    one half is scored as non-members, the other is the reference. Give `heldout_patient` so the
+    split is by patient: a non-member whose own patient's other images sat in the reference
+    would find reference neighbours unusually close and look less like a member than it should,
+    inflating the AUC of an honest set.
+
+    The AUC does not depend on D or on the metric chosen for unit vectors (cosine distance is
+    half the squared euclidean one): both only rescale the log distance ratio. Members and
+    non-members are subsampled (seeded) to equal counts. 0.5 is ideal; "tpr_at_fpr" is the
+    share of members caught while 1% of non-members are wrongly accused.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    members = _unit_rows(train_members, "members")
+    heldout = _unit_rows(heldout_nonmembers, "non-members")
+    synthetic = _unit_rows(synthetic, "synthetic embeddings")
+    rng = np.random.default_rng(seed)
+    if reference is None:
+        nonmembers, reference, reference_kind = _split_reference(heldout, heldout_patient, rng)
+    else:
+        nonmembers, reference_kind = heldout, "given"
+        reference = _unit_rows(reference, "reference embeddings")
+    for other in (nonmembers, synthetic, reference):
+        _same_dim(members, other)
+    if min(len(synthetic), len(reference)) < k:
+        raise ValueError(f"the density attack needs at least k={k} synthetic and reference "
+                         f"images, got {len(synthetic)} and {len(reference)}")
+    members, nonmembers = _equal_sizes(members, nonmembers, rng)
+    candidates = np.concatenate([members, nonmembers])
+    truth = np.r_[np.ones(len(members)), np.zeros(len(nonmembers))]
+
+    to_synthetic = _kth_distances(synthetic, candidates, k, metric, exact_max)
+    to_reference = _kth_distances(reference, candidates, k, metric, exact_max)
+    dim = members.shape[1]
+    log_ratio = (np.log(len(reference) / len(synthetic))
+                 + dim * (_log_distance(to_reference[:, -1]) - _log_distance(to_synthetic[:, -1])))
+    return {"distance": _attack_result(truth, -to_synthetic[:, 0]),
+            "density_ratio": _attack_result(truth, log_ratio),
+            "n_members": len(members), "n_nonmembers": len(nonmembers),
+            "n_reference": len(reference), "reference": reference_kind, "k": k}
+
+
+def _split_reference(heldout: np.ndarray, patients: np.ndarray | None, rng: np.random.Generator
+                     ) -> tuple[np.ndarray, np.ndarray, str]:
+    """Held-out images -> (scored non-members, reference), halves by patient when ids exist."""
+    if patients is None:
+        in_reference = np.zeros(len(heldout), bool)
+        in_reference[rng.permutation(len(heldout))[:len(heldout) // 2]] = True
+        kind = "held-out half (by image)"
+    else:
+        codes, count = _patient_codes(patients, len(heldout), "heldout_patient")
+        if count < 2:
+            raise ValueError("splitting the held-out images by patient needs two patients")
+        chosen = rng.permutation(count)[:count // 2]
+        in_reference = np.isin(codes, chosen)
+        kind = "held-out half (by patient)"
+    if in_reference.all() or not in_reference.any():
+        raise ValueError("too few held-out images to split into non-members and a reference")
+    return heldout[~in_reference], heldout[in_reference], kind
+
+
+def _equal_sizes(a: np.ndarray, b: np.ndarray, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Subsample the larger set so that a chance attacker scores exactly 0.5 on balance."""
+    count = min(len(a), len(b))
+    pick = lambda x: x if len(x) == count else x[np.sort(rng.choice(len(x), count, False))]  # noqa: E731
+    return pick(a), pick(b)
+
+
+def _kth_distances(base: np.ndarray, queries: np.ndarray, k: int, metric: Metric,
+                   exact_max: int) -> np.ndarray:
+    distances, _ = NeighbourIndex(metric, exact_max=exact_max).fit(base).search(queries, k)
+    return distances.astype(np.float64)
+
+
+def _log_distance(distances: np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(distances, LOG_DISTANCE_FLOOR))
+
+
+def _attack_result(truth: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    false_positive, true_positive, _ = roc_curve(truth, scores)
+    return {"auc": float(roc_auc_score(truth, scores)),
+            "tpr_at_fpr": float(np.interp(MIA_FALSE_POSITIVE_RATE, false_positive,
+                                          true_positive))}
+
+
+# ---- predicate singling out ----
+
+def singling_out(synthetic: np.ndarray, train: np.ndarray, train_patient: np.ndarray,
+                 heldout: np.ndarray, heldout_patient: np.ndarray, scorer: ReidScorer,
+                 thresholds: Sequence[float], repeats: int = 20, seed: int = 0,
+                 level: float = 0.95) -> dict:
+    """Predicate singling out (Cohen & Nissim 2020): do synthetic images isolate training patients?
+
+    Each synthetic image s and threshold t define the predicate "some image of the patient has a
+    re-ID score with s of at least t". It isolates a population when exactly one of its patients
+    satisfies it. Some predicates isolate someone in any population by chance, so the rate on the
+    training patients is compared with the rate on held-out patients, in populations of the same
+    size (the rate depends on it): n = the smaller patient count, the larger side subsampled to n
+    patients anew in each of `repeats` draws. Per threshold:
+
+        excess = mean over draws of (share isolating a training population
+                                     - share isolating a held-out population)
+
+    Significance comes from permutations: if the synthetic set knew nothing of the training
+    patients, the two populations of a draw would be exchangeable. Each draw also pools them,
+    splits the pool at random into two halves of n and takes the same difference, over a
+    bootstrap resample of the synthetic images (they are a sample too). The interval is
+    `excess` minus the central `level` range of those null differences (a shift-model permutation
+    interval); "p_value" compares the largest excess over thresholds with the largest null
+    difference of each draw (corrects for choosing the threshold), one-sided: only an excess
+    harms. With 20 repeats the smallest p is 1/21; raise `repeats` for finer p-values.
+
+    Patients should have similar numbers of images in both sets: a patient with more images
+    satisfies more predicates. "images_per_patient" reports both.
+    """
+    synthetic = _unit_rows(synthetic, "synthetic embeddings")
+    train, heldout = _unit_rows(train, "training embeddings"), _unit_rows(heldout, "held-out")
+    _same_dim(synthetic, train)
+    _same_dim(synthetic, heldout)
+    thresholds = _checked_thresholds(thresholds)
+    if repeats < 1 or not 0 < level < 1:
+        raise ValueError(f"need repeats >= 1 and 0 < level < 1, got {repeats}, {level}")
+    train_codes, train_count = _patient_codes(train_patient, len(train), "train_patient")
+    heldout_codes, heldout_count = _patient_codes(heldout_patient, len(heldout), "heldout_patient")
+    size = min(train_count, heldout_count)
+    rng = np.random.default_rng(seed)
+    populations = _populations(train_count, heldout_count, size, repeats, rng)
+    resamples = rng.multinomial(len(synthetic), np.full(len(synthetic), 1 / len(synthetic)),
+                                size=repeats).astype(np.float64)  # [repeats, S] bootstrap counts
+
+    plain = np.zeros((len(thresholds), populations.shape[1]))
+    boot = np.zeros_like(plain)
+    column_draw = np.repeat(np.arange(repeats), 4)  # column c belongs to draw c // 4
+    for start in range(0, len(synthetic), SCORE_CHUNK):
+        rows = synthetic[start:start + SCORE_CHUNK]
+        levels = np.concatenate(
+            [_levels(rows, train, train_codes, scorer, thresholds),
+             _levels(rows, heldout, heldout_codes, scorer, thresholds)], axis=1)
+        weights = resamples[column_draw, start:start + len(rows)].T  # [rows, columns]
+        for j in range(len(thresholds)):
+            isolated = ((levels > j).astype(np.float32) @ populations) == 1  # [rows, columns]
+            plain[j] += isolated.sum(axis=0)
+            boot[j] += (weights * isolated).sum(axis=0)
+    plain = (plain / len(synthetic)).reshape(len(thresholds), repeats, 4)
+    boot = (boot / len(synthetic)).reshape(len(thresholds), repeats, 4)
+    return _singling_out_result(plain, boot, thresholds, level, size, {
+        "train": len(train) / train_count, "heldout": len(heldout) / heldout_count})
+
+
+def _populations(train_count: int, heldout_count: int, size: int, repeats: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Patient indicator columns [train + held-out patients, 4 * repeats], float32 for matmul.
+
+    Per draw: training population, held-out population, and the two halves of their pooled
+    patients split at random (the permutation null).
+    """
+    columns = np.zeros((train_count + heldout_count, 4 * repeats), np.float32)
+    for draw in range(repeats):
+        trained = rng.choice(train_count, size, replace=False)
+        held = train_count + rng.choice(heldout_count, size, replace=False)
+        pooled = rng.permutation(np.concatenate([trained, held]))
+        for offset, members in enumerate((trained, held, pooled[:size], pooled[size:])):
+            columns[members, 4 * draw + offset] = 1
+    return columns
+
+
+def _levels(rows: np.ndarray, images: np.ndarray, codes: np.ndarray,
+            scorer: ReidScorer, thresholds: np.ndarray) -> np.ndarray:
+    """How many (sorted) thresholds each patient's best score with each row reaches: uint8
+    [rows, patients]. A patient satisfies threshold j exactly when its level exceeds j; one
+    byte per pair keeps large audits in memory where one bool matrix per threshold would not."""
+    scores = scorer.score_matrix(rows, images)
+    order = np.argsort(codes, kind="stable")  # codes are 0..P-1, each used: one run each
+    starts = np.flatnonzero(np.r_[True, np.diff(codes[order]) != 0])
+    best = np.maximum.reduceat(scores[:, order], starts, axis=1)  # column p = patient p
+    return np.searchsorted(thresholds, best, side="right").astype(np.uint8)
+
+
+def _singling_out_result(plain: np.ndarray, boot: np.ndarray, thresholds: np.ndarray,
+                         level: float, size: int, images_per_patient: dict[str, float]) -> dict:
+    """Rates and excess per threshold, a permutation band over all thresholds, the max test.
+
+    The band holds every threshold's null difference in at least `level` of the draws at once
+    (lowest minimum and highest maximum over thresholds, `level`'s tails split between them), so
+    reading off the threshold with the largest excess does not shrink its interval's coverage.
+    """
+    train_rate, heldout_rate = plain[:, :, 0].mean(axis=1), plain[:, :, 1].mean(axis=1)
+    excess = train_rate - heldout_rate
+    null = boot[:, :, 2] - boot[:, :, 3]  # [thresholds, repeats]
+    tail = (1 - level) / 2
+    low, high = np.quantile(null.min(axis=0), tail), np.quantile(null.max(axis=0), 1 - tail)
+    ci = np.clip(np.stack([excess - high, excess - low], axis=1), -1, 1)  # rates are in [0, 1]
+    best = int(np.argmax(excess))
+    exceeding = int(np.sum(null.max(axis=0) >= excess[best]))
+    return {"thresholds": thresholds, "train_rate": train_rate, "heldout_rate": heldout_rate,
+            "excess": excess, "excess_ci": ci,
+            "max_excess": float(excess[best]), "max_threshold": float(thresholds[best]),
+            "max_ci": (float(ci[best, 0]), float(ci[best, 1])),
+            "significant": bool(ci[best, 0] > 0),
+            "p_value": (1 + exceeding) / (1 + null.shape[1]),
+            "population_size": size, "repeats": null.shape[1], "level": level,
+            "images_per_patient": images_per_patient}
+
+
+def _checked_thresholds(thresholds: Sequence[float]) -> np.ndarray:
+    values = np.unique(np.asarray(thresholds, dtype=np.float64).reshape(-1))
+    if len(values) == 0 or len(values) > 255 or not ((values > 0) & (values < 1)).all():
+        raise ValueError(f"need 1..255 thresholds on the score, each in (0, 1), got {thresholds}")
+    return values
+
+
+# ---- input checks ----
+
+def _patient_codes(patients: np.ndarray, rows: int, what: str) -> tuple[np.ndarray, int]:
+    """Patient ids of any hashable kind -> (codes 0..P-1 per row, P)."""
+    patients = np.asarray(patients)
+    if patients.ndim != 1 or len(patients) != rows:
+        raise ValueError(f"{what} needs one id per image: {rows} images, shape {patients.shape}")
+    _, codes = np.unique(patients, return_inverse=True)
+    return codes.reshape(-1), int(codes.max()) + 1 if rows else 0
+
+
+def _unit_rows(vectors: np.ndarray, what: str) -> np.ndarray:
+    """A non-empty [N, D] matrix of unit-norm rows: re-ID scores are computed as plain dot
+    products, which are cosines only for unit vectors (raw features would score nonsense)."""
+    vectors = _matrix(vectors, what)
+    norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+    if np.abs(norms - 1).max() > UNIT_TOLERANCE:
+        raise ValueError(f"{what} must be unit-norm embeddings; norms range "
+                         f"{norms.min():.4g}..{norms.max():.4g}")
+    return vectors
+
+
+def _matrix(vectors: np.ndarray, what: str) -> np.ndarray:
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2 or vectors.shape[1] == 0 or len(vectors) == 0:
+        raise ValueError(f"{what} must be a non-empty [N, D] array, got shape {vectors.shape}")
+    if not np.isfinite(vectors).all():
+        raise ValueError(f"{what} contain NaN or inf values")
+    return vectors
+
+
+def _same_dim(a: np.ndarray, b: np.ndarray) -> None:
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"embeddings of {a.shape[1]} and {b.shape[1]} dimensions cannot be "
+                         "compared")
+
+
+def _finite_vector(values: np.ndarray, what: str) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    if len(values) == 0 or not np.isfinite(values).all():
+        raise ValueError(f"{what} must be a non-empty array of finite numbers")
+    return values
