@@ -398,6 +398,55 @@ def _generate(config: Config, run: RunDir, force: bool) -> None:
                   f"-> {run.stage_path(STAGE) / 'synthetic'}", soft_wrap=True)
 
 
+@app.command("audit")
+def audit(out: OutOption = None, data: DataOption = None, preset: PresetOption = None,
+          config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False) -> None:
+    """Privacy audit of the released set, with held-out real images as the baseline.
+
+    Trains the audit's own embedder and re-ID network first (another seed and width than the
+    filter's): re-identification rate, distance to closest record, membership inference,
+    predicate singling-out, planted copies. Writes audit/privacy.json and audit/dcr.png.
+    """
+    resolved, run_dir = resolve_run(out, data, preset, config, set_)
+    _audit(resolved, run_dir, force)
+
+
+def _audit(config: Config, run: RunDir, force: bool) -> None:
+    from unpersonal.evaluation.audit import STAGE, load_privacy, run_audit
+    from unpersonal.training.common import install_sigterm_as_interrupt
+
+    install_sigterm_as_interrupt()
+    if not run_audit(config, run, force):
+        _up_to_date(run, STAGE)
+    console.print(privacy_table(load_privacy(run)))
+    console.print(f"-> {run.stage_path(STAGE) / 'privacy.json'}")
+
+
+def privacy_table(figures: dict) -> Table:
+    """Each privacy figure beside what held-out real images of new patients get."""
+    table = Table(title=f"privacy audit of {figures['images']:,} released images",
+                  title_justify="left")
+    for column in ("figure", "released", "held-out baseline"):
+        table.add_column(column, justify="left" if column == "figure" else "right")
+    reid = figures["reid_rate"]
+    table.add_row("re-identified (linked to a training patient)", f"{reid['synthetic']:.1%}",
+                  f"{reid['heldout']:.1%}")
+    for space, dcr in figures["dcr"].items():
+        table.add_row(f"closer than held-out 1st percentile ({space})",
+                      f"{dcr['synthetic_share_below']:.1%}", f"{dcr['heldout_share_below']:.1%}")
+    mia = figures["membership_inference"]
+    table.add_row("membership inference AUC (distance / density)",
+                  f"{mia['distance']['auc']:.3f} / {mia['density_ratio']['auc']:.3f}", "0.500")
+    pso = figures["singling_out"]
+    low, high = pso["max_ci"]
+    table.add_row("singling-out excess (max over t)",
+                  f"{pso['max_excess']:+.3f} ({low:+.3f} to {high:+.3f})", "0")
+    planted = figures.get("planted_copies")
+    if planted:
+        table.add_row("planted near-copies caught", f"{planted['caught_all']:.1%}", "100%")
+    return table
+
+
 @app.command("evaluate")
 def evaluate(out: OutOption = None, data: DataOption = None, preset: PresetOption = None,
              config: ConfigOption = None, set_: SetOption = None,

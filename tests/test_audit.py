@@ -1,0 +1,74 @@
+"""`unpersonal audit` on a small phantom run: the privacy file, and what it says of known sets.
+
+The attacks themselves are checked against known answers in test_privacy_attacks.py; here the
+stage: its own models, its baselines, and that a set of training copies is exposed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import invoke_cli
+from unpersonal.config import load_config
+from unpersonal.data.canonical import load_canonical
+from unpersonal.evaluation.audit import audit_set
+from unpersonal.privacy.planted import PERTURBATIONS
+from unpersonal.rundir import RunDir
+
+FAST = ("--set", "audit.embedder_width=8", "--set", "audit.reid_width=12",
+        "--set", "audit.pso_repeats=10", "--set", "audit.planted=20")
+
+
+@pytest.fixture(scope="module")
+def audited_run(generated_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("audit") / "run"
+    shutil.copytree(generated_run, run)
+    invoke_cli("audit", "--out", run, *FAST)
+    return run
+
+
+def test_audit_reports_every_figure_beside_its_held_out_baseline(audited_run: Path) -> None:
+    figures = json.loads((audited_run / "audit" / "privacy.json").read_text())
+    released = len(list((audited_run / "generate" / "synthetic").glob("*.png")))
+    dataset = load_canonical(audited_run / "prepare")
+    assert figures["images"] == released
+    assert figures["heldout_images"] == int((dataset.split == "test").sum())
+    assert figures["models"]["reid"] == "audit-reid"
+    assert set(figures["reid_rate"]) >= {"synthetic", "heldout"}
+    for space in ("embedding", "pixel"):
+        dcr = figures["dcr"][space]
+        assert 0 <= dcr["synthetic_share_below"] <= 1 and dcr["n_heldout"] == figures["heldout_images"]
+    for attack in ("distance", "density_ratio"):
+        assert 0 <= figures["membership_inference"][attack]["auc"] <= 1
+    pso = figures["singling_out"]
+    assert pso["max_ci"][0] <= pso["max_excess"] <= pso["max_ci"][1]
+    assert round(figures["models"]["reid_threshold"], 6) in pso["thresholds"]
+    planted = figures["planted_copies"]
+    assert set(planted["by_perturbation"]) == set(PERTURBATIONS)
+    assert planted["caught_all"] == 1.0, planted  # every near-copy of a training image flagged
+    assert Image.open(audited_run / "audit" / "dcr.png").size[0] > 300
+
+
+def test_the_audit_models_are_not_the_filters(audited_run: Path) -> None:
+    audit_reid = json.loads((audited_run / "audit-reid" / "reid.json").read_text())
+    filter_reid = json.loads((audited_run / "fit-reid" / "reid.json").read_text())
+    assert audit_reid["architecture"]["width"] == 12
+    assert filter_reid["architecture"]["width"] == 8
+    assert (audited_run / "audit-embedder" / "features.npy").read_bytes() != (
+        audited_run / "fit-embedder" / "features.npy").read_bytes()
+
+
+def test_the_training_set_released_as_is_fails_the_audit(audited_run: Path) -> None:
+    run = RunDir(audited_run)
+    config = load_config(config_file=audited_run / "config.yaml")
+    dataset = load_canonical(audited_run / "prepare")
+    figures, _ = audit_set(config, run, dataset, dataset.subset("train").images_float())
+    assert figures["reid_rate"]["synthetic"] == 1.0
+    assert figures["dcr"]["embedding"]["synthetic_share_below"] == 1.0
+    assert figures["dcr"]["pixel"]["synthetic_share_below"] == 1.0
+    assert figures["membership_inference"]["distance"]["auc"] > 0.9

@@ -1,0 +1,244 @@
+"""The audit's attacks on embeddings with known answers: honest sets pass, copies are caught."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from unpersonal.privacy.attacks import (ReidScorer, dcr_summary, distance_to_closest_record,
+                                        membership_inference, reid_rate, singling_out)
+
+DIM = 16
+# Same-patient cosines come out ~0.85-0.95 (scores > 0.9), different patients' ~0 +- 0.25
+# (scores < 0.01 but for a few close pairs): the re-ID threshold 0.5 sits at cosine 0.75.
+SCORER = ReidScorer(scale=20.0, bias=-15.0, threshold=0.5)
+THRESHOLDS = [0.01, 0.05, 0.2, 0.5, 0.9]
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def patients(rng: np.random.Generator, count: int, prefix: str, per: int = 3,
+             noise: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """`per` images of each of `count` patients: unit(patient centre + noise of norm ~`noise`)."""
+    centres = unit(rng.normal(size=(count, DIM)))
+    images = np.repeat(centres, per, axis=0) + noise * rng.normal(size=(count * per, DIM)) / 4
+    return unit(images), np.repeat([f"{prefix}{i:03d}" for i in range(count)], per)
+
+
+def copies_of(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """What a memorising generator returns: the training embeddings, barely perturbed."""
+    return unit(images + 0.01 * rng.normal(size=images.shape) / 4)
+
+
+@pytest.fixture(scope="module")
+def world() -> SimpleNamespace:
+    """Training and held-out patients, and synthetic images of patients nobody has seen."""
+    rng = np.random.default_rng(7)
+    train, train_patient = patients(rng, 200, "T")
+    heldout, heldout_patient = patients(rng, 200, "H")
+    fresh, _ = patients(rng, 200, "F")
+    return SimpleNamespace(train=train, train_patient=train_patient, heldout=heldout,
+                           heldout_patient=heldout_patient, fresh=fresh,
+                           copies=copies_of(train, rng))
+
+
+# ---- the scorer ----
+
+def test_scorer_is_the_reid_models_score() -> None:
+    from unpersonal.privacy.reid import cosine_to_score
+
+    rng = np.random.default_rng(0)
+    a, b = unit(rng.normal(size=(5, DIM))), unit(rng.normal(size=(7, DIM)))
+    np.testing.assert_array_equal(SCORER.score_matrix(a, b), cosine_to_score(a @ b.T, 20.0, -15.0))
+    model = SimpleNamespace(scale=np.float32(33.0), bias=-20.0, threshold=0.7, threshold_cosine=0.6)
+    assert ReidScorer.from_model(model) == ReidScorer(33.0, -20.0, 0.7)
+    steep = ReidScorer(1e4, -9990.0, 0.5)  # logits of +-1e4 stay finite and ordered in float64
+    scores = steep.score_cosine(np.array([-1.0, 0.999, 1.0]))
+    assert np.isfinite(scores).all() and scores[0] == 0.0 and scores[1] < scores[2] <= 1.0
+
+
+# ---- re-identification and distances, by hand ----
+
+def test_reid_rate_known_answer() -> None:
+    scorer = ReidScorer(scale=10.0, bias=-9.0, threshold=0.5)  # linked from cosine 0.9
+    train = np.array([[1.0, 0.0], [0.0, 1.0]])
+    queries = unit(np.array([[1.0, 0.0], [1.0, 1.0], [-1.0, 0.2], [0.1, 1.0]]))
+    result = reid_rate(queries, train, scorer, k=2)
+    best_cosine = np.array([1.0, np.sqrt(0.5), 0.2 / np.hypot(1, 0.2), 1 / np.hypot(0.1, 1)])
+    np.testing.assert_allclose(result["max_score"], 1 / (1 + np.exp(-(10 * best_cosine - 9))))
+    np.testing.assert_array_equal(result["linked"], [True, False, False, True])
+    assert result["rate"] == 0.5 and result["threshold"] == 0.5
+
+
+def test_distance_to_closest_record_known_answer() -> None:
+    train = np.array([[1.0, 0.0], [0.0, 1.0]])
+    queries = unit(np.array([[1.0, 1.0], [-1.0, 0.0]]))
+    np.testing.assert_allclose(distance_to_closest_record(queries, train, "cosine"),
+                               [1 - np.sqrt(0.5), 1.0], atol=1e-6)
+    np.testing.assert_allclose(distance_to_closest_record(queries, train, "l2"),
+                               [np.sqrt(2 - np.sqrt(2)), np.sqrt(2)], atol=1e-6)
+
+
+def test_dcr_summary_known_answer() -> None:
+    heldout = np.linspace(0.01, 1.0, 100)  # 1st percentile: 0.01 + 0.99 * 0.01 = 0.0199
+    summary = dcr_summary(np.array([0.0, 0.005, 0.5, 0.9]), heldout)
+    assert summary["heldout_q01"] == pytest.approx(0.0199)
+    assert summary["synthetic_share_below"] == 0.5
+    assert summary["heldout_share_below"] == 0.01  # only 0.01 itself lies below
+    assert summary["synthetic"]["median"] == pytest.approx(0.2525)
+    assert summary["heldout"]["median"] == pytest.approx(0.505)
+    on_the_cutoff = dcr_summary(np.array([0.01, 0.0099]), np.arange(101) / 100)  # q01 = 0.01
+    assert on_the_cutoff["synthetic_share_below"] == 0.5  # "closer than", not "as close as"
+    assert on_the_cutoff["heldout_share_below"] == 1 / 101
+
+
+def test_membership_of_exact_copies_is_certain() -> None:
+    rng = np.random.default_rng(1)
+    members, nonmembers = unit(rng.normal(size=(30, DIM))), unit(rng.normal(size=(60, DIM)))
+    result = membership_inference(members, nonmembers, synthetic=members.copy(), k=1)
+    assert result["distance"]["auc"] == 1.0 and result["density_ratio"]["auc"] == 1.0
+    assert result["distance"]["tpr_at_fpr"] == 1.0
+    assert result["n_members"] == result["n_nonmembers"] == 30  # half the 60 are the reference
+
+
+def test_singling_out_counts_patients_not_images() -> None:
+    """By hand in 2D: the predicate isolates when exactly one PATIENT has a matching image."""
+    scorer = ReidScorer(scale=10.0, bias=-6.0, threshold=0.5)
+    at = lambda *degrees: np.array([[np.cos(np.radians(d)), np.sin(np.radians(d))]  # noqa: E731
+                                    for d in degrees])
+    train, train_patient = at(0, 90, 10), np.array(["a", "b", "a"])  # a's two images apart
+    heldout, heldout_patient = at(180, 270), np.array([7, 3])  # any hashable ids
+    # 0 deg: a only (both images: still one patient); 45: a and b at 0.5, nobody at 0.9;
+    # 180: c only; 20: a only. At 0.99 nobody reaches a score (the best is sigmoid(4) = 0.982).
+    synthetic = at(0, 45, 180, 20)
+    result = singling_out(synthetic, train, train_patient, heldout, heldout_patient, scorer,
+                          [0.9, 0.5, 0.99], repeats=5)
+    np.testing.assert_array_equal(result["thresholds"], [0.5, 0.9, 0.99])
+    np.testing.assert_allclose(result["train_rate"], [0.5, 0.5, 0.0])
+    np.testing.assert_allclose(result["heldout_rate"], [0.25, 0.25, 0.0])
+    np.testing.assert_allclose(result["excess"], [0.25, 0.25, 0.0])
+    assert result["max_excess"] == 0.25 and result["max_threshold"] == 0.5
+    assert result["population_size"] == 2
+    assert result["images_per_patient"] == {"train": 1.5, "heldout": 1.0}
+
+
+# ---- an honest synthetic set: images of new patients ----
+
+def test_honest_set_reid_rate_is_the_heldout_rate(world: SimpleNamespace) -> None:
+    synthetic = reid_rate(world.fresh, world.train, SCORER)
+    reference = reid_rate(world.heldout, world.train, SCORER)
+    assert 0 < reference["rate"] < 0.2  # some new patients do look like a training patient
+    # A patient's images are linked or not together: ~0.03 standard error on the difference.
+    assert abs(synthetic["rate"] - reference["rate"]) < 0.1
+
+
+def test_honest_set_is_not_closer_than_heldout_images(world: SimpleNamespace) -> None:
+    summary = dcr_summary(distance_to_closest_record(world.fresh, world.train),
+                          distance_to_closest_record(world.heldout, world.train))
+    assert summary["synthetic_share_below"] < 0.05
+    assert 0 < summary["heldout_share_below"] <= 0.01 + 1 / len(world.heldout)
+    assert summary["synthetic"]["median"] == pytest.approx(summary["heldout"]["median"], rel=0.2)
+
+
+def test_honest_set_does_not_reveal_membership(world: SimpleNamespace) -> None:
+    result = membership_inference(world.train, world.heldout, world.fresh,
+                                  heldout_patient=world.heldout_patient, seed=3)
+    assert result["reference"] == "held-out half (by patient)"
+    assert result["n_members"] == result["n_nonmembers"] == 300  # 100 of 200 held-out patients
+    assert result["n_reference"] == 300
+    for attack in ("distance", "density_ratio"):
+        assert abs(result[attack]["auc"] - 0.5) < 0.1, (attack, result[attack])
+
+
+def test_honest_set_singles_out_nobody(world: SimpleNamespace) -> None:
+    result = singling_out(world.fresh, world.train, world.train_patient, world.heldout,
+                          world.heldout_patient, SCORER, THRESHOLDS)
+    assert result["heldout_rate"].max() > 0.2  # predicates do isolate people by chance ...
+    assert not result["significant"]  # ... training patients no more often than others
+    low, high = result["max_ci"]
+    assert low <= 0 <= high and abs(result["max_excess"]) < 0.1
+
+
+# ---- a memorising synthetic set: copies of training images ----
+
+def test_copies_are_reidentified_and_too_close(world: SimpleNamespace) -> None:
+    assert reid_rate(world.copies, world.train, SCORER)["rate"] == 1.0
+    summary = dcr_summary(distance_to_closest_record(world.copies, world.train),
+                          distance_to_closest_record(world.heldout, world.train))
+    assert summary["synthetic_share_below"] > 0.95
+
+
+def test_copies_reveal_membership(world: SimpleNamespace) -> None:
+    result = membership_inference(world.train, world.heldout, world.copies,
+                                  heldout_patient=world.heldout_patient)
+    assert result["distance"]["auc"] > 0.95 and result["distance"]["tpr_at_fpr"] > 0.9
+    assert result["density_ratio"]["auc"] > 0.9
+
+
+def test_copies_of_some_images_reveal_membership_of_those(world: SimpleNamespace) -> None:
+    """A third of the synthetic set copied, the rest honest: the AUC moves up, not to 1."""
+    rng = np.random.default_rng(5)
+    copied = rng.choice(len(world.train), 200, replace=False)
+    synthetic = np.concatenate([world.copies[copied], world.fresh[:400]])
+    result = membership_inference(world.train, world.heldout, synthetic,
+                                  heldout_patient=world.heldout_patient)
+    for attack in ("distance", "density_ratio"):
+        assert 0.6 < result[attack]["auc"] < 0.95, (attack, result[attack])
+
+
+def test_copies_single_out_training_patients(world: SimpleNamespace) -> None:
+    result = singling_out(world.copies, world.train, world.train_patient, world.heldout,
+                          world.heldout_patient, SCORER, THRESHOLDS)
+    assert result["significant"] and result["max_ci"][0] > 0.5
+    assert result["max_excess"] > 0.8 and result["max_threshold"] >= 0.5
+    assert result["p_value"] == pytest.approx(1 / 21)  # no permutation came near
+
+
+# ---- the baseline itself ----
+
+def test_two_samples_of_one_population_show_no_excess() -> None:
+    """Training and held-out patients drawn alike, unequal counts (the training side is
+    subsampled), synthetic images of a third sample with wider spread so that many predicates
+    isolate someone: whatever the threshold, the interval contains 0."""
+    rng = np.random.default_rng(11)
+    train, train_patient = patients(rng, 90, "A")
+    heldout, heldout_patient = patients(rng, 60, "B")
+    synthetic, _ = patients(rng, 100, "C", per=2, noise=0.6)
+    result = singling_out(synthetic, train, train_patient, heldout, heldout_patient, SCORER,
+                          THRESHOLDS, repeats=40, seed=2)
+    assert result["population_size"] == 60 and result["repeats"] == 40
+    assert result["train_rate"].max() > 0.2 and result["heldout_rate"].max() > 0.2
+    assert (result["excess_ci"][:, 0] <= 0).all() and (result["excess_ci"][:, 1] >= 0).all()
+    assert not result["significant"] and result["p_value"] > 0.05
+
+
+def test_results_repeat_with_the_seed_and_vary_without(world: SimpleNamespace) -> None:
+    args = (world.fresh, world.train, world.train_patient, world.heldout[:450],
+            world.heldout_patient[:450], SCORER, THRESHOLDS)
+    first, again = singling_out(*args, seed=4), singling_out(*args, seed=4)
+    other = singling_out(*args, seed=5)
+    np.testing.assert_array_equal(first["excess"], again["excess"])
+    np.testing.assert_array_equal(first["excess_ci"], again["excess_ci"])
+    assert first["population_size"] == 150  # 200 training patients subsampled to 150
+    assert not np.array_equal(first["train_rate"], other["train_rate"])
+
+
+# ---- bad inputs ----
+
+def test_bad_inputs_are_refused(world: SimpleNamespace) -> None:
+    with pytest.raises(ValueError, match="unit-norm"):
+        reid_rate(world.fresh * 2, world.train, SCORER)
+    with pytest.raises(ValueError, match="one id per image"):
+        singling_out(world.fresh, world.train, world.train_patient[:-1], world.heldout,
+                     world.heldout_patient, SCORER, THRESHOLDS)
+    with pytest.raises(ValueError, match="thresholds"):
+        singling_out(world.fresh, world.train, world.train_patient, world.heldout,
+                     world.heldout_patient, SCORER, [0.5, 1.0])
+    with pytest.raises(ValueError, match="dimensions"):
+        distance_to_closest_record(world.fresh[:, :8], world.train)
+    with pytest.raises(ValueError, match="at least k"):
+        membership_inference(world.train, world.heldout, world.fresh[:3], k=5)
