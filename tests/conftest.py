@@ -141,3 +141,24 @@ def copy_run_without(run: Path, target: Path, stage: str = "generate") -> Path:
     del manifest["stages"][stage]
     (target / "manifest.json").write_text(json.dumps(manifest))
     return target
+
+
+# The stages after generate, with models small enough for seconds.
+RELEASE_SETTINGS = (
+    "--set", "audit.embedder_width=8", "--set", "audit.reid_width=12",
+    "--set", "audit.pso_repeats=10", "--set", "audit.planted=20",
+    "--set", "evaluate.classifier_seeds=2", "--set", "evaluate.kid_subsets=5",
+    "--set", "evaluate.bootstrap=50", "--set", "evaluate.restoration_steps=5",
+    "--set", "evaluate.restoration_width=8")
+
+
+@pytest.fixture(scope="session")
+def released_run(generated_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of `generated_run` taken through audit, evaluate, report and export."""
+    import shutil
+
+    run = tmp_path_factory.mktemp("release") / "run"
+    shutil.copytree(generated_run, run)
+    for stage in ("audit", "evaluate", "report", "export"):
+        invoke_cli(stage, "--out", run, *RELEASE_SETTINGS)
+    return run

@@ -7,35 +7,21 @@ stage: its own models, its baselines, and that a set of training copies is expos
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.conftest import invoke_cli
 from unpersonal.config import load_config
 from unpersonal.data.canonical import load_canonical
 from unpersonal.evaluation.audit import audit_set
 from unpersonal.privacy.planted import PERTURBATIONS
 from unpersonal.rundir import RunDir
 
-FAST = ("--set", "audit.embedder_width=8", "--set", "audit.reid_width=12",
-        "--set", "audit.pso_repeats=10", "--set", "audit.planted=20")
-
-
-@pytest.fixture(scope="module")
-def audited_run(generated_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("audit") / "run"
-    shutil.copytree(generated_run, run)
-    invoke_cli("audit", "--out", run, *FAST)
-    return run
-
-
-def test_audit_reports_every_figure_beside_its_held_out_baseline(audited_run: Path) -> None:
-    figures = json.loads((audited_run / "audit" / "privacy.json").read_text())
-    released = len(list((audited_run / "generate" / "synthetic").glob("*.png")))
-    dataset = load_canonical(audited_run / "prepare")
+def test_audit_reports_every_figure_beside_its_held_out_baseline(released_run: Path) -> None:
+    figures = json.loads((released_run / "audit" / "privacy.json").read_text())
+    released = len(list((released_run / "generate" / "synthetic").glob("*.png")))
+    dataset = load_canonical(released_run / "prepare")
     assert figures["images"] == released
     assert figures["heldout_images"] == int((dataset.split == "test").sum())
     assert figures["models"]["reid"] == "audit-reid"
@@ -51,22 +37,22 @@ def test_audit_reports_every_figure_beside_its_held_out_baseline(audited_run: Pa
     planted = figures["planted_copies"]
     assert set(planted["by_perturbation"]) == set(PERTURBATIONS)
     assert planted["caught_all"] == 1.0, planted  # every near-copy of a training image flagged
-    assert Image.open(audited_run / "audit" / "dcr.png").size[0] > 300
+    assert Image.open(released_run / "audit" / "dcr.png").size[0] > 300
 
 
-def test_the_audit_models_are_not_the_filters(audited_run: Path) -> None:
-    audit_reid = json.loads((audited_run / "audit-reid" / "reid.json").read_text())
-    filter_reid = json.loads((audited_run / "fit-reid" / "reid.json").read_text())
+def test_the_audit_models_are_not_the_filters(released_run: Path) -> None:
+    audit_reid = json.loads((released_run / "audit-reid" / "reid.json").read_text())
+    filter_reid = json.loads((released_run / "fit-reid" / "reid.json").read_text())
     assert audit_reid["architecture"]["width"] == 12
     assert filter_reid["architecture"]["width"] == 8
-    assert (audited_run / "audit-embedder" / "features.npy").read_bytes() != (
-        audited_run / "fit-embedder" / "features.npy").read_bytes()
+    assert (released_run / "audit-embedder" / "features.npy").read_bytes() != (
+        released_run / "fit-embedder" / "features.npy").read_bytes()
 
 
-def test_the_training_set_released_as_is_fails_the_audit(audited_run: Path) -> None:
-    run = RunDir(audited_run)
-    config = load_config(config_file=audited_run / "config.yaml")
-    dataset = load_canonical(audited_run / "prepare")
+def test_the_training_set_released_as_is_fails_the_audit(released_run: Path) -> None:
+    run = RunDir(released_run)
+    config = load_config(config_file=released_run / "config.yaml")
+    dataset = load_canonical(released_run / "prepare")
     figures, _ = audit_set(config, run, dataset, dataset.subset("train").images_float())
     assert figures["reid_rate"]["synthetic"] == 1.0
     assert figures["dcr"]["embedding"]["synthetic_share_below"] == 1.0

@@ -3,37 +3,21 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import invoke_cli
 from unpersonal.config import load_config
 from unpersonal.data.canonical import load_canonical
 from unpersonal.evaluation.evaluate import evaluate_set
 from unpersonal.evaluation.sets import AUDIT_EMBEDDER, audit_config
 from unpersonal.rundir import RunDir
 
-FAST = ("--set", "evaluate.classifier_seeds=2", "--set", "evaluate.kid_subsets=5",
-        "--set", "evaluate.bootstrap=50", "--set", "evaluate.restoration_steps=5",
-        "--set", "evaluate.restoration_width=8", "--set", "audit.embedder_width=8",
-        "--set", "audit.reid_width=4")
-
-
-@pytest.fixture(scope="module")
-def evaluated_run(generated_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("evaluate") / "run"
-    shutil.copytree(generated_run, run)
-    invoke_cli("evaluate", "--out", run, *FAST)
-    return run
-
-
-def test_evaluate_writes_every_figure_with_its_reference(evaluated_run: Path) -> None:
-    metrics = json.loads((evaluated_run / "eval" / "metrics.json").read_text())
-    released = len(list((evaluated_run / "generate" / "synthetic").glob("*.png")))
+def test_evaluate_writes_every_figure_with_its_reference(released_run: Path) -> None:
+    metrics = json.loads((released_run / "eval" / "metrics.json").read_text())
+    released = len(list((released_run / "generate" / "synthetic").glob("*.png")))
     assert metrics["schema"] == 1 and metrics["synthetic_images"] == released
     fidelity = metrics["fidelity"]
     for key in ("fd", "fd_real_test", "kid", "kid_real_test", "prdc", "prdc_real_test", "vendi",
@@ -52,28 +36,28 @@ def test_evaluate_writes_every_figure_with_its_reference(evaluated_run: Path) ->
     assert low <= high
     for task in ("denoise", "sr"):
         assert metrics["utility"]["restoration"][task]["test_images"] > 0
-    assert Image.open(evaluated_run / "eval" / "roc.png").size[0] > 300
+    assert Image.open(released_run / "eval" / "roc.png").size[0] > 300
 
 
-def test_the_audit_models_train_apart_and_leave_the_run_config_alone(evaluated_run: Path) -> None:
-    config = load_config(config_file=evaluated_run / "config.yaml")
+def test_the_audit_models_train_apart_and_leave_the_run_config_alone(released_run: Path) -> None:
+    config = load_config(config_file=released_run / "config.yaml")
     assert config.seed == 0 and config.embedder.width == 4  # the run's, not the audit's
     derived = audit_config(config)
     assert derived.seed == config.seed + config.audit.seed_offset
     assert derived.embedder.width == config.audit.embedder_width != config.embedder.width
-    meta = json.loads((evaluated_run / AUDIT_EMBEDDER / "embedder.json").read_text())
-    filter_meta = json.loads((evaluated_run / "fit-embedder" / "embedder.json").read_text())
+    meta = json.loads((released_run / AUDIT_EMBEDDER / "embedder.json").read_text())
+    filter_meta = json.loads((released_run / "fit-embedder" / "embedder.json").read_text())
     assert meta != filter_meta
 
 
-def test_the_training_set_judged_as_if_synthetic_is_a_perfect_copy(evaluated_run: Path) -> None:
+def test_the_training_set_judged_as_if_synthetic_is_a_perfect_copy(released_run: Path) -> None:
     """Worst case for privacy, best for fidelity: FD 0, every training image retrieved."""
-    run = RunDir(evaluated_run)
-    config = load_config(config_file=evaluated_run / "config.yaml").model_copy()
+    run = RunDir(released_run)
+    config = load_config(config_file=released_run / "config.yaml").model_copy()
     config.evaluate.restoration = False
     config.evaluate.real_plus_synthetic = False
     config.evaluate.bootstrap = 20
-    dataset = load_canonical(evaluated_run / "prepare")
+    dataset = load_canonical(released_run / "prepare")
     train = dataset.subset("train")
     metrics, _ = evaluate_set(config, run, dataset, train.images_float(), train.labels)
     fidelity = metrics["fidelity"]

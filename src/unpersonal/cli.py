@@ -500,16 +500,57 @@ def evaluation_table(metrics: dict) -> Table:
     return table
 
 
+@app.command("report")
+def report(out: OutOption = None, data: DataOption = None, preset: PresetOption = None,
+           config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False) -> None:
+    """Write the steward's report: one self-contained HTML page (internal: it shows real images)."""
+    resolved, run_dir = resolve_run(out, data, preset, config, set_)
+    _report(resolved, run_dir, force)
+
+
+def _report(config: Config, run: RunDir, force: bool) -> None:
+    from unpersonal.report.html import STAGE, run_report
+
+    if not run_report(config, run, force):
+        _up_to_date(run, STAGE)
+    console.print(f"report: {run.stage_path(STAGE) / 'index.html'}")
+
+
+@app.command("export")
+def export(out: OutOption = None, data: DataOption = None, preset: PresetOption = None,
+           config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False) -> None:
+    """Write the shareable release: images, labels.csv, DATASHEET.md, datasheet.json.
+
+    Refuses, writing nothing, if any file would carry a patient ID or source reference, if an
+    image equals a real one, or if an image was not accepted or fails the filter again.
+    """
+    resolved, run_dir = resolve_run(out, data, preset, config, set_)
+    _export(resolved, run_dir, force)
+
+
+def _export(config: Config, run: RunDir, force: bool) -> None:
+    from unpersonal.report.export import STAGE, run_export
+
+    if not run_export(config, run, force):
+        _up_to_date(run, STAGE)
+    console.print(f"export: {run.stage_path(STAGE)}")
+
+
 @app.command()
 def run(out: OutOption = None, data: DataOption = None, preset: PresetOption = None,
         config: ConfigOption = None, set_: SetOption = None, force: ForceOption = False,
         no_patient_ids: NoPatientIdsOption = False, csv: CsvOption = None) -> None:
-    """Run every stage in order, skipping those already up to date; rerun to resume."""
+    """Run every stage in order, skipping those already up to date; rerun to resume.
+
+    prepare, fit-embedder, fit-reid, calibrate, fit-classifier, fit-diffusion, generate, audit,
+    evaluate, report, export. Ends by printing where the report and the release are.
+    """
     resolved, run_dir = resolve_run(out, data, preset, config, set_, no_patient_ids, csv)
-    _prepare(resolved, run_dir, force)
-    _fit_diffusion(resolved, run_dir, force)
-    _sample(resolved, run_dir, force)
-    console.print(f"run directory: {run_dir.root}")
+    for stage in (_prepare, _fit_embedder, _fit_reid, _calibrate, _fit_classifier,
+                  _fit_diffusion, _generate, _audit, _evaluate, _report, _export):
+        stage(resolved, run_dir, force)
+    console.print(f"report (internal, shows real images): {run_dir.root / 'report' / 'index.html'}")
+    console.print(f"release (shareable): {run_dir.root / 'export'}")
 
 
 def _version(value: bool) -> None:

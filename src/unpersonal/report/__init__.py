@@ -1,0 +1,1 @@
+"""What a user receives: the steward's HTML report (internal) and the export (shareable)."""

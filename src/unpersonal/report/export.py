@@ -1,0 +1,237 @@
+"""`unpersonal export`: the shareable release, checked before it is written.
+
+    run/export/
+        images/syn-000000.png ...   the released synthetic images, as generate wrote them
+        labels.csv                  path, one column per label
+        DATASHEET.md                what the data is, how it was made, its privacy audit with
+        datasheet.json              baselines, its utility, intended use and limits
+
+Export refuses (and writes nothing) unless every file it would write passes three checks:
+
+1. no patient ID and no source reference of the input occurs in any file (as text);
+2. no exported image equals a real image of the input, pixel for pixel;
+3. every exported image is one generate accepted (its hash is in the private decision log's
+   accepted rows) and passes the privacy filter when checked again from scratch.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from unpersonal import __version__
+from unpersonal.config import Config
+from unpersonal.data.canonical import CanonicalDataset, load_canonical
+from unpersonal.errors import UserError
+from unpersonal.evaluation.audit import STAGE as AUDIT_STAGE
+from unpersonal.evaluation.evaluate import STAGE as EVAL_STAGE
+from unpersonal.privacy.filter import PrivacyFilter
+from unpersonal.report.summary import release_verdicts
+from unpersonal.rundir import RunDir, sha256_json, write_atomic
+
+STAGE = "export"
+DATASHEET_SCHEMA = 1
+
+
+def stage_key(config: Config, run: RunDir) -> str:
+    inputs = {stage: run.require(stage) for stage in
+              ("prepare", "generate", "calibrate", AUDIT_STAGE, EVAL_STAGE)}
+    return sha256_json({"config": config.section_dump(()), "inputs": inputs})
+
+
+def run_export(config: Config, run: RunDir, force: bool = False) -> bool:
+    key = stage_key(config, run)
+    if not force and run.is_fresh(STAGE, key):
+        return False
+    dataset = load_canonical(run.stage_path("prepare"))
+    source = run.stage_path("generate") / "synthetic"
+    names = released_names(source)
+    check_released_images(config, run, dataset, source, names)
+    metrics = json.loads((run.stage_path(EVAL_STAGE) / "metrics.json").read_text())
+    privacy = json.loads((run.stage_path(AUDIT_STAGE) / "privacy.json").read_text())
+    generation = json.loads((run.stage_path("generate") / "generate.json").read_text())
+    sheet = datasheet(config, dataset, len(names), metrics, privacy, generation)
+    files = {f"images/{name}": (source / name).read_bytes() for name in names}
+    files["labels.csv"] = (source / "labels.csv").read_bytes()
+    files["datasheet.json"] = (json.dumps(sheet, indent=2) + "\n").encode()
+    files["DATASHEET.md"] = datasheet_markdown(sheet).encode()
+    check_no_identifiers(files, dataset)
+    with run.build_stage(STAGE, key, config) as folder:
+        for relative, content in files.items():
+            write_atomic(folder / relative, content)
+    return True
+
+
+def released_names(folder: Path) -> list[str]:
+    with open(folder / "labels.csv", newline="") as handle:
+        return [row["path"] for row in csv.DictReader(handle)]
+
+
+def check_released_images(config: Config, run: RunDir, dataset: CanonicalDataset,
+                          folder: Path, names: list[str]) -> None:
+    """Checks 2 and 3: no real image, nothing generate did not accept, nothing the filter
+    rejects today."""
+    accepted = _accepted_files(run.stage_path("generate") / "decisions.csv")
+    unknown = [name for name in names if name not in accepted]
+    if unknown:
+        raise UserError(f"export refused: {folder / unknown[0]} is not an image generate "
+                        f"accepted ({len(unknown)} such files)")
+    if not names:
+        raise UserError("export refused: generate accepted no image, there is nothing to release")
+    pixels = np.stack([np.asarray(Image.open(folder / name)) for name in names])
+    real = {hashlib.sha256(image.tobytes()).hexdigest() for image in dataset.images}
+    copies = [name for name, image in zip(names, pixels)
+              if hashlib.sha256(image.tobytes()).hexdigest() in real]
+    if copies:
+        raise UserError(f"export refused: {folder / copies[0]} is identical to a real input "
+                        f"image ({len(copies)} such files)")
+    unit = pixels.astype(np.float32) / float((1 << dataset.bit_depth) - 1)
+    rejected = PrivacyFilter.load(run, config).check(unit).rejected
+    if rejected.any():
+        first = names[int(np.flatnonzero(rejected)[0])]
+        raise UserError(f"export refused: {folder / first} fails the privacy filter when "
+                        f"checked again ({int(rejected.sum())} such files); rerun generate")
+
+
+def _accepted_files(decisions: Path) -> set[str]:
+    with open(decisions, newline="") as handle:
+        return {row["synthetic_file"] for row in csv.DictReader(handle)
+                if row["outcome"].startswith("accepted") and row["synthetic_file"]}
+
+
+def check_no_identifiers(files: dict[str, bytes], dataset: CanonicalDataset) -> None:
+    """Check 1: no patient ID or source reference in a file's name or text, nor any text chunk
+    in an image.
+
+    Text is matched on whole tokens, so "P1" is not found inside "P12" and an ID does not hide
+    inside a longer word. A short all-digit ID ("17") would also match counts and figures, so
+    those are checked in file names and labels.csv's path column only; an ID with a letter or
+    of six characters or more is checked everywhere.
+    """
+    secrets = {str(value).strip() for value in np.unique(dataset.patient_id)} | {
+        str(value).strip() for value in np.unique(dataset.ref)}
+    secrets.discard("")
+    everywhere = [secret for secret in secrets if not secret.isdigit() or len(secret) >= 6]
+    pattern = _token_pattern(everywhere)
+    for relative, content in files.items():
+        found = [secret for secret in secrets if _has_token(relative, secret)]
+        if not found and relative.endswith(".png"):
+            if Image.open(io.BytesIO(content)).text:
+                raise UserError(f"export refused: {relative} carries PNG text chunks")
+        elif not found:
+            text = content.decode("utf-8")
+            found = pattern.findall(text) if pattern is not None else []
+            if relative == "labels.csv":
+                paths = [row.split(",", 1)[0] for row in text.splitlines()[1:]]
+                found += [s for s in secrets for path in paths if _has_token(path, s)]
+        if found:
+            raise UserError(f"export refused: {relative} contains a patient ID or source "
+                            f"reference of the input ({found[0][:2]}...)")
+
+
+def _token_pattern(secrets: list[str]) -> re.Pattern[str] | None:
+    if not secrets:
+        return None
+    alternatives = "|".join(re.escape(s) for s in sorted(secrets, key=len, reverse=True))
+    return re.compile(rf"(?<![\w.-])(?:{alternatives})(?![\w-])")
+
+
+def _has_token(text: str, secret: str) -> bool:
+    return re.search(rf"(?<![\w.-]){re.escape(secret)}(?![\w-])", text) is not None
+
+
+def datasheet(config: Config, dataset: CanonicalDataset, images: int, metrics: dict[str, Any],
+              privacy: dict[str, Any], generation: dict[str, Any]) -> dict[str, Any]:
+    """The release's facts as data: deterministic (no dates, no timings), nothing identifying."""
+    classification = metrics["utility"]["classification"]
+    return {
+        "schema": DATASHEET_SCHEMA, "made_with": f"unpersonal {__version__}",
+        "what": {"images": images, "resolution": dataset.resolution,
+                 "bit_depth": dataset.bit_depth, "label_kind": dataset.label_kind,
+                 "labels": dataset.label_names},
+        "how": {"generator": "EDM-preconditioned diffusion model conditioned on a training "
+                             "image's embedding and labels, sampled per training image",
+                "filter": "re-identification against every training patient (threshold "
+                          "calibrated on held-out patients) and distance floors in feature "
+                          "and pixel space; the label-consistent survivor kept",
+                "settings": generation["settings"],
+                "acceptance_rate": generation["acceptance_rate"],
+                "sources_skipped": generation["skipped_sources"]},
+        "privacy": {"verdicts": [v.to_json() for v in release_verdicts(metrics, privacy)],
+                    "reid_rate": privacy["reid_rate"],
+                    "dcr_share_below_heldout_q01": {
+                        space: dcr["synthetic_share_below"] for space, dcr in privacy["dcr"].items()},
+                    "membership_inference_auc": {
+                        attack: privacy["membership_inference"][attack]["auc"]
+                        for attack in ("distance", "density_ratio")},
+                    "singling_out_excess": privacy["singling_out"]["max_excess"],
+                    "singling_out_excess_ci95": privacy["singling_out"]["max_ci"],
+                    "planted_copies_caught": (privacy.get("planted_copies") or {}).get(
+                        "caught_all")},
+        "utility": {"classification_auc": {name: classification[name]["mean"] for name in
+                                           ("real", "synthetic", "real+synthetic")
+                                           if name in classification},
+                    "classification_auc_ci95": {name: classification[name]["ci95"] for name in
+                                                ("real", "synthetic", "real+synthetic")
+                                                if name in classification},
+                    "gap_pp": classification["gap_pp"],
+                    "classifier_seeds": classification["seeds"],
+                    "restoration_psnr": {
+                        task: {"real": r["real"]["psnr"]["mean"],
+                               "synthetic": r["synthetic"]["psnr"]["mean"]}
+                        for task, r in metrics["utility"].get("restoration", {}).items()}},
+        "fidelity": {"fd": metrics["fidelity"]["fd"],
+                     "fd_real_test": metrics["fidelity"]["fd_real_test"],
+                     "precision_recall_density_coverage": metrics["fidelity"]["prdc"],
+                     "retrieval_score": metrics["fidelity"]["retrieval"]},
+        "intended_use": "Method development, teaching and benchmarking of image analysis where "
+                        "the real images cannot be shared. Not for clinical decisions about any "
+                        "patient, and not a source of new medical findings.",
+        "limits": ["The images imitate the training set: its population, scanners and label "
+                   "noise, at the released resolution.",
+                   "Privacy figures are measured against this release's held-out patients; "
+                   "they are evidence, not a formal guarantee such as differential privacy.",
+                   "Labels are the source images' labels; a synthetic image may show its "
+                   "finding less clearly than a real one."],
+    }
+
+
+def datasheet_markdown(sheet: dict[str, Any]) -> str:
+    what, how, utility = sheet["what"], sheet["how"], sheet["utility"]
+    lines = [
+        "# Datasheet", "",
+        f"{what['images']:,} synthetic {what['resolution']} px grey images "
+        f"({what['bit_depth']}-bit) with {what['label_kind']} labels "
+        f"({', '.join(what['labels'])}), made with {sheet['made_with']}.", "",
+        "## How it was made", "", f"* Generator: {how['generator']}.",
+        f"* Privacy filter: {how['filter']}.",
+        f"* Acceptance: {how['acceptance_rate']:.1%} of source images yielded an image; "
+        f"{how['sources_skipped']} were skipped.", "",
+        "## Privacy audit (judged by models the filter did not use; baseline: real images of "
+        "patients never trained on)", "",
+        "| test | released set | baseline | verdict |", "|---|---:|---:|---|"]
+    for verdict in sheet["privacy"]["verdicts"]:
+        mark = "-" if verdict["passed"] is None else ("pass" if verdict["passed"] else "not met")
+        lines.append(f"| {verdict['figure']} | {verdict['value']} | {verdict['baseline']} | {mark} |")
+    lines += ["", "## Utility", "",
+              f"Classifier test ROC-AUC (real test images, mean over {utility['classifier_seeds']} "
+              "training seeds):", ""]
+    for name, auc in utility["classification_auc"].items():
+        low, high = utility["classification_auc_ci95"][name]
+        lines.append(f"* trained on {name}: {auc:.3f} (95% CI {low:.3f}-{high:.3f})")
+    lines.append(f"* gap, synthetic minus real: {utility['gap_pp']:+.1f} percentage points")
+    for task, psnr in utility["restoration_psnr"].items():
+        lines.append(f"* {task} network PSNR on real test images: {psnr['synthetic']:.2f} dB "
+                     f"trained on synthetic, {psnr['real']:.2f} dB trained on real")
+    lines += ["", "## Intended use", "", sheet["intended_use"], "", "## Limits", ""]
+    lines += [f"* {limit}" for limit in sheet["limits"]]
+    return "\n".join(lines) + "\n"
+

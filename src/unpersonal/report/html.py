@@ -1,0 +1,183 @@
+"""`unpersonal report`: one self-contained HTML page a data steward can read without the tool.
+
+    run/report/index.html   images and plots embedded (base64): one file to open or archive
+
+It shows real training images beside synthetic ones, which is how a steward sees there is no
+copy, so it is an internal document and never part of the export.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from PIL import Image
+
+from unpersonal.config import Config
+from unpersonal.data.canonical import CanonicalDataset, load_canonical
+from unpersonal.evaluation.audit import STAGE as AUDIT_STAGE
+from unpersonal.evaluation.evaluate import STAGE as EVAL_STAGE
+from unpersonal.evaluation.sets import AUDIT_EMBEDDER, read_synthetic_set
+from unpersonal.privacy.knn import NeighbourIndex
+from unpersonal.report.summary import release_verdicts
+from unpersonal.rundir import RunDir, sha256_json, write_atomic
+from unpersonal.training.embedder import load_embedder
+
+STAGE = "report"
+GRID_COLUMNS = 8
+PAIRS = 12
+THUMBNAIL = 96
+
+
+def stage_key(config: Config, run: RunDir) -> str:
+    inputs = {stage: run.require(stage) for stage in
+              ("prepare", "generate", AUDIT_STAGE, EVAL_STAGE, AUDIT_EMBEDDER)}
+    return sha256_json({"config": config.section_dump(()), "inputs": inputs})
+
+
+def run_report(config: Config, run: RunDir, force: bool = False) -> bool:
+    key = stage_key(config, run)
+    if not force and run.is_fresh(STAGE, key):
+        return False
+    page = render(config, run)
+    with run.build_stage(STAGE, key, config) as folder:
+        write_atomic(folder / "index.html", page)
+    return True
+
+
+def render(config: Config, run: RunDir) -> str:
+    dataset = load_canonical(run.stage_path("prepare"))
+    train = dataset.subset("train")
+    released = read_synthetic_set(run.stage_path("generate") / "synthetic", dataset.label_names)
+    metrics = json.loads((run.stage_path(EVAL_STAGE) / "metrics.json").read_text())
+    privacy = json.loads((run.stage_path(AUDIT_STAGE) / "privacy.json").read_text())
+    generation = json.loads((run.stage_path("generate") / "generate.json").read_text())
+    classification = metrics["utility"]["classification"]
+    training_sets = [name for name in ("real", "synthetic", "real+synthetic")
+                     if name in classification]
+    environment = Environment(loader=FileSystemLoader(Path(__file__).parent),
+                              autoescape=select_autoescape(["html", "j2"]))
+    return environment.get_template("template.html.j2").render(
+        title=run.root.name, images=len(released.images), training_images=len(train),
+        training_patients=len(np.unique(train.patient_id)), date=time.strftime("%Y-%m-%d"),
+        versions=versions(), verdicts=release_verdicts(metrics, privacy),
+        grids=class_grids(train, released.images, released.labels),
+        pairs=nearest_pairs(run, train, released.images, released.names, config.seed),
+        heldout_q01=privacy["dcr"]["embedding"]["heldout_q01"],
+        dcr_png=_read_b64(run.stage_path(AUDIT_STAGE) / "dcr.png"),
+        roc_png=_read_b64(run.stage_path(EVAL_STAGE) / "roc.png"),
+        classification=classification, training_sets=training_sets,
+        gaps={name: "" if name == "real" else
+              f"{classification['gap_pp' + ('' if name == 'synthetic' else '_' + name)]:+.1f}"
+              for name in training_sets},
+        restoration=metrics["utility"].get("restoration"),
+        fidelity_rows=fidelity_rows(metrics["fidelity"]),
+        generation_rows=generation_rows(generation), config_yaml=config.to_yaml())
+
+
+def versions() -> dict[str, str]:
+    names = ("unpersonal", "torch", "numpy", "faiss-cpu", "scikit-learn")
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    found["python"] = platform.python_version()
+    return found
+
+
+def class_values(labels: np.ndarray, label_kind: str) -> np.ndarray:
+    """One grid row per class: the class index for multi-class, the first label otherwise."""
+    return labels.argmax(axis=1) if label_kind == "multiclass" else labels[:, 0]
+
+
+def class_grids(train: CanonicalDataset, images: np.ndarray, labels: np.ndarray
+                ) -> list[dict[str, Any]]:
+    real_classes = class_values(train.labels, train.label_kind)
+    synthetic_classes = class_values(labels, train.label_kind)
+    rows = []
+    for value in np.unique(real_classes):
+        real = train.images_float()[real_classes == value][:GRID_COLUMNS]
+        fake = images[synthetic_classes == value][:GRID_COLUMNS]
+        grid = np.concatenate([_strip(real, train.resolution), _strip(fake, train.resolution)])
+        png, width = _png_b64(grid, scale=max(1, 96 // train.resolution))
+        name = (train.label_names[int(value)] if train.label_kind == "multiclass"
+                else f"{train.label_names[0]} = {int(value)}")
+        rows.append({"label": name, "png": png, "width": width})
+    return rows
+
+
+def nearest_pairs(run: RunDir, train: CanonicalDataset, images: np.ndarray, names: list[str],
+                  seed: int) -> list[dict[str, Any]]:
+    """A seeded sample of synthetic images, each with its nearest training image (audit
+    embedder, cosine) and the distance between them."""
+    embedder = load_embedder(run.stage_path(AUDIT_EMBEDDER))
+    features = np.load(run.stage_path(AUDIT_EMBEDDER) / "features.npy")
+    dataset_split = load_canonical(run.stage_path("prepare")).split
+    index = NeighbourIndex("cosine").fit(features[dataset_split == "train"])
+    chosen = np.sort(np.random.default_rng(seed).choice(len(images), min(PAIRS, len(images)),
+                                                        replace=False))
+    distances, nearest = index.search(embedder.embed(images[chosen]), k=1)
+    train_images = train.images_float()
+    scale = max(1, THUMBNAIL // train.resolution)
+    return [{"name": names[i], "synthetic": _png_b64(images[i], scale)[0],
+             "real": _png_b64(train_images[nearest[j, 0]], scale)[0],
+             "distance": float(distances[j, 0])} for j, i in enumerate(chosen)]
+
+
+def fidelity_rows(fidelity: dict[str, Any]) -> list[tuple[str, str, str]]:
+    prdc, reference = fidelity["prdc"], fidelity["prdc_real_test"]
+    rows = [("Fréchet distance", f"{fidelity['fd']:.4f}", f"{fidelity['fd_real_test']:.4f}"),
+            ("KID", f"{fidelity['kid']['mean']:.5f}", f"{fidelity['kid_real_test']['mean']:.5f}")]
+    rows += [(name, f"{prdc[name]:.3f}", f"{reference[name]:.3f}")
+             for name in ("precision", "recall", "density", "coverage")]
+    rows.append(("Vendi score (diversity)", f"{fidelity['vendi']['synthetic']:.2f}",
+                 f"{fidelity['vendi']['real_test']:.2f}"))
+    rows.append(("retrieval score (share of training images retrieved)",
+                 f"{fidelity['retrieval']['synthetic']:.3f}",
+                 f"{fidelity['retrieval']['real_test']:.3f}"))
+    return rows
+
+
+def generation_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    settings = summary["settings"]
+    reasons = ", ".join(f"{k} {v}" for k, v in summary["rejections_by_reason"].items())
+    return [("sources (training images)", f"{summary['sources']:,}"),
+            ("accepted", f"{summary['accepted_sources']:,} ({summary['acceptance_rate']:.1%})"),
+            ("skipped after every attempt", f"{summary['skipped_sources']:,}"),
+            ("candidates drawn", f"{summary['candidates']:,}"),
+            ("rejections by check", reasons),
+            ("network evaluations per released image", f"{summary['nfe_per_accepted']:.1f}"),
+            ("sampler", f"{settings['solver']}, {settings['steps']} steps, guidance "
+                        f"{settings['guidance']}"),
+            ("selection", f"{settings['mode']}, up to {settings['candidates']} candidates, "
+                          f"{settings['selection']}"),
+            ("re-ID threshold (calibrated)", f"{settings['reid_threshold']:.4g}")]
+
+
+def _strip(images: np.ndarray, size: int) -> np.ndarray:
+    row = np.zeros((size, GRID_COLUMNS * size), np.float32)
+    for column, image in enumerate(images[:GRID_COLUMNS]):
+        row[:, column * size:(column + 1) * size] = image
+    return row
+
+
+def _png_b64(pixels: np.ndarray, scale: int = 1) -> tuple[str, int]:
+    image = Image.fromarray((np.clip(pixels, 0, 1) * 255).round().astype(np.uint8))
+    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode(), image.width
+
+
+def _read_b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()

@@ -1,0 +1,172 @@
+"""The report in a real browser, the export's privacy checks, and `unpersonal run` end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import GENERATE_SETTINGS, RELEASE_SETTINGS
+from unpersonal.data.canonical import load_canonical
+
+
+def _chromium() -> str:
+    """The headless browser, installed (Debian `chromium`) when missing and possible."""
+    for name in ("chromium", "chromium-browser"):
+        if found := shutil.which(name):
+            return found
+    if shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
+                       capture_output=True, timeout=900)
+        if found := shutil.which("chromium"):
+            return found
+    pytest.skip("headless Chromium is not installed and could not be installed with apt-get "
+                "(install the Debian package `chromium` to run this test)")
+
+
+def test_report_loads_every_image_without_console_errors(released_run: Path,
+                                                         tmp_path: Path) -> None:
+    page = released_run / "report" / "index.html"
+    html = page.read_text()
+    expected = len(re.findall(r"<img\b", html))
+    assert expected >= 2 + 12 + 2  # class grids, nearest pairs, the two plots
+    browser = _chromium()
+    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+              "--v=0", "--virtual-time-budget=5000", "--window-size=1200,2400"]
+    dom = subprocess.run([*common, "--dump-dom", page.as_uri()], capture_output=True,
+                         text=True, timeout=120)
+    assert f'data-images-loaded="{expected}/{expected}"' in dom.stdout, dom.stderr[-2000:]
+    console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
+    assert not console, console
+    shot = tmp_path / "report.png"
+    subprocess.run([*common, f"--screenshot={shot}", page.as_uri()], capture_output=True,
+                   timeout=120)
+    assert Image.open(shot).size == (1200, 2400)
+
+
+def test_export_carries_no_patient_id_source_reference_or_real_image(released_run: Path) -> None:
+    export = released_run / "export"
+    dataset = load_canonical(released_run / "prepare")
+    secrets = [str(v).encode() for v in np.unique(dataset.patient_id)] + [
+        str(v).encode() for v in np.unique(dataset.ref)]
+    secrets.append(str(dataset.meta.get("source", "unpersonal-no-source")).encode())
+    files = [path for path in export.rglob("*") if path.is_file()]
+    assert {path.name for path in files} >= {"labels.csv", "DATASHEET.md", "datasheet.json"}
+    for path in files:
+        content = path.read_bytes()
+        leaked = [secret for secret in secrets if secret and secret in content]
+        assert not leaked, (path.name, leaked[:3])
+    real = {image.tobytes() for image in dataset.images}
+    images = sorted((export / "images").glob("*.png"))
+    assert images and not [p for p in images if np.asarray(Image.open(p)).tobytes() in real]
+    released = released_run / "generate" / "synthetic"
+    for path in images:  # exactly the accepted images, untouched
+        assert path.read_bytes() == (released / path.name).read_bytes()
+    sheet = json.loads((export / "datasheet.json").read_text())
+    assert sheet["what"]["images"] == len(images)
+    assert {v["figure"] for v in sheet["privacy"]["verdicts"]} >= {
+        "planted near-copies of training images caught by the audit"}
+
+
+def _tampered(released_run: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(released_run, run)
+    shutil.rmtree(run / "export")
+    return run
+
+
+def _export(run: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "unpersonal", "export", "--out", str(run)],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_export_refuses_a_real_image_slipped_into_the_set(released_run: Path,
+                                                          tmp_path: Path) -> None:
+    run = _tampered(released_run, tmp_path)
+    synthetic = run / "generate" / "synthetic"
+    with open(synthetic / "labels.csv", newline="") as handle:
+        first = next(row for row in csv.DictReader(handle))
+    real = load_canonical(run / "prepare").subset("train").images[0]
+    Image.fromarray(real).save(synthetic / first["path"])  # an accepted name, a real image
+    result = _export(run)
+    assert result.returncode == 2, result.stderr
+    assert "export refused" in result.stderr and first["path"] in result.stderr
+    assert not (run / "export").exists()
+
+
+def test_export_refuses_an_image_generate_did_not_accept(released_run: Path,
+                                                          tmp_path: Path) -> None:
+    run = _tampered(released_run, tmp_path)
+    synthetic = run / "generate" / "synthetic"
+    shutil.copy(next(synthetic.glob("*.png")), synthetic / "extra.png")
+    with open(synthetic / "labels.csv", "a") as handle:
+        handle.write("extra.png,0\n")
+    result = _export(run)
+    assert result.returncode == 2 and "extra.png" in result.stderr, result.stderr
+    assert not (run / "export").exists()
+
+
+def test_identifier_check_finds_ids_as_tokens_and_in_file_names() -> None:
+    from unpersonal.data.canonical import CanonicalDataset
+    from unpersonal.errors import UserError
+    from unpersonal.report.export import check_no_identifiers
+
+    dataset = CanonicalDataset(
+        images=np.zeros((3, 4, 4), np.uint8), labels=np.zeros((3, 1), np.uint8),
+        patient_id=np.array(["patient-0007", "17", "17"]), split=np.array(["train"] * 3),
+        ref=np.array(["scans/a.png", "scans/b.png", "scans/c.png"]), label_names=["finding"],
+        label_kind="binary", bit_depth=8)
+    clean = {"labels.csv": b"path,finding\nsyn-000000.png,0\n",
+             "DATASHEET.md": b"17 images; patient-00071 is another token"}
+    check_no_identifiers(clean, dataset)  # "17" as a count, a longer token: not an ID
+    for files in ({"DATASHEET.md": b"made from patient-0007's films"},
+                  {"datasheet.json": b'{"source": "scans/b.png"}'},
+                  {"labels.csv": b"path,finding\n17.png,1\n"},
+                  {"images/patient-0007.png": b""}):
+        with pytest.raises(UserError, match="export refused"):
+            check_no_identifiers(files, dataset)
+
+
+def _unpersonal_run(out: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "unpersonal", "run", "--out", str(out),
+                             *GENERATE_SETTINGS, *RELEASE_SETTINGS], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_run_killed_at_a_random_point_then_rerun_gives_the_same_export(tmp_path: Path) -> None:
+    started = time.monotonic()
+    whole = _unpersonal_run(tmp_path / "whole")
+    _, err = whole.communicate(timeout=900)
+    assert whole.returncode == 0, err[-3000:]
+    assert "report (internal" in err and "release (shareable)" in err
+    duration = time.monotonic() - started
+    delay = random.Random(os.getpid()).uniform(0.1, 0.9) * duration
+    killed = _unpersonal_run(tmp_path / "killed")
+    started = time.monotonic()
+    while killed.poll() is None and time.monotonic() - started < delay:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    resumed = _unpersonal_run(tmp_path / "killed")
+    _, err = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, err[-3000:]
+    assert _tree(tmp_path / "killed" / "export") == _tree(tmp_path / "whole" / "export")
