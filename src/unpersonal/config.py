@@ -373,9 +373,15 @@ _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
     # Budgets measured on a 2-core CPU (BENCHMARKS.md): a 24-channel, one-block UNet trains at
     # about 110 images/s at 32 px, a 32-channel one at about 85; each doubling of the resolution
     # costs about 4x. Hence 32 px on CPUs, and the big model only on GPUs.
+    # The demo runs every stage on the phantoms in under 15 minutes on 2 cores (BENCHMARKS.md):
+    # short trainings of the privacy models, which separate 150 phantom patients easily.
     "demo": {"data": {"resolution": 32}, "phantoms": {"n_patients": 150},
              "diffusion": {"model_channels": 24, "num_blocks": 1, "attn_resolutions": [],
-                           "steps": 800, "batch_size": 32, "lr_ref_steps": 400}},
+                           "steps": 800, "batch_size": 32, "lr_ref_steps": 400},
+             "embedder": {"steps": 150},
+             "reid": {"steps": 500, "validate_every": 100},
+             "audit": {"embedder_width": 16, "reid_width": 16},
+             "evaluate": {"restoration_steps": 200}},
     "cpu": {"data": {"resolution": 32},
             "diffusion": {"model_channels": 32, "num_blocks": 1, "attn_resolutions": [],
                           "steps": 2400, "batch_size": 64, "lr_ref_steps": 1000}},

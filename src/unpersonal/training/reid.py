@@ -223,6 +223,8 @@ def embed_pair_table(net: ReidNet, pairs: PairSet, augment: ViewAugmentation, se
                 batch = random_views(batch, augment, generator)
             out.append(net.embed(batch).float())
     net.train(was_training)
+    if not out:  # a split without pairs (e.g. a test split of one image): nothing to embed
+        return torch.zeros((0, net.head[0].out_features), device=device)
     return torch.cat(out)
 
 
