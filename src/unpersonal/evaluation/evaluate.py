@@ -77,16 +77,20 @@ def run_evaluate(config: Config, run: RunDir, force: bool = False) -> bool:
 
 
 def evaluate_set(config: Config, run: RunDir, dataset: CanonicalDataset, images: np.ndarray,
-                 labels: np.ndarray) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                 labels: np.ndarray, real_probs: np.ndarray | None = None
+                 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """All fidelity and utility figures of one candidate training set (images float [N, R, R]).
 
     Also used by the benchmarks on sets that are not released: the real training set itself,
-    an unfiltered sample. Returns the metrics and the seed-0 test probabilities per training set.
+    an unfiltered sample. `real_probs` [seeds, N_test, C], the real-trained classifiers' test
+    probabilities of an earlier call, saves training them again. Returns the metrics and the
+    test probabilities per training set ([seeds, N_test, C]) with the test labels.
     """
     console.print(f"evaluate: fidelity and diversity of {len(images):,} images")
     fidelity = fidelity_figures(config, run, dataset, images)
     console.print("evaluate: classification utility")
-    classification, curves = classification_utility(config, run, dataset, images, labels)
+    classification, curves = classification_utility(config, run, dataset, images, labels,
+                                                     real_probs)
     utility: dict[str, Any] = {"classification": classification}
     if config.evaluate.restoration:
         utility["restoration"] = restoration_utility(config, dataset, images)
@@ -124,7 +128,8 @@ def fidelity_figures(config: Config, run: RunDir, dataset: CanonicalDataset,
 
 
 def classification_utility(config: Config, run: RunDir, dataset: CanonicalDataset,
-                           images: np.ndarray, labels: np.ndarray
+                           images: np.ndarray, labels: np.ndarray,
+                           real_probs: np.ndarray | None = None
                            ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Train on real, synthetic and both; test each on the real test split (`seeds` times).
 
@@ -143,6 +148,9 @@ def classification_utility(config: Config, run: RunDir, dataset: CanonicalDatase
     for s in range(settings.classifier_seeds):
         seed = config.seed + s
         for name, (x, y) in sets.items():
+            if name == "real" and real_probs is not None:
+                probs[name].append(real_probs[s])
+                continue
             if name == "real" and s == 0:
                 classifier = load_classifier(run.stage_path("fit-classifier"))
             else:
@@ -166,7 +174,8 @@ def classification_utility(config: Config, run: RunDir, dataset: CanonicalDatase
                                          np.stack(probs["real"]), test.label_kind,
                                          settings.bootstrap, config.seed, groups=test.patient_id)
         figures[f"gap_pp{suffix}_ci95"] = [100 * low, 100 * high]
-    return figures, {name: stack[0] for name, stack in probs.items()} | {"labels": test.labels}
+    return figures, {name: np.stack(stack) for name, stack in probs.items()} | {
+        "labels": test.labels}
 
 
 def _auc_summary(test: CanonicalDataset, stack: np.ndarray, resamples: int, seed: int
@@ -215,7 +224,7 @@ def roc_plot(curves: dict[str, np.ndarray], label_names: list[str]) -> bytes:
             continue
         for name in TRAINING_SETS:
             if name in curves:
-                fpr, tpr, _ = roc_curve(truth, curves[name][:, column])
+                fpr, tpr, _ = roc_curve(truth, curves[name][0, :, column])  # first seed
                 axis.plot(fpr, tpr, label=f"trained on {name}")
         axis.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":")
         axis.set(title=label_names[column], xlabel="false positive rate",

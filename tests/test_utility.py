@@ -1,0 +1,41 @@
+"""Seed-averaged ROC-AUC intervals and the paired gap interval (evaluation/utility.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from unpersonal.evaluation.utility import (bootstrap_auc_ci, bootstrap_auc_gap_ci,
+                                           roc_auc_per_class)
+
+
+def _scores(seed: int, signal: float, n: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, (n, 1))
+    probs = 1 / (1 + np.exp(-(signal * (labels - 0.5) + rng.normal(0, 1, (n, 1)))))
+    return labels, probs
+
+
+def test_auc_agrees_with_scikit_learn() -> None:
+    labels, probs = _scores(0, 1.5)
+    ours = roc_auc_per_class(labels, probs, "binary", ["finding"])["mean"]
+    assert ours == roc_auc_score(labels[:, 0], probs[:, 0])
+
+
+def test_a_stack_of_one_classifier_repeated_gives_that_classifier_s_interval() -> None:
+    labels, probs = _scores(1, 1.5)
+    groups = np.arange(len(labels)) // 3
+    single = bootstrap_auc_ci(labels, probs, "binary", 200, seed=3, groups=groups)
+    stacked = bootstrap_auc_ci(labels, np.stack([probs, probs, probs]), "binary", 200, seed=3,
+                               groups=groups)
+    assert stacked == single
+
+
+def test_gap_interval_is_zero_for_the_same_classifier_and_signed_for_a_better_one() -> None:
+    labels, weak = _scores(2, 0.5)
+    rng = np.random.default_rng(4)
+    strong = 1 / (1 + np.exp(-(4.0 * (labels - 0.5) + rng.normal(0, 1, labels.shape))))
+    assert bootstrap_auc_gap_ci(labels, weak, weak, "binary", 100, seed=0) == (0.0, 0.0)
+    low, high = bootstrap_auc_gap_ci(labels, strong, weak, "binary", 300, seed=0)
+    gap = roc_auc_score(labels[:, 0], strong[:, 0]) - roc_auc_score(labels[:, 0], weak[:, 0])
+    assert 0 < low <= gap <= high
