@@ -95,3 +95,18 @@ def test_calibrate_needs_the_privacy_models(tmp_path: Path, cli) -> None:
     result = cli("calibrate", "--out", tmp_path / "run", *TINY)
     assert result.code == 2
     assert "fit-embedder" in result.stderr
+
+
+def test_the_any_patient_check_passes_held_out_patients_as_calibrated(calibrated_run: Path) -> None:
+    """A maximum over every training patient gets its own threshold: the pair threshold would
+    link almost any new patient's image to someone by chance."""
+    summary = json.loads((calibrated_run / "calibrate" / "floors.json").read_text())
+    assert summary["reid_neighbour_threshold"] >= summary["reid_threshold"]
+    config = load_config(config_file=calibrated_run / "config.yaml")
+    privacy_filter = PrivacyFilter.load(RunDir(calibrated_run), config)
+    assert privacy_filter.any_patient_threshold == summary["reid_neighbour_threshold"]
+    dataset = load_canonical(calibrated_run / "prepare")
+    val = dataset.images_float()[dataset.split == "val"]
+    linked = privacy_filter.check(val).flags["reid"]
+    quantile = config.privacy.reid_heldout_quantile
+    assert linked.mean() <= (1 - quantile) + 1 / len(val)

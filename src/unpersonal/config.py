@@ -250,6 +250,10 @@ class PrivacyConfig(Section):
     reid_neighbours: int = Field(
         16, ge=1, description="training images, nearest in re-ID space, each candidate is also "
         "checked against")
+    reid_heldout_quantile: float = Field(
+        0.98, gt=0.5, lt=1.0, description="the check against all training patients rejects a "
+        "candidate more linked to one of them than this share of held-out patients' real images "
+        "are to theirs (never at a lower score than the pair threshold)")
     floor_quantile: float = Field(
         0.01, ge=0.0, lt=0.5, description="distance floor: this quantile of held-out real "
         "images' distances to their nearest training image (embedding and pixel space)")

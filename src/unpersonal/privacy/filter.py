@@ -2,10 +2,14 @@
 
 A candidate is rejected when any of three independent checks links it to a real training patient:
 
-1. **re-identification**: its re-ID score against its source training image, and against every
-   training image (the nearest in re-ID space, found with the kNN index; the score is monotone in
-   the cosine, so the nearest is the highest-scoring), reaches the threshold calibrated on held-out
-   patients;
+1. **re-identification**: its re-ID score against its source training image reaches the pair
+   threshold (calibrated to flag 99% of held-out same-patient pairs), or its score against any
+   training image of any patient (the nearest in re-ID space, found with the kNN index; the score
+   is monotone in the cosine, so the nearest is the highest-scoring) is higher than held-out
+   patients' real images reach against theirs (`privacy.reid_heldout_quantile`, never below
+   the pair threshold). One comparison gets the pair threshold; a maximum over thousands of
+   patients needs the threshold of that maximum, or every new patient's image would be
+   "linked" to someone by chance;
 2. **embedding floor**: it is closer, in the embedder's feature space, to some training image than
    almost all held-out real images are to theirs;
 3. **pixel floor**: the same in pixel space (per-pixel RMSE).
@@ -61,6 +65,11 @@ def run_calibrate(config: Config, run: RunDir, force: bool = False) -> bool:
     console.print("calibrate: embedding the training images for re-identification")
     reid_train = reid.embed(dataset.images_float()[is_train])
     settings = config.privacy
+    heldout_best = best_reid_scores(reid, reid_train, reid.embed(dataset.images_float()[is_val]),
+                                    _index(settings, "cosine", config.seed).fit(reid_train),
+                                    settings.reid_neighbours)
+    neighbour_threshold = max(reid.threshold, float(np.quantile(
+        heldout_best, settings.reid_heldout_quantile)))
     floors = {}
     for space, vectors, metric in (("embedding", features, "cosine"), ("pixel", pixels, "l2")):
         index = _index(settings, metric, config.seed).fit(vectors[is_train])
@@ -72,9 +81,24 @@ def run_calibrate(config: Config, run: RunDir, force: bool = False) -> bool:
                    "n_heldout": int(is_val.sum()),
                    "floors": {space: floor.to_json() for space, floor in floors.items()},
                    "reid_threshold": reid.threshold, "reid_sensitivity": reid.meta.get(
-                       "sensitivity")}
+                       "sensitivity"),
+                   "reid_neighbour_threshold": neighbour_threshold,
+                   "reid_heldout_best_score": {
+                       "quantile": settings.reid_heldout_quantile,
+                       "median": float(np.median(heldout_best)),
+                       "share_at_pair_threshold": float(np.mean(heldout_best >= reid.threshold))}}
         write_atomic(folder / "floors.json", json.dumps(summary, indent=2) + "\n")
     return True
+
+
+def best_reid_scores(reid: ReidModel, reid_train: np.ndarray, queries: np.ndarray,
+                     index: NeighbourIndex, neighbours: int) -> np.ndarray:
+    """Each query's highest re-ID score against any training image: its nearest in re-ID space
+    (k of them searched, so an approximate index missing the very nearest costs nothing)."""
+    k = min(neighbours, len(reid_train))
+    distances, _ = index.search(queries, k=k)
+    best_cosine = 1.0 - distances.min(axis=1)
+    return reid.score(best_cosine[:, None], np.ones((len(queries), 1)))
 
 
 def _index(settings: Any, metric: str, seed: int) -> NeighbourIndex:
@@ -107,7 +131,7 @@ class FilterResult:
     weaker policy still records which of its images the product's filter would have rejected.
     """
 
-    reid_score: np.ndarray  # highest score against the source and its nearest training images
+    reid_score: np.ndarray  # highest score against any training image (the source included)
     reid_source_score: np.ndarray  # score against the source alone (NaN without sources)
     reid_nearest: np.ndarray  # training row the highest score was against
     embedding_distance: np.ndarray
@@ -145,6 +169,11 @@ class PrivacyFilter:
     pixel_index: NeighbourIndex
     floors: dict[str, DistanceFloor]
     neighbours: int = 16
+    neighbour_threshold: float | None = None  # None: the pair threshold (older calibrations)
+
+    @property
+    def any_patient_threshold(self) -> float:
+        return self.reid.threshold if self.neighbour_threshold is None else self.neighbour_threshold
 
     @classmethod
     def load(cls, run: RunDir, config: Config) -> PrivacyFilter:
@@ -166,16 +195,17 @@ class PrivacyFilter:
             pixel_index=_index(settings, "l2", config.seed).fit(pixels),
             floors={space: DistanceFloor.from_json(floor)
                     for space, floor in summary["floors"].items()},
-            neighbours=settings.reid_neighbours)
+            neighbours=settings.reid_neighbours,
+            neighbour_threshold=summary.get("reid_neighbour_threshold"))
 
     def check(self, images: np.ndarray, sources: np.ndarray | None = None,
               policy: FilterPolicy = FilterPolicy()) -> FilterResult:
         """images: float [M, R, R] in [0, 1]; sources: the training row each was drawn for.
 
-        The re-ID score is the highest against the source and the `neighbours` training images
-        nearest in re-ID space (all patients). The score rises with the cosine, so the nearest is
-        the highest; the k beyond it guard against an approximate index missing it. The source
-        is scored explicitly for the same reason: it is the image a leak would most likely copy.
+        The all-patient score is the highest against the `neighbours` training images nearest
+        in re-ID space; the k beyond the first guard against an approximate index missing it.
+        The source is scored explicitly, with the pair threshold: it is the image a candidate
+        drawn for it would most likely copy.
         """
         reid_embedding = self.reid.embed(images)
         k = min(self.neighbours, len(self.reid_train))
@@ -196,16 +226,21 @@ class PrivacyFilter:
                               pixel_distance[:, 0], pixel_nearest[:, 0])
         floors = {space: self.floors[space].flags(distance) for space, distance in
                   (("embedding", result.embedding_distance), ("pixel", result.pixel_distance))}
-        result.strict = {"reid": self.reid.flags(result.reid_score), **floors}
+        linked_to_source = np.nan_to_num(source_score, nan=-1.0) >= self.reid.threshold
+        linked_to_anyone = result.reid_score >= self.any_patient_threshold
+        result.strict = {"reid": linked_to_source | linked_to_anyone, **floors}
         if policy == FilterPolicy():
             result.flags = dict(result.strict)
             return result
         if policy.reid_against == "source" and sources is None:
             raise ValueError("a source-only re-ID check needs the candidates' sources")
-        reid_score = result.reid_source_score if policy.reid_against == "source" else result.reid_score
-        threshold = self.reid.threshold if policy.reid_threshold is None else policy.reid_threshold
+        if policy.reid_threshold is None:
+            reid_flags = linked_to_source if policy.reid_against == "source" else result.strict["reid"]
+        else:
+            score = source_score if policy.reid_against == "source" else result.reid_score
+            reid_flags = np.nan_to_num(score, nan=-1.0) >= policy.reid_threshold
         no_flags = np.zeros(len(images), dtype=bool)
-        result.flags = {"reid": reid_score >= threshold,
+        result.flags = {"reid": reid_flags,
                         **{space: flags if policy.distance_floors else no_flags
                            for space, flags in floors.items()}}
         return result

@@ -61,7 +61,8 @@ STAGE = "generate"
 UPSTREAM = ("prepare", "fit-embedder", "fit-reid", "calibrate", "fit-classifier", "fit-diffusion")
 PROBABILITY_CLIP = 1e-6
 DECISION_FIELDS = ("position", "source_row", "attempt", "candidate", "seed", "guidance",
-                   "reid_score", "reid_source_score", "reid_threshold", "reid_nearest_row",
+                   "reid_source_score", "reid_threshold", "reid_score",
+                   "reid_any_patient_threshold", "reid_nearest_row",
                    "embedding_distance", "embedding_floor", "pixel_distance", "pixel_floor",
                    "divergence", "strictly_rejected", "outcome")
 
@@ -268,6 +269,8 @@ def _decision(gen: Generator, checked: Any, j: int, position: int, source_row: i
             "reid_score": float(checked.reid_score[j]),
             "reid_source_score": float(checked.reid_source_score[j]),
             "reid_threshold": gen.privacy_filter.reid.threshold if threshold is None else threshold,
+            "reid_any_patient_threshold": (gen.privacy_filter.any_patient_threshold
+                                           if threshold is None else threshold),
             "reid_nearest_row": int(checked.reid_nearest[j]),
             "embedding_distance": float(checked.embedding_distance[j]),
             "embedding_floor": floors["embedding"].value,
@@ -502,6 +505,9 @@ def summarise(gen: Generator, blocks: list[dict[str, np.ndarray]], processes: in
                      "reid_check": settings.reid_check, "reid_threshold": (
                          settings.reid_threshold if settings.reid_threshold is not None
                          else gen.privacy_filter.reid.threshold),
+                     "reid_any_patient_threshold": (
+                         settings.reid_threshold if settings.reid_threshold is not None
+                         else gen.privacy_filter.any_patient_threshold),
                      "distance_floors": settings.distance_floors},
         "processes": processes, "device": gen.device.type,
     }

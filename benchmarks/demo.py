@@ -1,0 +1,69 @@
+"""`make demo` on a fresh clone, timed: environment, then every stage on the phantoms.
+
+    .venv/bin/python benchmarks/demo.py        # about 15 min on 2 cores; see BENCHMARKS.md
+
+Clones this repository (its committed HEAD) into a temporary folder, runs `make demo` there as a
+new user would, checks that runs/demo/report/index.html and runs/demo/export/ exist, and writes
+benchmarks/results/demo.json with the wall time (environment creation included, and the
+pipeline's share apart).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="unpersonal-demo-") as scratch:
+        clone = Path(scratch) / "unpersonal"
+        subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
+        started = time.perf_counter()
+        install = subprocess.run(["make", "install"], cwd=clone, capture_output=True, text=True)
+        installed = time.perf_counter()
+        if install.returncode != 0:
+            sys.exit(f"make install failed:\n{install.stderr[-3000:]}")
+        demo = subprocess.run(["make", "demo"], cwd=clone, capture_output=True, text=True)
+        finished = time.perf_counter()
+        if demo.returncode != 0:
+            sys.exit(f"make demo failed:\n{demo.stderr[-3000:]}")
+        report = clone / "runs" / "demo" / "report" / "index.html"
+        export = clone / "runs" / "demo" / "export"
+        if not report.is_file() or not (export / "DATASHEET.md").is_file():
+            sys.exit("make demo finished without runs/demo/report/index.html or runs/demo/export")
+        summary = json.loads((clone / "runs" / "demo" / "generate" / "generate.json").read_text())
+        images = len(list((export / "images").glob("*.png")))
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone,
+                                capture_output=True, text=True).stdout.strip()
+    results = {
+        "wall_time_s": round(finished - started, 1),
+        "environment_s": round(installed - started, 1),
+        "pipeline_s": round(finished - installed, 1),
+        "released_images": images, "acceptance_rate": summary["acceptance_rate"],
+        "prints_locations": bool(re.search(r"report \(internal", demo.stderr)),
+        "machine": f"{platform.machine()}, {_cores()} cores, Python {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"), "commit": commit,
+        "command": "make demo (fresh clone; timed by python benchmarks/demo.py)",
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "demo.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+if __name__ == "__main__":
+    main()
