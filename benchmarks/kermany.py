@@ -175,7 +175,8 @@ def main() -> None:
     metrics = json.loads((options.run / "eval" / "metrics.json").read_text())
     privacy = json.loads((options.run / "audit" / "privacy.json").read_text())
     generation = json.loads((options.run / "generate" / "generate.json").read_text())
-    models = AuditModels(run, dataset)
+    models = AuditModels(run, dataset, config.privacy.reid_heldout_quantile,
+                         config.audit.reid_neighbours)
 
     quick = config.model_copy(deep=True)
     quick.evaluate.restoration = False

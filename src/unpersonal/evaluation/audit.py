@@ -10,7 +10,11 @@ validated or calibrated on. What an honest image of a new patient gets is the ba
 figure:
 
 * re-identification rate: share of released images the audit's re-ID network links to some
-  training patient (its k nearest in re-ID space, calibrated threshold), vs held-out images;
+  training patient (its k nearest in re-ID space), vs held-out images. Linked means a score
+  above what held-out patients' real images reach against their nearest training image: the
+  threshold is the `privacy.reid_heldout_quantile` quantile of the validation images' best
+  scores (never below the network's pair threshold), so the test images' rate is near
+  1 - that quantile by construction and a release should match it;
 * distance to closest record (DCR), in the audit embedder's space and in pixels: quantiles, and
   the share closer than the held-out images' 1st percentile (about 0.01 when private);
 * membership inference: ROC-AUC of a distance attack and a density-ratio attack telling training
@@ -70,10 +74,10 @@ def run_audit(config: Config, run: RunDir, force: bool = False) -> bool:
 class AuditModels:
     """The audit's embedder and re-ID network with the real images already embedded."""
 
-    def __init__(self, run: RunDir, dataset: CanonicalDataset) -> None:
+    def __init__(self, run: RunDir, dataset: CanonicalDataset, quantile: float = 0.98,
+                 neighbours: int = 16) -> None:
         self.embedder = load_embedder(run.stage_path(AUDIT_EMBEDDER))
         self.reid = load_reid(run.stage_path(AUDIT_REID))
-        self.scorer = ReidScorer.from_model(self.reid)
         features = np.load(run.stage_path(AUDIT_EMBEDDER) / "features.npy")
         is_train, is_test = dataset.split == "train", dataset.split == "test"
         images = dataset.images_float()
@@ -83,6 +87,19 @@ class AuditModels:
                              "test": self.reid.embed(images[is_test])}
         self.pixels = {"train": pixel_vectors(images[is_train]),
                        "test": pixel_vectors(images[is_test])}
+        pair = ReidScorer.from_model(self.reid)
+        self.scorer = ReidScorer(pair.scale, pair.bias, self._any_patient_threshold(
+            pair, images[dataset.split == "val"], quantile, neighbours))
+
+    def _any_patient_threshold(self, pair: ReidScorer, val_images: np.ndarray, quantile: float,
+                               neighbours: int) -> float:
+        """What held-out (validation) patients' images reach against their best training
+        match; the pair threshold when there are no validation images."""
+        if len(val_images) == 0:
+            return pair.threshold
+        best = reid_rate(self.reid.embed(val_images), self.reid_vectors["train"], pair,
+                         neighbours)["max_score"]
+        return max(pair.threshold, float(np.quantile(best, quantile)))
 
 
 def audit_set(config: Config, run: RunDir, dataset: CanonicalDataset, images: np.ndarray,
@@ -94,7 +111,8 @@ def audit_set(config: Config, run: RunDir, dataset: CanonicalDataset, images: np
     unfiltered sample). Returns the figures and the DCRs for the plot.
     """
     settings = config.audit
-    models = models or AuditModels(run, dataset)
+    models = models or AuditModels(run, dataset, config.privacy.reid_heldout_quantile,
+                                   settings.reid_neighbours)
     if len(models.test) < 2:
         raise ValueError("the audit needs held-out (test split) images as its baseline")
     console.print(f"audit: {len(images):,} images against {len(models.train):,} training images "
@@ -123,6 +141,7 @@ def audit_set(config: Config, run: RunDir, dataset: CanonicalDataset, images: np
         "training_images": len(models.train),
         "models": {"embedder": AUDIT_EMBEDDER, "reid": AUDIT_REID,
                    "reid_threshold": models.scorer.threshold,
+                   "reid_pair_threshold": models.reid.threshold,
                    "reid_auc": models.reid.meta.get("auc")},
         "reid_rate": {"synthetic": linked["rate"], "heldout": linked_heldout["rate"],
                       "neighbours": k},
