@@ -88,12 +88,16 @@ def main() -> None:
 
     rng = np.random.default_rng(config.seed)
     chosen = rng.choice(len(train_rows), min(options.planted, len(train_rows)), replace=False)
-    by_perturbation, caught_all = {}, []
+    by_perturbation, caught_all, blind = {}, [], {}
     for name, copies in plant_copies(images[train_rows[chosen]], seed=config.seed).items():
         result = privacy_filter.check(copies, sources=chosen)
         by_perturbation[name] = shares(result)
         caught_all.append(result.rejected)
-        print(name, json.dumps(by_perturbation[name]), flush=True)
+        # The same copies with their source unknown: what the all-patient check and the
+        # floors catch on their own (the audit's situation, and a copy of another patient).
+        blind[name] = shares(privacy_filter.check(copies))
+        print(name, json.dumps(by_perturbation[name]), "without source:",
+              json.dumps(blind[name]), flush=True)
     heldout = privacy_filter.check(images[dataset.split == "test"])
     false_reject = shares(heldout)
     print("held-out test images", json.dumps(false_reject), flush=True)
@@ -110,6 +114,7 @@ def main() -> None:
         "heldout_false_reject_by_check": false_reject,
         "heldout_count": int((dataset.split == "test").sum()),
         "planted_by_perturbation": by_perturbation,
+        "planted_by_perturbation_source_unknown": blind,
         "floors": floors["floors"],
         "embedder_linear_probe_auc": embedder["linear_probe"]["mean_auc"],
         "embedder": {key: embedder[key] for key in embedder if key != "architecture"},
