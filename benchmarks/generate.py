@@ -35,6 +35,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("fit-embedder", "fit-reid", "calibrate", "fit-classifier", "fit-diffusion")
 REFERENCE = ("generate.mode=best", "generate.candidates=32", "generate.attempts=1",
              "sampling.solver=heun", "sampling.steps=32", "sampling.guide=cfg",
+             "sampling.guidance_against=null",
              "generate.reid_check=source", "generate.reid_threshold=0.5",
              "generate.distance_floors=false")
 
@@ -99,7 +100,7 @@ def main() -> None:
     reference_run = reference_copy(options.run)
     reference, seconds["generate_reference"] = generate(
         reference_run, *REFERENCE, f"generate.count={options.reference_sources}",
-        f"sampling.guidance={options.reference_guidance}")
+        f"generate.guidance={options.reference_guidance}")
     shutil.rmtree(options.run.with_name(options.run.name + "-reference"), ignore_errors=True)
     results = {
         "acceptance_rate": ours["acceptance_rate"],

@@ -22,12 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CHOICES = {
-    "default (first, K=8, DPM++ 16 steps, no guidance)": (),
+    "cpu preset (first, K=8, DPM++ 16 steps, labels only: w=0)": (),
     "best of K=8": ("generate.mode=best",),
     "DPM++ 10 steps": ("sampling.steps=10",),
-    "classifier-free guidance w=2, back-off 0.5 per attempt": ("sampling.guidance=2.0",),
-    "classifier-free guidance w=2, no back-off": ("sampling.guidance=2.0",
-                                                  "generate.guidance_step=0"),
+    "source embedding at w=1, backing off to w=0.5, then 0": ("generate.guidance=1.0",),
+    "source embedding at w=0.5, backing off to 0": ("generate.guidance=0.5",),
 }
 FIELDS = ("sources", "acceptance_rate", "candidate_pass_rate", "rejections_by_reason",
           "candidates_per_source_mean", "attempts_per_source_mean", "nfe_per_accepted",

@@ -140,6 +140,10 @@ class SamplingConfig(Section):
     guidance: float = Field(1.0, ge=0.0, description="guidance weight w; 1 = none")
     guide: Literal["cfg", "autoguidance"] = Field(
         "cfg", description="guide against the null condition, or against the early checkpoint")
+    guidance_against: Literal["null", "labels"] = Field(
+        "labels", description="what classifier-free guidance pushes away from in `generate`: "
+        "the empty condition, or (class+pseudo models) the labels alone, so that w weighs the "
+        "source image's embedding only and w = 0 is the class-conditional model")
     sigma_min: float = Field(0.002, gt=0.0)
     sigma_max: float = Field(80.0, gt=0.0)
     rho: float = Field(7.0, gt=0.0)
@@ -287,8 +291,13 @@ class GenerateConfig(Section):
     attempts: int = Field(
         3, ge=1, description="tries per source; each new try draws new seeds with guidance "
         "lowered by `guidance_step`, down to `guidance_floor`; then the source is skipped")
+    guidance: float | None = Field(
+        None, ge=0.0, description="guidance weight of the first attempt (default: "
+        "sampling.guidance)")
     guidance_step: float = Field(0.5, ge=0.0)
-    guidance_floor: float = Field(1.0, ge=0.0, description="guidance never drops below this")
+    guidance_floor: float = Field(
+        0.0, ge=0.0, description="guidance never drops below this; with guidance against the "
+        "labels, 0 lets the last attempts follow the labels alone")
     block_size: int = Field(64, ge=1, description="sources per resumable, shardable block")
     reid_check: Literal["neighbours", "source"] = Field(
         "neighbours", description="compare a candidate with its source and its nearest training "
@@ -386,7 +395,10 @@ _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
              "reid": {"steps": 500, "validate_every": 100},
              "audit": {"embedder_width": 16, "reid_width": 16},
              "evaluate": {"restoration_steps": 200}},
-    "cpu": {"data": {"resolution": 32},
+    # On Kermany at 32 px, candidates following their source's embedding (w = 1) pass the
+    # re-ID check against that source 1% of the time, w = 0.5 7%, the labels alone (w = 0) 27%
+    # (BENCHMARKS.md): within a CPU budget the cpu preset samples from the labels.
+    "cpu": {"data": {"resolution": 32}, "generate": {"guidance": 0.0},
             "diffusion": {"model_channels": 32, "num_blocks": 1, "attn_resolutions": [],
                           "steps": 2400, "batch_size": 64, "lr_ref_steps": 1000}},
     "gpu": {"data": {"resolution": 128},

@@ -116,6 +116,12 @@ def guidance_at(settings: GenerateConfig, guidance: float, attempt: int) -> floa
     return max(floor, guidance - attempt * settings.guidance_step)
 
 
+def first_guidance(config: Config) -> float:
+    """The first attempt's guidance weight: generate's own, else the sampling section's."""
+    own = config.generate.guidance
+    return config.sampling.guidance if own is None else own
+
+
 def block_count(n_sources: int, block_size: int) -> int:
     return -(-n_sources // block_size)
 
@@ -149,7 +155,7 @@ class Generator:
         model_folder = run.stage_path("fit-diffusion")
         denoiser, meta = load_denoiser(model_folder)
         guide = None
-        if config.sampling.guide == "autoguidance" and config.sampling.guidance != 1:
+        if config.sampling.guide == "autoguidance" and first_guidance(config) != 1:
             guide, _ = load_denoiser(model_folder, "guide")
             guide.to(device)
         conditioner = Conditioner(**meta["conditioner"])
@@ -183,7 +189,7 @@ class Generator:
         evaluations = 0
         shape = (1, self.train.resolution, self.train.resolution)
         for attempt in np.unique(attempts):
-            weight = guidance_at(self.config.generate, settings.guidance, int(attempt))
+            weight = guidance_at(self.config.generate, first_guidance(self.config), int(attempt))
             chosen = np.flatnonzero(attempts == attempt)
             for start in range(0, len(chosen), settings.batch_size):
                 batch = chosen[start:start + settings.batch_size]
@@ -192,10 +198,18 @@ class Generator:
                                 solver=settings.solver, num_steps=settings.steps,
                                 guidance=weight, guide=self.guide, image_shape=shape,
                                 sigma_min=settings.sigma_min, sigma_max=settings.sigma_max,
-                                rho=settings.rho, device=self.device)
+                                rho=settings.rho, device=self.device,
+                                null=self.null_condition(rows[batch]))
                 images[batch] = to_stored(result.images, self.train.bit_depth)
                 evaluations += result.nfe_per_sample * len(batch)
         return images, seeds, evaluations
+
+    def null_condition(self, rows: np.ndarray) -> torch.Tensor | None:
+        """What guidance pushes away from: None (the empty condition) or the labels alone."""
+        both = self.conditioner.uses_labels and self.conditioner.uses_pseudo
+        if self.config.sampling.guidance_against == "null" or not both:
+            return None  # a model with one part or none: its null is the empty condition
+        return self.conditioner.build(self.codes[rows], torch.zeros_like(self.pseudo[rows]))
 
     def to_float(self, images: np.ndarray) -> np.ndarray:
         return images.astype(np.float32) / float((1 << self.train.bit_depth) - 1)
@@ -265,7 +279,7 @@ def _decision(gen: Generator, checked: Any, j: int, position: int, source_row: i
     reason = checked.reason(j)
     return {"position": position, "source_row": source_row, "attempt": attempt,
             "candidate": candidate, "seed": seed,
-            "guidance": guidance_at(gen.config.generate, gen.config.sampling.guidance, attempt),
+            "guidance": guidance_at(gen.config.generate, first_guidance(gen.config), attempt),
             "reid_score": float(checked.reid_score[j]),
             "reid_source_score": float(checked.reid_source_score[j]),
             "reid_threshold": gen.privacy_filter.reid.threshold if threshold is None else threshold,
@@ -501,7 +515,10 @@ def summarise(gen: Generator, blocks: list[dict[str, np.ndarray]], processes: in
                      "round_size": settings.round_size, "tolerance": settings.tolerance,
                      "selection": settings.selection, "attempts": settings.attempts,
                      "solver": sampling.solver, "steps": sampling.steps,
-                     "guidance": sampling.guidance, "guide": sampling.guide,
+                     "guidance": first_guidance(gen.config), "guide": sampling.guide,
+                     "guidance_against": sampling.guidance_against,
+                     "guidance_step": settings.guidance_step,
+                     "guidance_floor": settings.guidance_floor,
                      "reid_check": settings.reid_check, "reid_threshold": (
                          settings.reid_threshold if settings.reid_threshold is not None
                          else gen.privacy_filter.reid.threshold),

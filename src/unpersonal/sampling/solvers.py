@@ -173,6 +173,9 @@ class GuidedDenoiser:
     one forward of the network instead of two. w = 1 is no guidance and skips the null pass;
     w = 0 is the unconditional model and skips the conditional pass.
 
+    `null` replaces the all-zero null condition, e.g. by the condition with only some parts
+    dropped: then w weighs those parts alone (w = 0 keeps the rest).
+
     With `guide` (autoguidance, Karras et al. 2024): D = D_guide(x; cond) + w (D(x; cond) -
     D_guide(x; cond)), where the guide is a weaker model of the same data (a smaller or earlier
     one) and both see the same condition. w = 1 skips the guide, w = 0 uses the guide alone.
@@ -186,7 +189,7 @@ class GuidedDenoiser:
     """
 
     def __init__(self, denoiser: Denoiser, cond: Tensor | None, weight: float = 1.0,
-                 guide: Denoiser | None = None) -> None:
+                 guide: Denoiser | None = None, null: Tensor | None = None) -> None:
         if not math.isfinite(weight):
             raise ValueError(f"guidance weight must be finite, got {weight}")
         if guide is None and cond is None and weight != 1.0:
@@ -198,6 +201,9 @@ class GuidedDenoiser:
         self.cond = None if cond is None else cond.to(MODEL_DTYPE)
         self.weight = float(weight)
         self.guide = guide
+        # What classifier-free guidance pushes away from: the all-zero (fully dropped)
+        # condition by default, or e.g. the condition with only its pseudo part dropped.
+        self.null = None if null is None else null.to(MODEL_DTYPE)
         self.evaluations = 0
 
     def __call__(self, x: Tensor, sigma: float) -> Tensor:
@@ -207,7 +213,7 @@ class GuidedDenoiser:
             return self._evaluate(self.denoiser, x, sigma, self.cond)
         if self.guide is not None:
             return self._autoguided(x, sigma)
-        null = torch.zeros_like(self.cond)
+        null = torch.zeros_like(self.cond) if self.null is None else self.null.to(self.cond.device)
         if self.weight == 0.0:
             return self._evaluate(self.denoiser, x, sigma, null)
         return self._classifier_free(x, sigma, null)
@@ -270,7 +276,8 @@ def sample(denoiser: Denoiser, cond: Tensor | None, seeds: Sequence[int], *,
            solver: str = "dpmpp2m", num_steps: int, guidance: float = 1.0,
            guide: Denoiser | None = None, image_shape: tuple[int, ...],
            sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
-           device: torch.device | str | None = None) -> SampleResult:
+           device: torch.device | str | None = None,
+           null: Tensor | None = None) -> SampleResult:
     """Draw one image per seed (row i of `cond` conditions seed i) with the named solver.
 
     `guidance` is the weight w: classifier-free against the all-zero condition, or autoguidance
@@ -287,7 +294,10 @@ def sample(denoiser: Denoiser, cond: Tensor | None, seeds: Sequence[int], *,
     device = torch.device(device) if device is not None else _device_of(denoiser, cond)
     noise = initial_noise(seeds, image_shape, device, _state_dtype(device))
     sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho)
-    guided = GuidedDenoiser(denoiser, None if cond is None else cond.to(device), guidance, guide)
+    if null is not None and (cond is None or null.shape != cond.shape):
+        raise ValueError("the null condition must have the condition's shape")
+    guided = GuidedDenoiser(denoiser, None if cond is None else cond.to(device), guidance, guide,
+                            None if null is None else null.to(device))
     with torch.no_grad(), _eval_mode(denoiser, guide):
         images = SOLVERS[solver](guided, noise, sigmas)
     return SampleResult(images=images.to(torch.float32), nfe_per_sample=guided.evaluations,
