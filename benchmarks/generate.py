@@ -35,7 +35,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("fit-embedder", "fit-reid", "calibrate", "fit-classifier", "fit-diffusion")
 REFERENCE = ("generate.mode=best", "generate.candidates=32", "generate.attempts=1",
              "sampling.solver=heun", "sampling.steps=32", "sampling.guide=cfg",
-             "sampling.guidance_against=null",
+             "sampling.guidance_against=empty",
              "generate.reid_check=source", "generate.reid_threshold=0.5",
              "generate.distance_floors=false")
 

@@ -48,7 +48,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 STAGES = ("fit-embedder", "fit-reid", "calibrate", "fit-classifier", "fit-diffusion", "generate")
 REFERENCE = ("generate.mode=best", "generate.candidates=32", "generate.attempts=1",
              "sampling.solver=heun", "sampling.steps=32", "sampling.guide=cfg",
-             "sampling.guidance_against=null", "generate.guidance=2.0",
+             "sampling.guidance_against=empty", "generate.guidance=2.0",
              "generate.reid_check=source",
              "generate.reid_threshold=0.5", "generate.distance_floors=false")
 

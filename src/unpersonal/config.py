@@ -140,9 +140,9 @@ class SamplingConfig(Section):
     guidance: float = Field(1.0, ge=0.0, description="guidance weight w; 1 = none")
     guide: Literal["cfg", "autoguidance"] = Field(
         "cfg", description="guide against the null condition, or against the early checkpoint")
-    guidance_against: Literal["null", "labels"] = Field(
+    guidance_against: Literal["empty", "labels"] = Field(
         "labels", description="what classifier-free guidance pushes away from in `generate`: "
-        "the empty condition, or (class+pseudo models) the labels alone, so that w weighs the "
+        "the empty condition (empty), or (class+pseudo models) the labels alone, so that w weighs the "
         "source image's embedding only and w = 0 is the class-conditional model")
     sigma_min: float = Field(0.002, gt=0.0)
     sigma_max: float = Field(80.0, gt=0.0)

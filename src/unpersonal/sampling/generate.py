@@ -207,7 +207,7 @@ class Generator:
     def null_condition(self, rows: np.ndarray) -> torch.Tensor | None:
         """What guidance pushes away from: None (the empty condition) or the labels alone."""
         both = self.conditioner.uses_labels and self.conditioner.uses_pseudo
-        if self.config.sampling.guidance_against == "null" or not both:
+        if self.config.sampling.guidance_against == "empty" or not both:
             return None  # a model with one part or none: its null is the empty condition
         return self.conditioner.build(self.codes[rows], torch.zeros_like(self.pseudo[rows]))
 
