@@ -25,8 +25,10 @@ CHOICES = {
     "cpu preset (first, K=8, DPM++ 16 steps, labels only: w=0)": (),
     "best of K=8": ("generate.mode=best",),
     "DPM++ 10 steps": ("sampling.steps=10",),
-    "source embedding at w=1, backing off to w=0.5, then 0": ("generate.guidance=1.0",),
-    "source embedding at w=0.5, backing off to 0": ("generate.guidance=0.5",),
+    "source embedding at w=1, no back-off": ("generate.guidance=1.0",
+                                              "generate.guidance_floor=1.0"),
+    "source embedding at w=0.5, no back-off": ("generate.guidance=0.5",
+                                               "generate.guidance_floor=0.5"),
 }
 FIELDS = ("sources", "acceptance_rate", "candidate_pass_rate", "rejections_by_reason",
           "candidates_per_source_mean", "attempts_per_source_mean", "nfe_per_accepted",
