@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from runner import unpersonal
 from unpersonal.data.canonical import load_canonical
 from unpersonal.evaluation.fidelity import frechet_distance
 from unpersonal.models.pixel_pca import PixelPCA
@@ -34,12 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "kermany_cxr_64.npz"
 RESULTS = ROOT / "benchmarks" / "results"
 SOLVERS = [("heun", 32), ("dpmpp2m", 10), ("dpmpp2m", 16), ("dpmpp2m", 24)]
-
-
-def unpersonal(*args: str) -> None:
-    command = [str(Path(sys.executable).with_name("unpersonal")), *args]
-    print("$", " ".join(command[1:]), flush=True)
-    subprocess.run(command, check=True)
 
 
 def main() -> None:

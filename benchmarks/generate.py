@@ -24,10 +24,11 @@ import argparse
 import json
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from runner import copy_run_without, cores, sets, unpersonal
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "kermany_cxr_64.npz"
@@ -38,19 +39,6 @@ REFERENCE = ("generate.mode=best", "generate.candidates=32", "generate.attempts=
              "sampling.guidance_against=empty",
              "generate.reid_check=source", "generate.reid_threshold=0.5",
              "generate.distance_floors=false")
-
-
-def unpersonal(*args: str) -> float:
-    """Run one CLI command; returns its wall time in seconds."""
-    command = [str(Path(sys.executable).with_name("unpersonal")), *args]
-    print("$", " ".join(command[1:]), flush=True)
-    started = time.perf_counter()
-    subprocess.run(command, check=True)
-    return round(time.perf_counter() - started, 1)
-
-
-def sets(*overrides: str) -> list[str]:
-    return [part for item in overrides for part in ("--set", item)]
 
 
 def build_models(run: Path, overrides: list[str]) -> dict[str, float]:
@@ -69,13 +57,7 @@ def generate(run: Path, *overrides: str, force: bool = False) -> tuple[dict, flo
 
 def reference_copy(run: Path) -> Path:
     """The trained run without its generate stage, for the reference recipe."""
-    copy = run.with_name(run.name + "-reference")
-    shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("generate", ".work", ".partial"))
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["stages"].pop("generate", None)
-    (copy / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return copy
+    return copy_run_without(run, run.with_name(run.name + "-reference"))
 
 
 def main() -> None:
@@ -130,19 +112,13 @@ def main() -> None:
         "settings_ours": ours["settings"], "settings_reference": reference["settings"],
         "stage_seconds": seconds,
         "wall_time_s": round(time.perf_counter() - started, 1),
-        "machine": f"{platform.machine()}, {_cores()} cores, torch threads default",
+        "machine": f"{platform.machine()}, {cores()} cores, torch threads default",
         "date": time.strftime("%Y-%m-%d"),
         "command": "python benchmarks/generate.py " + " ".join(sys.argv[1:]),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "generate.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 if __name__ == "__main__":

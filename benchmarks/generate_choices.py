@@ -14,10 +14,11 @@ import argparse
 import json
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from runner import copy_run_without, sets, unpersonal
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -45,23 +46,11 @@ def main() -> None:
     copy = options.run.with_name(options.run.name + "-choices")
     results = {}
     for name, overrides in CHOICES.items():
-        shutil.rmtree(copy, ignore_errors=True)
-        shutil.copytree(options.run, copy, ignore=shutil.ignore_patterns(
-            "generate", "audit*", "eval", "report", "export", ".work", ".partial"))
-        manifest = json.loads((copy / "manifest.json").read_text())
-        manifest["stages"] = {k: v for k, v in manifest["stages"].items()
-                              if k not in ("generate", "audit", "eval", "report", "export")}
-        (copy / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        sets = [part for item in (*overrides, f"generate.count={options.sources}")
-                for part in ("--set", item)]
-        command = [str(Path(sys.executable).with_name("unpersonal")), "generate", "--out",
-                   str(copy), *sets]
-        print("$", " ".join(command[1:]), flush=True)
-        started = time.perf_counter()
-        subprocess.run(command, check=True)
+        copy_run_without(options.run, copy)
+        wall = unpersonal("generate", "--out", str(copy),
+                          *sets(*overrides, f"generate.count={options.sources}"))
         summary = json.loads((copy / "generate" / "generate.json").read_text())
-        results[name] = {"overrides": list(overrides), "wall_s": round(time.perf_counter() -
-                                                                       started, 1),
+        results[name] = {"overrides": list(overrides), "wall_s": wall,
                          **{field: summary[field] for field in FIELDS}}
         print(name, json.dumps(results[name]), flush=True)
     shutil.rmtree(copy, ignore_errors=True)

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from runner import copy_run_without, cores, sets, unpersonal
 from unpersonal.config import load_config
 from unpersonal.data.canonical import load_canonical
 from unpersonal.evaluation.audit import AuditModels, audit_set
@@ -51,18 +50,6 @@ REFERENCE = ("generate.mode=best", "generate.candidates=32", "generate.attempts=
              "sampling.guidance_against=empty", "generate.guidance=2.0",
              "generate.reid_check=source",
              "generate.reid_threshold=0.5", "generate.distance_floors=false")
-
-
-def unpersonal(*args: str) -> float:
-    command = [str(Path(sys.executable).with_name("unpersonal")), *args]
-    print("$", " ".join(command[1:]), flush=True)
-    started = time.perf_counter()
-    subprocess.run(command, check=True)
-    return round(time.perf_counter() - started, 1)
-
-
-def sets(*overrides: str) -> list[str]:
-    return [part for item in overrides for part in ("--set", item)]
 
 
 def pipeline(run: Path, seeds: int) -> dict[str, float]:
@@ -96,14 +83,7 @@ def unfiltered_sample(run: Path, count: int) -> tuple[np.ndarray, np.ndarray, fl
 
 
 def reference_run(run: Path, sources: int) -> tuple[dict[str, Any], Path, float]:
-    copy = run.with_name(run.name + "-reference")
-    shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns(
-        "generate", "audit", "eval", "report", "export", ".work", ".partial"))
-    manifest = json.loads((copy / "manifest.json").read_text())
-    for stage in ("generate", "audit", "eval", "report", "export"):
-        manifest["stages"].pop(stage, None)
-    (copy / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    copy = copy_run_without(run, run.with_name(run.name + "-reference"))
     wall = unpersonal("generate", "--out", str(copy), *sets(*REFERENCE,
                                                            f"generate.count={sources}"))
     return json.loads((copy / "generate" / "generate.json").read_text()), copy, wall
@@ -244,19 +224,13 @@ def main() -> None:
         "rows": rows,
         "stage_seconds": seconds,
         "wall_time_s": round(time.perf_counter() - started, 1),
-        "machine": f"{platform.machine()}, {_cores()} cores",
+        "machine": f"{platform.machine()}, {cores()} cores",
         "date": time.strftime("%Y-%m-%d"),
         "command": "python benchmarks/kermany.py " + " ".join(sys.argv[1:]),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "kermany.json").write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(rows))
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 if __name__ == "__main__":

@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from runner import unpersonal
 from unpersonal.config import load_config
 from unpersonal.data.canonical import load_canonical
 from unpersonal.privacy.filter import CHECKS, PrivacyFilter
@@ -39,15 +39,6 @@ from unpersonal.rundir import RunDir
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "kermany_cxr_64.npz"
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def unpersonal(*args: str) -> float:
-    """Run one CLI command; returns its wall time."""
-    command = [str(Path(sys.executable).with_name("unpersonal")), *args]
-    print("$", " ".join(command[1:]), flush=True)
-    started = time.perf_counter()
-    subprocess.run(command, check=True)
-    return round(time.perf_counter() - started, 1)
 
 
 def shares(result, mask: np.ndarray | None = None) -> dict[str, float]:

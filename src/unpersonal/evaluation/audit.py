@@ -27,7 +27,6 @@ figure:
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
@@ -35,6 +34,7 @@ import numpy as np
 
 from unpersonal.config import Config
 from unpersonal.data.canonical import CanonicalDataset, load_canonical
+from unpersonal.evaluation.plots import png_bytes, pyplot
 from unpersonal.evaluation.sets import (AUDIT_EMBEDDER, AUDIT_REID, fit_audit_models,
                                         read_synthetic_set)
 from unpersonal.privacy.attacks import (ReidScorer, dcr_summary, distance_to_closest_record,
@@ -199,10 +199,7 @@ def dcr_plot(distances: dict[str, dict[str, np.ndarray]]) -> bytes:
     """Histograms of each released image's distance to its closest training image, over the
     same for held-out real images: a private set sits where the held-out one does, not left
     of it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axes = plt.subplots(1, len(distances), figsize=(5 * len(distances), 3.6))
     for axis, (space, d) in zip(np.atleast_1d(axes), distances.items()):
@@ -215,11 +212,7 @@ def dcr_plot(distances: dict[str, dict[str, np.ndarray]]) -> bytes:
         unit = "cosine distance" if space == "embedding" else "RMSE"
         axis.set(title=f"closest training image ({space})", xlabel=unit, ylabel="density")
         axis.legend(fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    return buffer.getvalue()
+    return png_bytes(figure)
 
 
 def load_privacy(run: RunDir) -> dict[str, Any]:

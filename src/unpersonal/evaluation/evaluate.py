@@ -25,7 +25,6 @@ imitated; the real test images measured the same way are the reference.
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
@@ -35,6 +34,7 @@ from unpersonal.config import Config
 from unpersonal.data.canonical import CanonicalDataset, load_canonical
 from unpersonal.evaluation.fidelity import (frechet_distance, kernel_inception_distance, prdc,
                                             retrieval_score, vendi_score)
+from unpersonal.evaluation.plots import png_bytes, pyplot
 from unpersonal.evaluation.restoration import TASKS, compare_restoration
 from unpersonal.evaluation.sets import AUDIT_EMBEDDER, fit_audit_models, read_synthetic_set
 from unpersonal.evaluation.utility import (bootstrap_auc_ci, bootstrap_auc_gap_ci,
@@ -208,10 +208,7 @@ def restoration_utility(config: Config, dataset: CanonicalDataset, images: np.nd
 
 def roc_plot(curves: dict[str, np.ndarray], label_names: list[str]) -> bytes:
     """Test ROC curves per class, one line per training set: the utility at a glance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from sklearn.metrics import roc_curve
 
     labels = curves["labels"]
@@ -230,11 +227,7 @@ def roc_plot(curves: dict[str, np.ndarray], label_names: list[str]) -> bytes:
         axis.set(title=label_names[column], xlabel="false positive rate",
                  ylabel="true positive rate", aspect="equal")
         axis.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    return buffer.getvalue()
+    return png_bytes(figure)
 
 
 def load_metrics(run: RunDir) -> dict[str, Any]:
