@@ -28,17 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-from runner import copy_run_without, cores, sets, unpersonal
+from runner import REFERENCE, REFERENCE_GUIDANCE, copy_run_without, cores, sets, unpersonal
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "kermany_cxr_64.npz"
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("fit-embedder", "fit-reid", "calibrate", "fit-classifier", "fit-diffusion")
-REFERENCE = ("generate.mode=best", "generate.candidates=32", "generate.attempts=1",
-             "sampling.solver=heun", "sampling.steps=32", "sampling.guide=cfg",
-             "sampling.guidance_against=empty",
-             "generate.reid_check=source", "generate.reid_threshold=0.5",
-             "generate.distance_floors=false")
 
 
 def build_models(run: Path, overrides: list[str]) -> dict[str, float]:
@@ -64,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "bench-kermany-32")
     parser.add_argument("--reference-sources", type=int, default=50)
-    parser.add_argument("--reference-guidance", type=float, default=2.0,
+    parser.add_argument("--reference-guidance", type=float, default=REFERENCE_GUIDANCE,
                         help="classifier-free guidance weight of the reference recipe")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="config override for the whole run, e.g. diffusion.steps=100")

@@ -15,6 +15,16 @@ import time
 from pathlib import Path
 
 DOWNSTREAM = ("generate", "audit", "eval", "report", "export")
+# The reference recipe (DESIGN.md section 5): all K=32 candidates, EDM Heun with 32 steps
+# (63 NFE), classifier-free guidance against the null condition, the re-ID check against the
+# source image only with a fixed threshold of 0.5, no distance floors, and the least divergent
+# survivor kept whatever its divergence.
+REFERENCE = ("generate.mode=best", "generate.candidates=32", "generate.attempts=1",
+             "sampling.solver=heun", "sampling.steps=32", "sampling.guide=cfg",
+             "sampling.guidance_against=empty",
+             "generate.reid_check=source", "generate.reid_threshold=0.5",
+             "generate.distance_floors=false", "generate.label_gate=false")
+REFERENCE_GUIDANCE = 2.0
 
 
 def unpersonal(*args: str) -> float:

@@ -29,8 +29,12 @@ def test_audit_reports_every_figure_beside_its_held_out_baseline(released_run: P
     for space in ("embedding", "pixel"):
         dcr = figures["dcr"][space]
         assert 0 <= dcr["synthetic_share_below"] <= 1 and dcr["n_heldout"] == figures["heldout_images"]
+    mia = figures["membership_inference"]
     for attack in ("distance", "density_ratio"):
-        assert 0 <= figures["membership_inference"][attack]["auc"] <= 1
+        assert 0 <= mia[attack]["auc"] <= 1
+    # Non-members drawn as the members were: the validation split, never generated from.
+    assert mia["nonmember_split"] == "val"
+    assert mia["n_nonmembers"] <= int((dataset.split == "val").sum())
     pso = figures["singling_out"]
     assert pso["max_ci"][0] <= pso["max_excess"] <= pso["max_ci"][1]
     assert round(figures["models"]["reid_threshold"], 6) in pso["thresholds"]

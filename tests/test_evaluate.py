@@ -13,7 +13,9 @@ from unpersonal.config import load_config
 from unpersonal.data.canonical import load_canonical
 from unpersonal.evaluation.evaluate import evaluate_set
 from unpersonal.evaluation.sets import AUDIT_EMBEDDER, audit_config
+from unpersonal.evaluation.utility import roc_auc_per_class
 from unpersonal.rundir import RunDir
+
 
 def test_evaluate_writes_every_figure_with_its_reference(released_run: Path) -> None:
     metrics = json.loads((released_run / "eval" / "metrics.json").read_text())
@@ -37,6 +39,20 @@ def test_evaluate_writes_every_figure_with_its_reference(released_run: Path) -> 
     for task in ("denoise", "sr"):
         assert metrics["utility"]["restoration"][task]["test_images"] > 0
     assert Image.open(released_run / "eval" / "roc.png").size[0] > 300
+
+
+def test_the_saved_test_probabilities_give_the_reported_aucs(released_run: Path) -> None:
+    """A later comparison reuses the real-trained classifiers through eval/test_probs.npz."""
+    metrics = json.loads((released_run / "eval" / "metrics.json").read_text())
+    dataset = load_canonical(released_run / "prepare")
+    test = dataset.subset("test")
+    with np.load(released_run / "eval" / "test_probs.npz") as saved:
+        np.testing.assert_array_equal(saved["labels"], test.labels)
+        for name in ("real", "synthetic", "real+synthetic"):
+            per_seed = [roc_auc_per_class(test.labels, probs, test.label_kind,
+                                          test.label_names)["mean"] for probs in saved[name]]
+            reported = metrics["utility"]["classification"][name]["per_seed"]
+            assert per_seed == pytest.approx(reported), name
 
 
 def test_the_audit_models_train_apart_and_leave_the_run_config_alone(released_run: Path) -> None:

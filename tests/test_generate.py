@@ -159,6 +159,34 @@ def test_best_mode_draws_all_k_and_can_keep_the_second_best(generated_run: Path,
     assert summary["images"] == summary["accepted_sources"] + seconds > summary["accepted_sources"]
 
 
+def test_every_released_image_looks_like_its_label(generated_run: Path) -> None:
+    """The classifier's output on each released image is within `tolerance` of its source's."""
+    tolerance = load_config(config_file=generated_run / "config.yaml").generate.tolerance
+    accepted = _accepted(generated_run)
+    assert accepted
+    assert all(float(row["divergence"]) <= tolerance for row in accepted)
+    summary = json.loads((generated_run / "generate" / "generate.json").read_text())
+    assert summary["settings"]["label_gate"] is True
+    assert "label" in summary["rejections_by_reason"]
+
+
+def test_the_label_gate_rejects_what_the_reference_behaviour_keeps(generated_run: Path,
+                                                                   tmp_path: Path) -> None:
+    """With no divergence tolerated the gate lets nothing through; without the gate the least
+    divergent survivor is kept whatever its divergence."""
+    strict = ("--set", "generate.tolerance=0", "--set", "generate.count=6",
+              "--set", "generate.candidates=2", "--set", "generate.attempts=1")
+    gated = copy_run_without(generated_run, tmp_path / "gated")
+    invoke_cli("generate", "--out", gated, *strict)
+    summary = json.loads((gated / "generate" / "generate.json").read_text())
+    assert summary["images"] == 0 and summary["skipped_sources"] == 6
+    assert summary["rejections_by_reason"]["label"] > 0
+    ungated = copy_run_without(generated_run, tmp_path / "ungated")
+    invoke_cli("generate", "--out", ungated, *strict, "--set", "generate.label_gate=false")
+    assert [float(row["divergence"]) > 0 for row in _accepted(ungated)] == [True] * len(
+        _accepted(ungated)) != []
+
+
 def test_the_reference_policy_misses_what_the_product_filter_catches(generated_run: Path) -> None:
     """A training image of another patient, offered as a candidate for source 0: the
     source-only check with a fixed 0.5 threshold and no floors lets it through."""

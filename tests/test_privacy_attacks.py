@@ -154,6 +154,22 @@ def test_honest_set_does_not_reveal_membership(world: SimpleNamespace) -> None:
         assert abs(result[attack]["auc"] - 0.5) < 0.1, (attack, result[attack])
 
 
+def test_non_members_of_another_kind_read_as_membership() -> None:
+    """Why the audit draws its non-members from the validation split: held-out images unlike the
+    training images (a test set collected apart) make an honest set look as if it revealed
+    membership to the density attack, which then measures the difference in kind."""
+    rng = np.random.default_rng(11)
+    train, _ = patients(rng, 200, "T")
+    fresh, _ = patients(rng, 200, "F")
+    alike, alike_patient = patients(rng, 200, "A")
+    unlike = unit(alike + 0.5 * unit(rng.normal(size=(1, DIM))))  # one shift for all of them
+    honest = membership_inference(train, alike, fresh, heldout_patient=alike_patient, seed=3)
+    confounded = membership_inference(train, unlike, fresh, heldout_patient=alike_patient,
+                                      seed=3)
+    assert abs(honest["density_ratio"]["auc"] - 0.5) < 0.1, honest
+    assert confounded["density_ratio"]["auc"] > 0.7, confounded
+
+
 def test_honest_set_singles_out_nobody(world: SimpleNamespace) -> None:
     result = singling_out(world.fresh, world.train, world.train_patient, world.heldout,
                           world.heldout_patient, SCORER, THRESHOLDS)

@@ -283,7 +283,12 @@ class GenerateConfig(Section):
         1, ge=1, description="candidates per source per round in first mode: 1 makes the common "
         "case (the first candidate passes) cost one candidate")
     tolerance: float = Field(
-        0.5, ge=0.0, description="first mode: largest label divergence that ends the search")
+        0.5, ge=0.0, description="largest label divergence between a candidate and its source "
+        "that counts as the same labels: a first-mode search ends at the first such survivor")
+    label_gate: bool = Field(
+        True, description="keep only survivors within `tolerance` (others: rejected:label), so "
+        "every released image looks like its label to the classifier; false keeps the least "
+        "divergent survivor whatever its divergence (the reference behaviour)")
     selection: Literal["symmetric-kl", "jensen-shannon", "total-variation"] = Field(
         "symmetric-kl", description="divergence between the classifier's outputs on a candidate "
         "and on its source; the survivor with the smallest is kept")

@@ -3,6 +3,9 @@
     run/eval/
         metrics.json   every figure (schema below); the report and the datasheet read it
         roc.png        test ROC curves of the classifiers trained on real, synthetic, both
+        test_probs.npz the classifiers' test-split probabilities, one [seeds, N_test, C] array
+                       per training set ("real", "synthetic", "real+synthetic") and "labels":
+                       a later comparison (benchmarks/kermany.py) reuses the real ones
 
 Every figure comes with the value a real held-out set gets (the test split, never used to train
 or choose anything), because a number alone does not say whether it is good:
@@ -25,6 +28,7 @@ imitated; the real test images measured the same way are the reference.
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -73,7 +77,14 @@ def run_evaluate(config: Config, run: RunDir, force: bool = False) -> bool:
     with run.build_stage(STAGE, key, config) as folder:
         write_atomic(folder / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         write_atomic(folder / "roc.png", roc_plot(curves, dataset.label_names))
+        write_atomic(folder / "test_probs.npz", npz_bytes(curves))
     return True
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def evaluate_set(config: Config, run: RunDir, dataset: CanonicalDataset, images: np.ndarray,

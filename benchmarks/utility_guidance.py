@@ -1,0 +1,82 @@
+"""What classifier-free guidance on the labels does to a synthetic set's utility.
+
+    .venv/bin/python benchmarks/utility_guidance.py --weights 1 2     # after benchmarks/kermany.py
+
+The class-conditional model of benchmarks/kermany.py's unfiltered row (runs/bench-diffusion-k32)
+draws one image per training image at each guidance weight w (DPM-Solver++ 16 steps; w = 1 is no
+guidance, w > 1 pushes each image towards its label and away from the unconditional model, at
+twice the network evaluations). Each set is evaluated as `unpersonal evaluate` would: fidelity in
+the audit embedder's space and classifiers over `--seeds` seeds tested on the real test split,
+beside the real-trained classifiers of runs/bench-kermany-32/eval (same seeds and settings).
+Writes benchmarks/results/utility_guidance.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from runner import cores, sets, unpersonal
+from unpersonal.config import load_config
+from unpersonal.data.canonical import load_canonical
+from unpersonal.evaluation.evaluate import evaluate_set
+from unpersonal.rundir import RunDir, write_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+MODEL_RUN = ROOT / "runs" / "bench-diffusion-k32"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, default=ROOT / "runs" / "bench-kermany-32",
+                        help="the evaluated run of benchmarks/kermany.py")
+    parser.add_argument("--weights", type=float, nargs="+", default=[1.0, 2.0])
+    parser.add_argument("--seeds", type=int, default=5, help="classifier training seeds")
+    options = parser.parse_args()
+    probs_file = options.run / "eval" / "test_probs.npz"
+    if not probs_file.is_file() or not (MODEL_RUN / "fit-diffusion" / "model.json").is_file():
+        sys.exit("run benchmarks/kermany.py first")
+    run = RunDir(options.run)
+    config = load_config(config_file=options.run / "config.yaml")
+    config.evaluate.classifier_seeds = options.seeds
+    config.evaluate.restoration = False
+    config.evaluate.real_plus_synthetic = False
+    dataset = load_canonical(run.stage_path("prepare"))
+    with np.load(probs_file) as saved:
+        real_probs = saved["real"][:options.seeds]
+    results = {}
+    for weight in options.weights:
+        wall = unpersonal("sample", "--out", str(MODEL_RUN), *sets(
+            "diffusion.conditioning=class", f"sampling.count={len(dataset.subset('train'))}",
+            "sampling.solver=dpmpp2m", "sampling.steps=16", f"sampling.guidance={weight}",
+            "sampling.batch_size=250"))
+        with np.load(MODEL_RUN / "sample" / "images.npz") as arrays:
+            images, labels = arrays["images"].astype(np.float32) / 255.0, arrays["labels"]
+        metrics, _ = evaluate_set(config, run, dataset, images, labels, real_probs=real_probs)
+        classification = metrics["utility"]["classification"]
+        results[f"w={weight:g}"] = {
+            "guidance": weight, "sample_wall_s": wall,
+            "auc": classification["synthetic"]["mean"],
+            "auc_per_seed": classification["synthetic"]["per_seed"],
+            "auc_ci": classification["synthetic"]["ci95"],
+            "auc_real": classification["real"]["mean"], "gap_pp": classification["gap_pp"],
+            "gap_pp_ci": classification["gap_pp_ci95"], "fd": metrics["fidelity"]["fd"],
+            "precision": metrics["fidelity"]["prdc"]["precision"],
+            "recall": metrics["fidelity"]["prdc"]["recall"],
+            "coverage": metrics["fidelity"]["prdc"]["coverage"]}
+        print(json.dumps(results[f"w={weight:g}"]), flush=True)
+    out = {"weights": results, "classifier_seeds": options.seeds,
+           "machine": f"{platform.machine()}, {cores()} cores", "date": time.strftime("%Y-%m-%d"),
+           "command": "python benchmarks/utility_guidance.py " + " ".join(sys.argv[1:])}
+    write_atomic(RESULTS / "utility_guidance.json", json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
