@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from runner import copy_run_without, sets, unpersonal
-from unpersonal.config import load_config
+from unpersonal.config import Config, load_config
 from unpersonal.data.canonical import CanonicalDataset, load_canonical
 from unpersonal.evaluation.sets import read_synthetic_set
 from unpersonal.evaluation.utility import roc_auc_per_class
@@ -47,17 +47,17 @@ FIELDS = ("sources", "acceptance_rate", "candidate_pass_rate", "rejections_by_re
           "seconds_per_accepted", "skipped_sources")
 
 
-def utility(dataset: CanonicalDataset, images: np.ndarray, labels: np.ndarray, run: Path,
+def utility(config: Config, dataset: CanonicalDataset, images: np.ndarray, labels: np.ndarray,
             seeds: int) -> dict[str, float | list[float]]:
     """Test ROC-AUC (macro mean) of classifiers trained on `images`, one per seed."""
-    config = load_config(config_file=run / "config.yaml")
     val, test = dataset.subset("val"), dataset.subset("test")
+    val_images, test_images = val.images_float(), test.images_float()
     scores = []
     for seed in range(seeds):
         classifier = fit_classifier(images, labels, dataset.label_kind, config.classifier,
-                                    config.seed + seed, val.images_float(), val.labels,
+                                    config.seed + seed, val_images, val.labels,
                                     progress=None, label_names=dataset.label_names)
-        probs = classifier.predict_proba(test.images_float())
+        probs = classifier.predict_proba(test_images)
         scores.append(roc_auc_per_class(test.labels, probs, test.label_kind,
                                         test.label_names)["mean"])
     return {"auc": float(np.mean(scores)), "auc_per_seed": scores, "images": len(images)}
@@ -76,8 +76,8 @@ def main() -> None:
     train = dataset.subset("train")
     config = load_config(config_file=options.run / "config.yaml")
     same_sources = source_indices(config.seed, options.sources, len(train))
-    real = utility(dataset, train.images_float()[same_sources], train.labels[same_sources],
-                   options.run, options.seeds)
+    real = utility(config, dataset, train.images_float()[same_sources],
+                   train.labels[same_sources], options.seeds)
     print("real images of the same sources", json.dumps(real), flush=True)
     results = {}
     for name, overrides in CHOICES.items():
@@ -88,11 +88,12 @@ def main() -> None:
         accepted = read_synthetic_set(copy / "generate" / "synthetic", dataset.label_names)
         results[name] = {"overrides": list(overrides), "wall_s": wall,
                          **{field: summary[field] for field in FIELDS},
-                         "utility": utility(dataset, accepted.images, accepted.labels,
-                                            options.run, options.seeds)}
+                         "utility": utility(config, dataset, accepted.images, accepted.labels,
+                                            options.seeds)}
         print(name, json.dumps(results[name]), flush=True)
     shutil.rmtree(copy, ignore_errors=True)
-    out = {"choices": results, "real_same_sources": real, "classifier_seeds": options.seeds, "machine": f"{platform.machine()}, 2-core CPU",
+    out = {"choices": results, "real_same_sources": real, "classifier_seeds": options.seeds,
+           "machine": f"{platform.machine()}, 2-core CPU",
            "date": time.strftime("%Y-%m-%d"),
            "command": "python benchmarks/generate_choices.py " + " ".join(sys.argv[1:])}
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -88,8 +88,8 @@ def stage_seconds(run: Path) -> dict[str, float]:
         if stage == "generate":
             seconds[stage] = json.loads((run / stage / "generate.json").read_text())[
                 "seconds_total"]
-        elif training_seconds(run / stage) is not None:
-            seconds[stage] = training_seconds(run / stage)
+        elif (trained := training_seconds(run / stage)) is not None:
+            seconds[stage] = trained
         else:
             seconds[stage] = (finished[stage] - finished[previous]).total_seconds()
     return {stage: round(value, 1) for stage, value in seconds.items()}
@@ -138,10 +138,13 @@ def unfiltered_sample(count: int) -> tuple[np.ndarray, np.ndarray, dict[str, flo
 def training_seconds(stage: Path) -> float | None:
     """A training stage's own time, from the last `elapsed_s` of its log (None without one)."""
     log = stage / "training_log.csv"
-    if not log.is_file() or "elapsed_s" not in log.read_text().splitlines()[0]:
+    if not log.is_file():
         return None
     with open(log, newline="") as handle:
-        return round(float(list(csv.DictReader(handle))[-1]["elapsed_s"]), 1)
+        rows = list(csv.DictReader(handle))
+    if not rows or "elapsed_s" not in rows[-1]:
+        return None
+    return round(float(rows[-1]["elapsed_s"]), 1)
 
 
 def reference_run(run: Path, sources: int) -> Path:

@@ -15,6 +15,7 @@ to what the manifest recorded, so editing or deleting an output makes the stage 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -23,6 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from unpersonal import __version__
 from unpersonal.config import Config
@@ -44,6 +47,13 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def write_npz_atomic(path: Path, **arrays: Any) -> None:
+    """Arrays to one uncompressed .npz, written as `write_atomic` writes."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_atomic(path, buffer.getvalue())
 
 
 def sha256_file(path: Path) -> str:

@@ -11,7 +11,6 @@ against every training patient, and nothing that is exported may carry them.
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from unpersonal.rundir import write_atomic
+from unpersonal.rundir import write_atomic, write_npz_atomic
 
 FORMAT_VERSION = 1
 ARRAYS = "arrays.npz"
@@ -59,10 +58,8 @@ class CanonicalDataset:
 
 def save_canonical(folder: Path, data: CanonicalDataset) -> None:
     """Write both files atomically; `meta` goes to dataset.json with the array layout."""
-    buffer = io.BytesIO()
-    np.savez(buffer, images=data.images, labels=data.labels, patient_id=data.patient_id,
-             split=data.split, ref=data.ref)
-    write_atomic(folder / ARRAYS, buffer.getvalue())
+    write_npz_atomic(folder / ARRAYS, images=data.images, labels=data.labels,
+                     patient_id=data.patient_id, split=data.split, ref=data.ref)
     meta = {"format_version": FORMAT_VERSION, "n_images": len(data), "resolution": data.resolution,
             "bit_depth": data.bit_depth, "label_kind": data.label_kind,
             "label_names": data.label_names, **data.meta}

@@ -28,7 +28,6 @@ imitated; the real test images measured the same way are the reference.
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
@@ -44,7 +43,7 @@ from unpersonal.evaluation.sets import AUDIT_EMBEDDER, fit_audit_models, read_sy
 from unpersonal.evaluation.utility import (bootstrap_auc_ci, bootstrap_auc_gap_ci,
                                            roc_auc_per_class)
 from unpersonal.progress import console
-from unpersonal.rundir import RunDir, sha256_json, write_atomic
+from unpersonal.rundir import RunDir, sha256_json, write_atomic, write_npz_atomic
 from unpersonal.training.classifier import fit_classifier, load_classifier
 from unpersonal.training.embedder import load_embedder
 
@@ -77,14 +76,8 @@ def run_evaluate(config: Config, run: RunDir, force: bool = False) -> bool:
     with run.build_stage(STAGE, key, config) as folder:
         write_atomic(folder / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         write_atomic(folder / "roc.png", roc_plot(curves, dataset.label_names))
-        write_atomic(folder / "test_probs.npz", npz_bytes(curves))
+        write_npz_atomic(folder / "test_probs.npz", **curves)
     return True
-
-
-def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
 
 
 def evaluate_set(config: Config, run: RunDir, dataset: CanonicalDataset, images: np.ndarray,

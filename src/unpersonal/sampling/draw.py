@@ -26,7 +26,7 @@ from unpersonal.data.canonical import CanonicalDataset, load_canonical
 from unpersonal.data.pixels import quantize
 from unpersonal.models.conditioning import Conditioner, label_code
 from unpersonal.progress import LiveBar
-from unpersonal.rundir import RunDir, sha256_json, write_atomic
+from unpersonal.rundir import RunDir, sha256_json, write_atomic, write_npz_atomic
 from unpersonal.sampling.solvers import sample
 from unpersonal.training.diffusion import STAGE as FIT_STAGE, load_denoiser
 
@@ -44,10 +44,8 @@ def run_sample(config: Config, run: RunDir, force: bool = False) -> bool:
     train = load_canonical(run.stage_path("prepare")).subset("train")
     drawn = draw(config, run.stage_path(FIT_STAGE), train)
     with run.build_stage(STAGE, key, config) as folder:
-        buffer = io.BytesIO()
-        np.savez(buffer, images=drawn["images"], labels=train.labels[drawn["source"]],
-                 source=drawn["source"])
-        write_atomic(folder / "images.npz", buffer.getvalue())
+        write_npz_atomic(folder / "images.npz", images=drawn["images"],
+                         labels=train.labels[drawn["source"]], source=drawn["source"])
         write_atomic(folder / "grid.png", _png(real_vs_synthetic_grid(train, drawn)))
         write_atomic(folder / "sampling.json", json.dumps(drawn["report"], indent=2) + "\n")
     return True

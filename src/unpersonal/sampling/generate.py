@@ -52,7 +52,7 @@ from unpersonal.models.conditioning import Conditioner, label_code
 from unpersonal.models.edm import Denoiser
 from unpersonal.privacy.filter import CHECKS, FilterPolicy, PrivacyFilter
 from unpersonal.progress import LiveBar, console
-from unpersonal.rundir import RunDir, sha256_json, write_atomic
+from unpersonal.rundir import RunDir, sha256_json, write_atomic, write_npz_atomic
 from unpersonal.sampling.draw import source_indices, to_stored
 from unpersonal.sampling.solvers import sample
 from unpersonal.training.classifier import Classifier, load_classifier
@@ -418,9 +418,7 @@ def block_path(work: Path, block: int) -> Path:
 
 
 def save_block(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    write_atomic(path, buffer.getvalue())
+    write_npz_atomic(path, **arrays)
 
 
 def load_block(path: Path) -> dict[str, np.ndarray]:
