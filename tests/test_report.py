@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -138,6 +139,29 @@ def test_identifier_check_finds_ids_as_tokens_and_in_file_names() -> None:
                   {"images/patient-0007.png": b""}):
         with pytest.raises(UserError, match="export refused"):
             check_no_identifiers(files, dataset)
+
+
+def test_identifier_check_finds_one_id_among_thousands() -> None:
+    """A real dataset has about ten thousand IDs and references; each must still be found,
+    including one that begins with another (longest first)."""
+    from unpersonal.data.canonical import CanonicalDataset
+    from unpersonal.errors import UserError
+    from unpersonal.report.export import check_no_identifiers
+
+    count = 5000
+    ids = np.array(["PAT00000", "PAT00000-b"] + [f"PAT{i:05d}" for i in range(2, count)])
+    dataset = CanonicalDataset(
+        images=np.zeros((count, 2, 2), np.uint8), labels=np.zeros((count, 1), np.uint8),
+        patient_id=ids, split=np.array(["train"] * count),
+        ref=np.array([f"scan_{i}.png" for i in range(count)]), label_names=["finding"],
+        label_kind="binary", bit_depth=8)
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((2, 2), np.uint8)).save(png, format="PNG")
+    names = {f"images/syn-{i:06d}.png": png.getvalue() for i in range(200)}
+    check_no_identifiers({**names, "DATASHEET.md": b"PAT050000 scan_99999.png"}, dataset)
+    for leak in (b"see PAT04999.", b"from PAT00000-b", b"scan_4321.png"):
+        with pytest.raises(UserError, match="export refused"):
+            check_no_identifiers({**names, "DATASHEET.md": leak}, dataset)
 
 
 def _unpersonal_run(out: Path) -> subprocess.Popen:
