@@ -52,6 +52,7 @@ from unpersonal.evaluation.audit import AuditModels, audit_set
 from unpersonal.evaluation.evaluate import evaluate_set
 from unpersonal.evaluation.sets import read_synthetic_set
 from unpersonal.privacy.attacks import membership_inference
+from unpersonal.privacy.floor import AlignedPixels
 from unpersonal.rundir import RunDir, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,7 +240,7 @@ def main() -> None:
     privacy = json.loads((options.run / "audit" / "privacy.json").read_text())
     generation = json.loads((options.run / "generate" / "generate.json").read_text())
     models = AuditModels(run, dataset, config.privacy.reid_heldout_quantile,
-                         config.audit.reid_neighbours)
+                         config.audit.reid_neighbours, AlignedPixels.from_settings(config.privacy))
     audited = stages_key(options.run, "audit-embedder", "audit-reid")
 
     real_privacy = cached(rows_folder, "real-privacy", audited, lambda: audit_set(

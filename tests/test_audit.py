@@ -43,6 +43,10 @@ def test_audit_reports_every_figure_beside_its_held_out_baseline(released_run: P
     # The tiny audit models here are weak; the Kermany figure is in BENCHMARKS.md. Still, the
     # mildest copies are all caught and copies far more often than new patients' images.
     assert planted["by_perturbation"]["noise"]["caught"] == 1.0, planted
+    # The pixel check needs no training: it aligns and standardises, so a copy shifted by a few
+    # pixels or re-exposed is caught by it alone.
+    for name in ("shift", "contrast+brightness"):
+        assert planted["by_perturbation"][name]["pixel_dcr"] == 1.0, planted
     assert planted["caught_all"] > figures["reid_rate"]["heldout"], planted
     assert Image.open(released_run / "audit" / "dcr.png").size[0] > 300
 

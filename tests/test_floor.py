@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from unpersonal.errors import UserError
-from unpersonal.privacy.floor import (DistanceFloor, calibrate_floor, floor_from_distances,
-                                      pixel_vectors)
+from unpersonal.privacy.floor import (AlignedPixels, DistanceFloor, calibrate_floor,
+                                      floor_from_distances)
 from unpersonal.privacy.knn import NeighbourIndex
 
 
@@ -85,16 +85,52 @@ def test_floor_round_trips_through_json() -> None:
                                   [True, True, False, False])
 
 
-def test_pixel_vectors_make_euclidean_distance_the_per_pixel_rmse() -> None:
-    rng = np.random.default_rng(10)
-    for resolution in (8, 16):
-        images = rng.random((6, resolution, resolution)).astype(np.float32)
-        vectors = pixel_vectors(images)
-        assert vectors.shape == (6, resolution * resolution) and vectors.dtype == np.float32
-        distances, indices = NeighbourIndex("l2").fit(vectors[1:]).search(vectors[:1], k=5)
-        rmse = np.sqrt(((images[0] - images[1:][indices[0]]) ** 2).mean(axis=(1, 2)))
-        np.testing.assert_allclose(distances[0], rmse, rtol=1e-5)
-    channel_first = pixel_vectors(images[:, None])  # [N, 1, R, R] as the networks hold them
-    np.testing.assert_array_equal(channel_first, pixel_vectors(images))
+def smooth_images(count: int, resolution: int, seed: int) -> np.ndarray:
+    """Smooth random images, as radiographs are: on white noise any shift is a large change."""
+    from scipy import ndimage
+
+    noise = np.random.default_rng(seed).uniform(0.0, 1.0, (count, resolution, resolution))
+    images = np.stack([ndimage.gaussian_filter(n, resolution / 12) for n in noise])
+    low, high = images.min(axis=(1, 2), keepdims=True), images.max(axis=(1, 2), keepdims=True)
+    return ((images - low) / (high - low) * 0.6 + 0.2).astype(np.float32)
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_aligned_pixels_find_shifted_and_re_exposed_copies_at_distance_near_zero(
+        resolution: int) -> None:
+    """A copy moved by up to the shift range (at the working resolution) and re-exposed is
+    next to its original; a different image is not, whatever the input size."""
+    from scipy import ndimage
+
+    space = AlignedPixels(max_shift=3, smooth=0.7, resolution=32)
+    train = smooth_images(40, resolution, seed=0)
+    index = NeighbourIndex("cosine").fit(space.reference(train))
+    scale = resolution // 32
+    rows = np.arange(0, 40, 4)
+    shifts = [(3 * scale, 0), (-2 * scale, 1 * scale), (0, -3 * scale), (1 * scale, 1 * scale)]
+    copies = np.stack([ndimage.shift(train[row], shifts[i % len(shifts)], order=0, mode="nearest")
+                       for i, row in enumerate(rows)])
+    copies = copies * 1.1 - 0.05  # contrast and brightness
+    distances, nearest = space.nearest(index, copies)
+    np.testing.assert_array_equal(nearest, rows)
+    assert (distances < 0.02).all(), distances
+    others, _ = space.nearest(index, smooth_images(10, resolution, seed=1))
+    assert (others > 5 * distances.max()).all(), (others, distances)
+    unshifted, _ = NeighbourIndex("cosine").fit(space.reference(train)).search(
+        space.reference(copies), k=1)
+    assert unshifted[:, 0].max() > 5 * distances.max()  # without alignment they look far apart
+
+
+def test_aligned_pixels_take_any_layout_and_survive_flat_images() -> None:
+    space = AlignedPixels()
+    images = smooth_images(4, 32, seed=2)
+    np.testing.assert_array_equal(space.reference(images[:, None]), space.reference(images))
+    index = NeighbourIndex("cosine").fit(space.reference(images))
+    distances, _ = space.nearest(index, np.full((2, 32, 32), 0.5, np.float32))
+    np.testing.assert_allclose(distances, 1.0, atol=1e-5)  # no structure: uncorrelated
+    assert len(space.shifted(images)) == (2 * space.max_shift + 1) ** 2
     with pytest.raises(ValueError, match="images_float"):
-        pixel_vectors((images * 255).astype(np.uint8))
+        space.reference((images * 255).astype(np.uint8))
+    with pytest.raises(ValueError, match="too small"):
+        AlignedPixels(max_shift=3, resolution=32).reference(images[:, :6, :6])
+

@@ -281,7 +281,8 @@ def _calibrate(config: Config, run: RunDir, force: bool) -> None:
     console.print(
         f"calibrated on {summary['n_heldout']} validation images: embedding floor "
         f"{floors['embedding']['value']:.4f} (cosine distance), pixel floor "
-        f"{floors['pixel']['value']:.4f} (RMSE), re-ID threshold {summary['reid_threshold']:.4f} "
+        f"{floors['pixel']['value']:.4f} (1 - correlation at the best shift), re-ID threshold "
+        f"{summary['reid_threshold']:.4f} "
         f"against the source and {summary['reid_neighbour_threshold']:.4f} against any training "
         f"patient -> {run.stage_path(STAGE)}", soft_wrap=True)
 

@@ -261,6 +261,15 @@ class PrivacyConfig(Section):
     floor_quantile: float = Field(
         0.01, ge=0.0, lt=0.5, description="distance floor: this quantile of held-out real "
         "images' distances to their nearest training image (embedding and pixel space)")
+    pixel_max_shift: int = Field(
+        3, ge=0, le=8, description="pixel-space check: a copy shifted by up to this many pixels "
+        "(at pixel_resolution) is still a copy")
+    pixel_smooth: float = Field(
+        0.7, ge=0.0, description="pixel-space check: Gaussian smoothing (px) before comparing, so "
+        "that noise does not hide a copy")
+    pixel_resolution: int = Field(
+        32, ge=16, description="pixel-space check: larger images are compared at this size, so "
+        "the check costs the same at every resolution")
 
 
 class GenerateConfig(Section):
@@ -402,8 +411,11 @@ _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
              "evaluate": {"restoration_steps": 200}},
     # On Kermany at 32 px, candidates following their source's embedding (w = 1) pass the
     # re-ID check against that source 1% of the time, w = 0.5 7%, the labels alone (w = 0) 27%
-    # (BENCHMARKS.md): within a CPU budget the cpu preset samples from the labels.
-    "cpu": {"data": {"resolution": 32}, "generate": {"guidance": 0.0},
+    # (BENCHMARKS.md): within a CPU budget the cpu preset samples from the labels. Ten solver
+    # steps cost 0.68x sixteen at the same sample quality; a third attempt spent half of all
+    # candidates on the sources it still skipped, so two attempts.
+    "cpu": {"data": {"resolution": 32}, "generate": {"guidance": 0.0, "attempts": 2},
+            "sampling": {"steps": 10},
             "diffusion": {"model_channels": 32, "num_blocks": 1, "attn_resolutions": [],
                           "steps": 2400, "batch_size": 64, "lr_ref_steps": 1000}},
     "gpu": {"data": {"resolution": 128},

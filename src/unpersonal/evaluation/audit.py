@@ -44,7 +44,8 @@ from unpersonal.evaluation.sets import (AUDIT_EMBEDDER, AUDIT_REID, fit_audit_mo
                                         read_synthetic_set)
 from unpersonal.privacy.attacks import (ReidScorer, dcr_summary, distance_to_closest_record,
                                         membership_inference, reid_rate, singling_out)
-from unpersonal.privacy.floor import pixel_vectors
+from unpersonal.privacy.floor import AlignedPixels
+from unpersonal.privacy.knn import NeighbourIndex
 from unpersonal.privacy.planted import plant_copies
 from unpersonal.privacy.reid import load_reid
 from unpersonal.progress import console
@@ -80,7 +81,7 @@ class AuditModels:
     """The audit's embedder and re-ID network with the real images already embedded."""
 
     def __init__(self, run: RunDir, dataset: CanonicalDataset, quantile: float = 0.98,
-                 neighbours: int = 16) -> None:
+                 neighbours: int = 16, pixels: AlignedPixels = AlignedPixels()) -> None:
         self.embedder = load_embedder(run.stage_path(AUDIT_EMBEDDER))
         self.reid = load_reid(run.stage_path(AUDIT_REID))
         features = np.load(run.stage_path(AUDIT_EMBEDDER) / "features.npy")
@@ -92,8 +93,9 @@ class AuditModels:
                          "val": features[dataset.split == "val"]}
         self.reid_vectors = {"train": self.reid.embed(images[is_train]),
                              "test": self.reid.embed(images[is_test])}
-        self.pixels = {"train": pixel_vectors(images[is_train]),
-                       "test": pixel_vectors(images[is_test])}
+        self.pixels = pixels
+        self.pixel_index = NeighbourIndex("cosine").fit(pixels.reference(images[is_train]))
+        self.pixel_heldout = pixels.nearest(self.pixel_index, images[is_test])[0]
         pair = ReidScorer.from_model(self.reid)
         self.scorer = ReidScorer(pair.scale, pair.bias, self._any_patient_threshold(
             pair, images[dataset.split == "val"], quantile, neighbours))
@@ -119,24 +121,25 @@ def audit_set(config: Config, run: RunDir, dataset: CanonicalDataset, images: np
     """
     settings = config.audit
     models = models or AuditModels(run, dataset, config.privacy.reid_heldout_quantile,
-                                   settings.reid_neighbours)
+                                   settings.reid_neighbours,
+                                   AlignedPixels.from_settings(config.privacy))
     if len(models.test) < 2:
         raise ValueError("the audit needs held-out (test split) images as its baseline")
     console.print(f"audit: {len(images):,} images against {len(models.train):,} training images "
                   f"of {len(np.unique(models.train.patient_id)):,} patients")
     reid_vectors = models.reid.embed(images)
     features = models.embedder.embed(images)
-    pixels = pixel_vectors(images)
     k = settings.reid_neighbours
     linked = reid_rate(reid_vectors, models.reid_vectors["train"], models.scorer, k)
     linked_heldout = reid_rate(models.reid_vectors["test"], models.reid_vectors["train"],
                                models.scorer, k)
     distances = {
-        space: {"synthetic": distance_to_closest_record(ours, models_train, metric),
-                "heldout": distance_to_closest_record(heldout, models_train, metric)}
-        for space, ours, models_train, heldout, metric in (
-            ("embedding", features, models.features["train"], models.features["test"], "cosine"),
-            ("pixel", pixels, models.pixels["train"], models.pixels["test"], "l2"))}
+        "embedding": {
+            "synthetic": distance_to_closest_record(features, models.features["train"], "cosine"),
+            "heldout": distance_to_closest_record(models.features["test"],
+                                                  models.features["train"], "cosine")},
+        "pixel": {"synthetic": models.pixels.nearest(models.pixel_index, images)[0],
+                  "heldout": models.pixel_heldout}}
     thresholds = sorted({*settings.pso_thresholds, round(models.scorer.threshold, 6)})
     pso = singling_out(reid_vectors, models.reid_vectors["train"], models.train.patient_id,
                        models.reid_vectors["test"], models.test.patient_id, models.scorer,
@@ -181,8 +184,7 @@ def planted_copy_check(config: Config, models: AuditModels,
                            config.audit.reid_neighbours)["linked"]
         close_embedding = distance_to_closest_record(
             models.embedder.embed(copies), models.features["train"], "cosine") < cutoffs["embedding"]
-        close_pixels = distance_to_closest_record(
-            pixel_vectors(copies), models.pixels["train"], "l2") < cutoffs["pixel"]
+        close_pixels = models.pixels.nearest(models.pixel_index, copies)[0] < cutoffs["pixel"]
         flagged = linked | close_embedding | close_pixels
         caught[name] = {"caught": float(flagged.mean()), "reid": float(linked.mean()),
                         "embedding_dcr": float(close_embedding.mean()),
@@ -219,7 +221,7 @@ def dcr_plot(distances: dict[str, dict[str, np.ndarray]]) -> bytes:
         axis.hist(d["synthetic"], bins=bins, density=True, alpha=0.55, label="released")
         axis.axvline(np.quantile(d["heldout"], 0.01), color="black", linewidth=1, linestyle="--",
                      label="held-out 1st percentile")
-        unit = "cosine distance" if space == "embedding" else "RMSE"
+        unit = "cosine distance" if space == "embedding" else "1 - correlation, best shift"
         axis.set(title=f"closest training image ({space})", xlabel=unit, ylabel="density")
         axis.legend(fontsize=8)
     return png_bytes(figure)

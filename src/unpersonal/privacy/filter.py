@@ -12,7 +12,8 @@ A candidate is rejected when any of three independent checks links it to a real 
    "linked" to someone by chance;
 2. **embedding floor**: it is closer, in the embedder's feature space, to some training image than
    almost all held-out real images are to theirs;
-3. **pixel floor**: the same in pixel space (per-pixel RMSE).
+3. **pixel floor**: the same in pixel space, aligned and standardised (`AlignedPixels`), so that a
+   copy shifted by a few pixels or re-exposed is still next to its original.
 
 `unpersonal calibrate` computes the floors from the validation split (held-out patients that the
 re-ID threshold was also calibrated on) and the training images' re-ID embeddings; the test split
@@ -32,7 +33,7 @@ import numpy as np
 from unpersonal.config import Config
 from unpersonal.data.canonical import load_canonical
 from unpersonal.errors import UserError
-from unpersonal.privacy.floor import DistanceFloor, floor_from_distances, pixel_vectors
+from unpersonal.privacy.floor import AlignedPixels, DistanceFloor, floor_from_distances
 from unpersonal.privacy.knn import NeighbourIndex
 from unpersonal.privacy.reid import ReidModel, load_reid
 from unpersonal.progress import console
@@ -60,21 +61,24 @@ def run_calibrate(config: Config, run: RunDir, force: bool = False) -> bool:
                         "run's validation split is empty; set data.split_fractions with a "
                         "validation share")
     features = np.load(run.stage_path("fit-embedder") / "features.npy")
-    pixels = pixel_vectors(dataset.images_float())
     reid = load_reid(run.stage_path("fit-reid"))
     console.print("calibrate: embedding the training images for re-identification")
-    reid_train = reid.embed(dataset.images_float()[is_train])
+    images = dataset.images_float()
+    reid_train = reid.embed(images[is_train])
     settings = config.privacy
-    heldout_best = best_reid_scores(reid, reid_train, reid.embed(dataset.images_float()[is_val]),
+    heldout_best = best_reid_scores(reid, reid_train, reid.embed(images[is_val]),
                                     _index(settings, "cosine", config.seed).fit(reid_train),
                                     settings.reid_neighbours)
     neighbour_threshold = max(reid.threshold, float(np.quantile(
         heldout_best, settings.reid_heldout_quantile)))
-    floors = {}
-    for space, vectors, metric in (("embedding", features, "cosine"), ("pixel", pixels, "l2")):
-        index = _index(settings, metric, config.seed).fit(vectors[is_train])
-        nearest, _ = index.search(vectors[is_val], k=1)
-        floors[space] = floor_from_distances(nearest[:, 0], settings.floor_quantile, metric)
+    embedding_index = _index(settings, "cosine", config.seed).fit(features[is_train])
+    embedding_nearest, _ = embedding_index.search(features[is_val], k=1)
+    pixels = AlignedPixels.from_settings(settings)
+    pixel_index = _index(settings, "cosine", config.seed).fit(pixels.reference(images[is_train]))
+    pixel_nearest, _ = pixels.nearest(pixel_index, images[is_val])
+    floors = {space: floor_from_distances(nearest, settings.floor_quantile, "cosine")
+              for space, nearest in (("embedding", embedding_nearest[:, 0]),
+                                     ("pixel", pixel_nearest))}
     with run.build_stage(STAGE, key, config) as folder:
         np.save(folder / "reid_train.npy", reid_train)
         summary = {"calibrated_on": "val", "n_train": int(is_train.sum()),
@@ -167,6 +171,7 @@ class PrivacyFilter:
     reid_index: NeighbourIndex
     embedding_index: NeighbourIndex
     pixel_index: NeighbourIndex
+    pixels: AlignedPixels
     floors: dict[str, DistanceFloor]
     neighbours: int = 16
     neighbour_threshold: float | None = None  # None: the pair threshold (older calibrations)
@@ -184,15 +189,17 @@ class PrivacyFilter:
         summary = json.loads((run.stage_path(STAGE) / "floors.json").read_text())
         reid_train = np.load(run.stage_path(STAGE) / "reid_train.npy")
         features = np.load(run.stage_path("fit-embedder") / "features.npy")[is_train]
-        pixels = pixel_vectors(dataset.images_float()[is_train])
         settings = config.privacy
+        pixels = AlignedPixels.from_settings(settings)
         return cls(
             embedder=load_embedder(run.stage_path("fit-embedder")),
             reid=load_reid(run.stage_path("fit-reid")),
             reid_train=reid_train,
             reid_index=_index(settings, "cosine", config.seed).fit(reid_train),
             embedding_index=_index(settings, "cosine", config.seed).fit(features),
-            pixel_index=_index(settings, "l2", config.seed).fit(pixels),
+            pixel_index=_index(settings, "cosine", config.seed).fit(
+                pixels.reference(dataset.images_float()[is_train])),
+            pixels=pixels,
             floors={space: DistanceFloor.from_json(floor)
                     for space, floor in summary["floors"].items()},
             neighbours=settings.reid_neighbours,
@@ -220,10 +227,10 @@ class PrivacyFilter:
             nearest = np.where(use_source, sources, nearest)
         embedding_distance, embedding_nearest = self.embedding_index.search(
             self.embedder.embed(images), k=1)
-        pixel_distance, pixel_nearest = self.pixel_index.search(pixel_vectors(images), k=1)
+        pixel_distance, pixel_nearest = self.pixels.nearest(self.pixel_index, images)
         result = FilterResult(self._score(best_cosine), source_score, nearest,
                               embedding_distance[:, 0], embedding_nearest[:, 0],
-                              pixel_distance[:, 0], pixel_nearest[:, 0])
+                              pixel_distance, pixel_nearest)
         floors = {space: self.floors[space].flags(distance) for space, distance in
                   (("embedding", result.embedding_distance), ("pixel", result.pixel_distance))}
         linked_to_source = np.nan_to_num(source_score, nan=-1.0) >= self.reid.threshold
