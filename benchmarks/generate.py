@@ -9,7 +9,7 @@ conditioning), then
 
 * ours: `unpersonal generate` with the config's defaults, one accepted image per training image;
 * the reference recipe on the first `--reference-sources` sources of the same order, in a copy
-  of the run: K = 32 candidates all drawn (best mode), EDM Heun with 32 steps (63 NFE) and
+  of the run kept beside it (runs/bench-kermany-32-reference, shared with benchmarks/kermany.py): K = 32 candidates all drawn (best mode), EDM Heun with 32 steps (63 NFE) and
   classifier-free guidance against the null condition, the re-ID check against the source image
   only with a fixed threshold of 0.5, no distance floors; and how many of the images it accepts
   our filter would still reject.
@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from runner import REFERENCE, REFERENCE_GUIDANCE, copy_run_without, cores, sets, unpersonal
+from runner import REFERENCE_GUIDANCE, copy_run_without, cores, reference_run, sets, unpersonal
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "kermany_cxr_64.npz"
@@ -50,11 +50,6 @@ def generate(run: Path, *overrides: str, force: bool = False) -> tuple[dict, flo
     return json.loads((run / "generate" / "generate.json").read_text()), wall
 
 
-def reference_copy(run: Path) -> Path:
-    """The trained run without its generate stage, for the reference recipe."""
-    return copy_run_without(run, run.with_name(run.name + "-reference"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "bench-kermany-32")
@@ -72,13 +67,13 @@ def main() -> None:
     overrides = ["diffusion.conditioning=class+pseudo", *options.overrides]
     seconds = build_models(options.run, overrides)
     ours, seconds["generate"] = generate(options.run, *options.ours)
-    subset, _ = generate(reference_copy(options.run), *options.ours,
-                         f"generate.count={options.reference_sources}")
-    reference_run = reference_copy(options.run)
-    reference, seconds["generate_reference"] = generate(
-        reference_run, *REFERENCE, f"generate.count={options.reference_sources}",
-        f"generate.guidance={options.reference_guidance}")
-    shutil.rmtree(options.run.with_name(options.run.name + "-reference"), ignore_errors=True)
+    subset_run = copy_run_without(options.run, options.run.with_name(options.run.name + "-subset"))
+    subset, _ = generate(subset_run, *options.ours, f"generate.count={options.reference_sources}")
+    shutil.rmtree(subset_run)
+    reference = json.loads((reference_run(options.run, options.reference_sources,
+                                          options.reference_guidance)
+                            / "generate" / "generate.json").read_text())
+    seconds["generate_reference"] = reference["seconds_total"]
     results = {
         "acceptance_rate": ours["acceptance_rate"],
         "rejections_by_reason": ours["rejections_by_reason"],

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import json
 import platform
@@ -45,7 +46,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from runner import REFERENCE, REFERENCE_GUIDANCE, copy_run_without, cores, sets, unpersonal
+from runner import cores, reference_run, sets, unpersonal
 from unpersonal.config import load_config
 from unpersonal.data.canonical import load_canonical
 from unpersonal.evaluation.audit import AuditModels, audit_set
@@ -148,17 +149,6 @@ def training_seconds(stage: Path) -> float | None:
     return round(float(rows[-1]["elapsed_s"]), 1)
 
 
-def reference_run(run: Path, sources: int) -> Path:
-    """The reference recipe in a copy of the trained run (kept, so a rerun resumes it)."""
-    copy = run.with_name(run.name + "-reference")
-    if not (copy / "manifest.json").is_file():
-        copy_run_without(run, copy)
-    unpersonal("generate", "--out", str(copy),
-               *sets(*REFERENCE, f"generate.guidance={REFERENCE_GUIDANCE}",
-                     f"generate.count={sources}"))
-    return copy
-
-
 def utility_row(figures: dict[str, Any], key: str) -> dict[str, Any]:
     out = {"auc": figures[key]["mean"], "auc_ci": figures[key]["ci95"],
            "auc_per_seed": figures[key]["per_seed"],
@@ -241,7 +231,8 @@ def main() -> None:
     generation = json.loads((options.run / "generate" / "generate.json").read_text())
     models = AuditModels(run, dataset, config.privacy.reid_heldout_quantile,
                          config.audit.reid_neighbours, AlignedPixels.from_settings(config.privacy))
-    audited = stages_key(options.run, "audit-embedder", "audit-reid")
+    # The audit's models, and the privacy settings (calibrate's key) its pixel check follows.
+    audited = stages_key(options.run, "audit-embedder", "audit-reid", "calibrate")
 
     real_privacy = cached(rows_folder, "real-privacy", audited, lambda: audit_set(
         config, run, dataset, train.images_float(), models)[0])
@@ -254,8 +245,10 @@ def main() -> None:
         sys.exit("the audit of the released set did not repeat: compare "
                  f"{rows_folder / 'ours-privacy.json'} with audit/privacy.json")
 
+    sample_once = functools.cache(lambda: unfiltered_sample(len(train)))  # seeded: same images
+
     def unfiltered() -> dict[str, Any]:
-        images, labels, made_in = unfiltered_sample(len(train))
+        images, labels, made_in = sample_once()
         quick = config.model_copy(deep=True)
         quick.evaluate.restoration = False
         quick.evaluate.real_plus_synthetic = False
@@ -263,13 +256,14 @@ def main() -> None:
         with np.load(options.run / "eval" / "test_probs.npz") as saved:
             real_probs = saved["real"]
         evaluation, _ = evaluate_set(quick, run, dataset, images, labels, real_probs=real_probs)
-        return {"metrics": evaluation, "seconds": made_in,
-                "privacy": audit_set(config, run, dataset, images, models)[0]}
+        return {"metrics": evaluation, "seconds": made_in}
 
     # Its real-trained classifiers are evaluate's, which depend on fit-classifier and the seeds.
     unfiltered_row = cached(rows_folder, "unfiltered", stages_key(
         options.run, "fit-classifier", "audit-embedder", "audit-reid") + f"-{options.seeds}",
                             unfiltered)
+    unfiltered_privacy = cached(rows_folder, "unfiltered-privacy", audited, lambda: audit_set(
+        config, run, dataset, sample_once()[0], models)[0])
     made_in = unfiltered_row["value"].get("seconds") or {
         "fit-diffusion": training_seconds(UNFILTERED_RUN / "fit-diffusion")}
 
@@ -296,6 +290,7 @@ def main() -> None:
                 # Trained by benchmarks/diffusion_quality.py, or here when absent.
                 "unfiltered_fit_diffusion": made_in["fit-diffusion"],
                 "unfiltered_row": unfiltered_row["seconds"],
+                "unfiltered_row_audit": unfiltered_privacy["seconds"],
                 "reference_row": reference_row["seconds"]}
     unfiltered_metrics = unfiltered_row["value"]["metrics"]
     rows = [
@@ -303,7 +298,7 @@ def main() -> None:
          **privacy_row(real_privacy["value"]), "wall_time_s": None},
         {"training_data": "unfiltered class-conditional diffusion",
          **utility_row(unfiltered_metrics["utility"]["classification"], "synthetic"),
-         **privacy_row(unfiltered_row["value"]["privacy"]),
+         **privacy_row(unfiltered_privacy["value"]),
          **fidelity_row(unfiltered_metrics["fidelity"]),
          # Training and sampling; sampling alone is not timed when the row predates that.
          "wall_time_s": sum(made_in.values()), "made_in_s": made_in},

@@ -52,5 +52,25 @@ def copy_run_without(run: Path, target: Path, stages: tuple[str, ...] = DOWNSTRE
     return target
 
 
+def reference_run(run: Path, sources: int, guidance: float = REFERENCE_GUIDANCE) -> Path:
+    """The reference recipe on the first `sources` sources, in a copy of the trained run kept
+    beside it, so that the generate and headline benchmarks share one reference generation (and
+    a rerun resumes it). The copy is made again when the run's models or calibration changed."""
+    copy = run.with_name(run.name + "-reference")
+    if _upstream_keys(copy) != _upstream_keys(run):
+        copy_run_without(run, copy)
+    unpersonal("generate", "--out", str(copy),
+               *sets(*REFERENCE, f"generate.guidance={guidance}", f"generate.count={sources}"))
+    return copy
+
+
+def _upstream_keys(run: Path) -> dict[str, str] | None:
+    manifest = run / "manifest.json"
+    if not manifest.is_file():
+        return None
+    stages = json.loads(manifest.read_text())["stages"]
+    return {name: stage["key"] for name, stage in stages.items() if name not in DOWNSTREAM}
+
+
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
