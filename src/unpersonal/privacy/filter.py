@@ -66,16 +66,18 @@ def run_calibrate(config: Config, run: RunDir, force: bool = False) -> bool:
     images = dataset.images_float()
     reid_train = reid.embed(images[is_train])
     settings = config.privacy
-    heldout_best = best_reid_scores(reid, reid_train, reid.embed(images[is_val]),
-                                    _index(settings, "cosine", config.seed).fit(reid_train),
-                                    settings.reid_neighbours)
+    heldout_best, heldout_reid_rows = best_reid_scores(
+        reid, reid_train, reid.embed(images[is_val]),
+        _index(settings, "cosine", config.seed).fit(reid_train), settings.reid_neighbours)
     neighbour_threshold = max(reid.threshold, float(np.quantile(
         heldout_best, settings.reid_heldout_quantile)))
     embedding_index = _index(settings, "cosine", config.seed).fit(features[is_train])
-    embedding_nearest, _ = embedding_index.search(features[is_val], k=1)
+    embedding_nearest, embedding_rows = embedding_index.search(
+        features[is_val], k=min(settings.pixel_neighbours, int(is_train.sum())))
     pixels = AlignedPixels.from_settings(settings)
-    pixel_index = _index(settings, "cosine", config.seed).fit(pixels.reference(images[is_train]))
-    pixel_nearest, _ = pixels.nearest(pixel_index, images[is_val])
+    pixel_nearest, _ = pixels.nearest_among(
+        images[is_val], pixels.reference(images[is_train]),
+        np.concatenate([embedding_rows, heldout_reid_rows], axis=1))
     floors = {space: floor_from_distances(nearest, settings.floor_quantile, "cosine")
               for space, nearest in (("embedding", embedding_nearest[:, 0]),
                                      ("pixel", pixel_nearest))}
@@ -96,13 +98,14 @@ def run_calibrate(config: Config, run: RunDir, force: bool = False) -> bool:
 
 
 def best_reid_scores(reid: ReidModel, reid_train: np.ndarray, queries: np.ndarray,
-                     index: NeighbourIndex, neighbours: int) -> np.ndarray:
+                     index: NeighbourIndex, neighbours: int) -> tuple[np.ndarray, np.ndarray]:
     """Each query's highest re-ID score against any training image: its nearest in re-ID space
-    (k of them searched, so an approximate index missing the very nearest costs nothing)."""
+    (k of them searched, so an approximate index missing the very nearest costs nothing); and
+    those k training rows."""
     k = min(neighbours, len(reid_train))
-    distances, _ = index.search(queries, k=k)
+    distances, rows = index.search(queries, k=k)
     best_cosine = 1.0 - distances.min(axis=1)
-    return reid.score(best_cosine[:, None], np.ones((len(queries), 1)))
+    return reid.score(best_cosine[:, None], np.ones((len(queries), 1))), rows
 
 
 def _index(settings: Any, metric: str, seed: int) -> NeighbourIndex:
@@ -170,10 +173,11 @@ class PrivacyFilter:
     reid_train: np.ndarray
     reid_index: NeighbourIndex
     embedding_index: NeighbourIndex
-    pixel_index: NeighbourIndex
+    pixel_reference: np.ndarray  # the training images as AlignedPixels.reference vectors
     pixels: AlignedPixels
     floors: dict[str, DistanceFloor]
     neighbours: int = 16
+    pixel_neighbours: int = 16
     neighbour_threshold: float | None = None  # None: the pair threshold (older calibrations)
 
     @property
@@ -197,12 +201,12 @@ class PrivacyFilter:
             reid_train=reid_train,
             reid_index=_index(settings, "cosine", config.seed).fit(reid_train),
             embedding_index=_index(settings, "cosine", config.seed).fit(features),
-            pixel_index=_index(settings, "cosine", config.seed).fit(
-                pixels.reference(dataset.images_float()[is_train])),
+            pixel_reference=pixels.reference(dataset.images_float()[is_train]),
             pixels=pixels,
             floors={space: DistanceFloor.from_json(floor)
                     for space, floor in summary["floors"].items()},
             neighbours=settings.reid_neighbours,
+            pixel_neighbours=settings.pixel_neighbours,
             neighbour_threshold=summary.get("reid_neighbour_threshold"))
 
     def check(self, images: np.ndarray, sources: np.ndarray | None = None,
@@ -226,8 +230,15 @@ class PrivacyFilter:
             best_cosine = np.where(use_source, source_cosine, best_cosine)
             nearest = np.where(use_source, sources, nearest)
         embedding_distance, embedding_nearest = self.embedding_index.search(
-            self.embedder.embed(images), k=1)
-        pixel_distance, pixel_nearest = self.pixels.nearest(self.pixel_index, images)
+            self.embedder.embed(images), k=min(self.pixel_neighbours, len(self.reid_train)))
+        # The aligned pixel check compares each candidate with the training images nearest to
+        # it in embedding and re-ID space, and its source: both networks are trained to see
+        # through shifts and exposure, and against every training image at every shift the
+        # check would cost more than drawing the candidate.
+        compared = [embedding_nearest, reid_nearest] + (
+            [] if sources is None else [np.asarray(sources)[:, None]])
+        pixel_distance, pixel_nearest = self.pixels.nearest_among(
+            images, self.pixel_reference, np.concatenate(compared, axis=1))
         result = FilterResult(self._score(best_cosine), source_score, nearest,
                               embedding_distance[:, 0], embedding_nearest[:, 0],
                               pixel_distance, pixel_nearest)
