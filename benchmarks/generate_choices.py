@@ -34,9 +34,11 @@ from unpersonal.training.classifier import fit_classifier
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CHOICES = {
-    "cpu preset (first, K=8, DPM++ 16 steps, labels only: w=0)": (),
+    "cpu preset (first, K=8, 2 attempts, DPM++ 10 steps, labels only: w=0, label gate)": (),
+    "3 attempts": ("generate.attempts=3",),
+    "DPM++ 16 steps": ("sampling.steps=16",),
     "best of K=8": ("generate.mode=best",),
-    "DPM++ 10 steps": ("sampling.steps=10",),
+    "no label gate": ("generate.label_gate=false",),
     "source embedding at w=1, no back-off": ("generate.guidance=1.0",
                                               "generate.guidance_floor=1.0"),
     "source embedding at w=0.5, no back-off": ("generate.guidance=0.5",
