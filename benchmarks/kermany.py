@@ -79,8 +79,8 @@ def pipeline(run: Path, seeds: int) -> None:
 def stage_seconds(run: Path) -> dict[str, float]:
     """Each stage's own wall time, read from what the stage left in the run directory.
 
-    Training stages log `elapsed_s`; generate records `seconds_total`; for the others, the time
-    from the previous stage's finish to this one's (they run back to back in one command).
+    Training stages log `elapsed_s`; generate records `seconds_total`; the others, the seconds
+    the manifest keeps (older runs: the time from the previous stage's finish to this one's).
     """
     manifest = json.loads((run / "manifest.json").read_text())["stages"]
     finished = {stage: datetime.strptime(record["finished"], "%Y-%m-%dT%H:%M:%S%z")
@@ -92,7 +92,9 @@ def stage_seconds(run: Path) -> dict[str, float]:
                 "seconds_total"]
         elif (trained := training_seconds(run / stage)) is not None:
             seconds[stage] = trained
-        else:
+        elif manifest[stage].get("seconds") is not None:
+            seconds[stage] = manifest[stage]["seconds"]
+        else:  # runs made before the manifest kept each stage's seconds
             seconds[stage] = (finished[stage] - finished[previous]).total_seconds()
     return {stage: round(value, 1) for stage, value in seconds.items()}
 

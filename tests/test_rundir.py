@@ -24,6 +24,19 @@ def test_published_stage_is_fresh_until_key_or_output_changes(tmp_path: Path) ->
     assert not run.is_fresh("stage", "k1")
 
 
+def test_manifest_keeps_the_seconds_from_asking_to_publishing(tmp_path: Path) -> None:
+    """Benchmarks read each stage's own time from the manifest, whenever it ran."""
+    import time
+
+    run = RunDir(tmp_path / "run")
+    assert not run.is_fresh("stage", "k1")  # how every stage starts
+    time.sleep(0.2)
+    _build(run, "k1", "hello")
+    seconds = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["stage"][
+        "seconds"]
+    assert 0.2 <= seconds < 5
+
+
 def test_failed_first_stage_leaves_no_run_directory(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "run")
     with pytest.raises(RuntimeError):

@@ -75,6 +75,7 @@ class RunDir:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.manifest_path = self.root / "manifest.json"
+        self._began: dict[str, float] = {}  # stage -> monotonic time it was asked for
 
     def stage_path(self, stage: str) -> Path:
         return self.root / stage
@@ -104,7 +105,12 @@ class RunDir:
         return record["outputs"]
 
     def is_fresh(self, stage: str, key: str) -> bool:
-        """True when the stage ran with this key and its outputs are intact."""
+        """True when the stage ran with this key and its outputs are intact.
+
+        Every stage asks this first, so it also marks when the stage began: the manifest then
+        keeps the seconds from here to publishing (for a resumed stage, its last part).
+        """
+        self._began[stage] = time.monotonic()
         record = self.stage_record(stage)
         if record is None or record.get("key") != key:
             return False
@@ -186,6 +192,8 @@ class RunDir:
         manifest["stages"][stage] = {
             "key": key,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": (round(time.monotonic() - self._began[stage], 1)
+                        if stage in self._began else None),
             "unpersonal": __version__,
             "outputs": outputs,
         }
