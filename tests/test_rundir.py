@@ -29,7 +29,7 @@ def test_manifest_keeps_the_seconds_from_asking_to_publishing(tmp_path: Path) ->
     import time
 
     run = RunDir(tmp_path / "run")
-    assert not run.is_fresh("stage", "k1")  # how every stage starts
+    assert not run.up_to_date("stage", "k1", force=False)  # how every stage starts
     time.sleep(0.2)
     _build(run, "k1", "hello")
     seconds = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["stage"][

@@ -104,13 +104,17 @@ class RunDir:
                             f"{command} --out {self.root}` first")
         return record["outputs"]
 
-    def is_fresh(self, stage: str, key: str) -> bool:
-        """True when the stage ran with this key and its outputs are intact.
+    def up_to_date(self, stage: str, key: str, force: bool) -> bool:
+        """What every stage asks first: may it be skipped? (Not when the user forces it.)
 
-        Every stage asks this first, so it also marks when the stage began: the manifest then
-        keeps the seconds from here to publishing (for a resumed stage, its last part).
+        It also marks when the stage began: the manifest keeps the seconds from here to
+        publishing (for a resumed stage, its last part).
         """
         self._began[stage] = time.monotonic()
+        return not force and self.is_fresh(stage, key)
+
+    def is_fresh(self, stage: str, key: str) -> bool:
+        """True when the stage ran with this key and its outputs are intact."""
         record = self.stage_record(stage)
         if record is None or record.get("key") != key:
             return False

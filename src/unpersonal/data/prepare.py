@@ -37,7 +37,7 @@ class PrepareResult:
 def run_prepare(config: Config, run: RunDir, force: bool = False) -> PrepareResult:
     """The stage as the CLI calls it: skip when fresh, else build, check and publish."""
     key = sha256_json({"config": _relevant_config(config), "input": fingerprint(config)})
-    if not force and run.is_fresh(STAGE, key):
+    if run.up_to_date(STAGE, key, force):
         return PrepareResult(load_canonical(run.stage_path(STAGE)), skipped=True)
     data = build_canonical(config)
     with run.build_stage(STAGE, key, config) as folder:

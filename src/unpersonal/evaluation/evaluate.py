@@ -65,7 +65,7 @@ def run_evaluate(config: Config, run: RunDir, force: bool = False) -> bool:
     """Measure the released set; False when eval/ is up to date."""
     fit_audit_models(config, run)
     key = stage_key(config, run)
-    if not force and run.is_fresh(STAGE, key):
+    if run.up_to_date(STAGE, key, force):
         return False
     dataset = load_canonical(run.stage_path("prepare"))
     released = read_synthetic_set(run.stage_path("generate") / "synthetic", dataset.label_names)

@@ -52,7 +52,7 @@ def stage_key(config: Config, run: RunDir) -> str:
 def run_calibrate(config: Config, run: RunDir, force: bool = False) -> bool:
     """Calibrate the distance floors and embed the training images for re-ID. False if skipped."""
     key = stage_key(config, run)
-    if not force and run.is_fresh(STAGE, key):
+    if run.up_to_date(STAGE, key, force):
         return False
     dataset = load_canonical(run.stage_path("prepare"))
     is_train, is_val = dataset.split == "train", dataset.split == "val"

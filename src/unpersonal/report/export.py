@@ -50,7 +50,7 @@ def stage_key(config: Config, run: RunDir) -> str:
 
 def run_export(config: Config, run: RunDir, force: bool = False) -> bool:
     key = stage_key(config, run)
-    if not force and run.is_fresh(STAGE, key):
+    if run.up_to_date(STAGE, key, force):
         return False
     dataset = load_canonical(run.stage_path("prepare"))
     source = run.stage_path("generate") / "synthetic"

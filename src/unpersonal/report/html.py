@@ -45,7 +45,7 @@ def stage_key(config: Config, run: RunDir) -> str:
 
 def run_report(config: Config, run: RunDir, force: bool = False) -> bool:
     key = stage_key(config, run)
-    if not force and run.is_fresh(STAGE, key):
+    if run.up_to_date(STAGE, key, force):
         return False
     page = render(config, run)
     with run.build_stage(STAGE, key, config) as folder:

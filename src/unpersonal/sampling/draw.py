@@ -39,7 +39,7 @@ def run_sample(config: Config, run: RunDir, force: bool = False) -> bool:
     key = sha256_json({"config": config.section_dump(("sampling",)),
                        "inputs": {"fit-diffusion": run.require(FIT_STAGE),
                                   "prepare": run.require("prepare")}})
-    if not force and run.is_fresh(STAGE, key):
+    if run.up_to_date(STAGE, key, force):
         return False
     train = load_canonical(run.stage_path("prepare")).subset("train")
     drawn = draw(config, run.stage_path(FIT_STAGE), train)

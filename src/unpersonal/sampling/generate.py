@@ -360,7 +360,7 @@ def run_generate(config: Config, run: RunDir, force: bool = False) -> bool:
 
     _check_settings(config.generate)
     key = stage_key(config, run)
-    if not force and run.is_fresh(STAGE, key):
+    if run.up_to_date(STAGE, key, force):
         return False
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if accelerator.is_main_process:  # one process clears or keys the shared folder

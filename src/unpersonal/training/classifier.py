@@ -366,7 +366,7 @@ def stage_key(config: Config, run: RunDir) -> str:
 def run_fit_classifier(config: Config, run: RunDir, force: bool = False) -> bool:
     """Train on the real train split, stop early on val, score on test; False when skipped."""
     key = stage_key(config, run)
-    if not force and run.is_fresh(STAGE, key):
+    if run.up_to_date(STAGE, key, force):
         return False
     work = run.resumable_work_dir(STAGE, key, force)
     dataset = load_canonical(run.stage_path("prepare"))

@@ -86,7 +86,7 @@ def run_fit_diffusion(config: Config, run: RunDir, force: bool = False) -> bool:
     from accelerate import Accelerator
 
     key = stage_key(config, run)
-    if not force and run.is_fresh(STAGE, key):
+    if run.up_to_date(STAGE, key, force):
         return False
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if force and accelerator.is_main_process:

@@ -168,7 +168,7 @@ def run_fit_embedder(config: Config, run: RunDir, force: bool = False,
 
     `stage` names the output folder: the audit trains its own models under other names."""
     key = stage_key(config, run)
-    if not force and run.is_fresh(stage, key):
+    if run.up_to_date(stage, key, force):
         return False
     dataset = load_canonical(run.stage_path("prepare"))
     device = pick_device()

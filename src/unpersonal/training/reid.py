@@ -258,7 +258,7 @@ def run_fit_reid(config: Config, run: RunDir, force: bool = False,
 
     `stage` names the output folder: the audit trains its own models under other names."""
     key = stage_key(config, run)
-    if not force and run.is_fresh(stage, key):
+    if run.up_to_date(stage, key, force):
         return False
     work = run.resumable_work_dir(stage, key, force)
     dataset = load_canonical(run.stage_path("prepare"))
