@@ -9,7 +9,8 @@ conditioning), then
 
 * ours: `unpersonal generate` with the config's defaults, one accepted image per training image;
 * the reference recipe on the first `--reference-sources` sources of the same order, in a copy
-  of the run kept beside it (runs/bench-kermany-32-reference, shared with benchmarks/kermany.py): K = 32 candidates all drawn (best mode), EDM Heun with 32 steps (63 NFE) and
+  of the run kept beside it (runs/bench-kermany-32-reference, shared with benchmarks/kermany.py):
+  K = 32 candidates all drawn (best mode), EDM Heun with 32 steps (63 NFE) and
   classifier-free guidance against the null condition, the re-ID check against the source image
   only with a fixed threshold of 0.5, no distance floors; and how many of the images it accepts
   our filter would still reject.

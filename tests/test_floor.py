@@ -144,7 +144,7 @@ def test_aligned_pixels_take_any_layout_and_survive_flat_images() -> None:
     index = NeighbourIndex("cosine").fit(space.reference(images))
     distances, _ = space.nearest(index, np.full((2, 32, 32), 0.5, np.float32))
     np.testing.assert_allclose(distances, 1.0, atol=1e-5)  # no structure: uncorrelated
-    assert len(space.shifted(images)) == (2 * space.max_shift + 1) ** 2
+    assert len(list(space.shifted(images))) == (2 * space.max_shift + 1) ** 2
     with pytest.raises(ValueError, match="images_float"):
         space.reference((images * 255).astype(np.uint8))
     with pytest.raises(ValueError, match="too small"):

@@ -15,6 +15,7 @@ correlation over small shifts.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -131,25 +132,25 @@ class AlignedPixels:
         side, margin = prepared.shape[1], self.max_shift
         return _standardised(prepared[:, margin:side - margin, margin:side - margin])
 
-    def shifted(self, images: np.ndarray) -> list[np.ndarray]:
-        """The queries' crops at every shift within `max_shift`, each [M, D] like `reference`."""
+    def shifted(self, images: np.ndarray) -> Iterator[np.ndarray]:
+        """The queries' crops at every shift within `max_shift`, each [M, D] like `reference`;
+        one shift at a time, so a large set never holds all (2 max_shift + 1)^2 copies."""
         prepared = self._prepare(images)
         side, margin = prepared.shape[1], self.max_shift
         offsets = range(-margin, margin + 1)
-        return [_standardised(prepared[:, margin + dy:side - margin + dy,
-                                       margin + dx:side - margin + dx])
-                for dy in offsets for dx in offsets]
+        for dy in offsets:
+            for dx in offsets:
+                yield _standardised(prepared[:, margin + dy:side - margin + dy,
+                                             margin + dx:side - margin + dx])
 
     def nearest(self, index: NeighbourIndex, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each image's distance to its nearest indexed training image over all shifts, and
         that image's row (float64 [M], int64 [M]); `index` holds `reference` vectors."""
         best = np.full(len(images), np.inf)
-        rows = np.zeros(len(images), dtype=np.int64)
+        rows = np.full(len(images), -1, dtype=np.int64)
         for queries in self.shifted(images):
             distances, indices = index.search(queries, k=1)
-            closer = distances[:, 0] < best
-            best = np.where(closer, distances[:, 0], best)
-            rows = np.where(closer, indices[:, 0], rows)
+            best, rows = _keep_nearer(best, rows, distances[:, 0], indices[:, 0])
         return np.maximum(best, 0.0), rows
 
     def nearest_among(self, images: np.ndarray, reference: np.ndarray, candidates: np.ndarray,
@@ -168,10 +169,9 @@ class AlignedPixels:
                 distance = 1.0 - np.einsum("md,mcd->mc", queries, against)
                 distance[chosen < 0] = np.inf
                 column = distance.argmin(axis=1)
-                found = distance[np.arange(len(column)), column]
-                closer = found < best[part]
-                best[part] = np.where(closer, found, best[part])
-                rows[part] = np.where(closer, chosen[np.arange(len(column)), column], rows[part])
+                picked = np.arange(len(column)), column
+                best[part], rows[part] = _keep_nearer(best[part], rows[part], distance[picked],
+                                                      chosen[picked])
         return np.maximum(best, 0.0), rows
 
     def _prepare(self, images: np.ndarray) -> np.ndarray:
@@ -187,6 +187,13 @@ class AlignedPixels:
         if self.smooth > 0:
             images = ndimage.gaussian_filter(images, (0, self.smooth, self.smooth), mode="nearest")
         return images
+
+
+def _keep_nearer(best: np.ndarray, rows: np.ndarray, found: np.ndarray,
+                 found_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The running minimum over shifts: where `found` is nearer, take it and its row."""
+    closer = found < best
+    return np.where(closer, found, best), np.where(closer, found_rows, rows)
 
 
 def _float_images(images: np.ndarray) -> np.ndarray:
