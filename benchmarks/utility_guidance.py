@@ -2,10 +2,10 @@
 
     .venv/bin/python benchmarks/utility_guidance.py --weights 1 2     # after benchmarks/kermany.py
 
-The class-conditional model of benchmarks/kermany.py's unfiltered row (runs/bench-diffusion-k32)
-draws one image per training image at each guidance weight w (DPM-Solver++ 16 steps; w = 1 is no
-guidance, w > 1 pushes each image towards its label and away from the unconditional model, at
-twice the network evaluations). Each set is evaluated as `unpersonal evaluate` would: fidelity in
+The class-conditional model of benchmarks/diffusion_quality.py (runs/bench-diffusion-k32)
+draws one image per training image at each guidance weight w (DPM-Solver++ 16 steps; w = 1 is
+no guidance, w > 1 pushes each image towards its label and away from the unconditional model,
+at twice the network evaluations). Each set is evaluated as `unpersonal evaluate` would: fidelity in
 the audit embedder's space and classifiers over `--seeds` seeds tested on the real test split,
 beside the real-trained classifiers of runs/bench-kermany-32/eval (same seeds and settings).
 Writes benchmarks/results/utility_guidance.json.

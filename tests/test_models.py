@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from unpersonal.models import Denoiser, EDM2Loss, UNet, count_parameters, learning_rate
+from unpersonal.models.conditioning import Conditioner
 from unpersonal.models.unet import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize
 
 
@@ -363,3 +364,14 @@ def test_count_parameters_counts_parameters_not_buffers() -> None:
     net = tiny_unet()
     assert count_parameters(net) == sum(p.numel() for p in net.parameters())
     assert count_parameters(MPFourier(16)) == 0
+
+
+def test_the_null_condition_against_the_labels_keeps_the_labels_and_drops_the_pseudo_part(
+        ) -> None:
+    both = Conditioner("class+pseudo", label_dim=2, pseudo_dim=3)
+    codes, pseudo = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.randn(2, 3)
+    null = both.null(codes, pseudo, "labels")
+    assert torch.equal(null[:, :2], both.build(codes, pseudo)[:, :2])
+    assert torch.equal(null[:, 2:], torch.zeros(2, 3))
+    assert both.null(codes, pseudo, "empty") is None  # the all-zero condition
+    assert Conditioner("class", label_dim=2, pseudo_dim=0).null(codes, None, "labels") is None

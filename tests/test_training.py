@@ -187,3 +187,22 @@ def test_sample_counts_nfe_honestly_and_ignores_batch_size(cli, tmp_path: Path) 
                  "--set", "sampling.guidance=2")
     assert guided.code == 0 and _sampled(run)[1]["nfe_per_image"] == 2 * 5
     assert not np.array_equal(_sampled(run)[0], whole)  # the early-checkpoint guide acts
+
+
+def test_sample_at_guidance_zero_against_the_labels_is_the_class_conditional_model(
+        cli, tmp_path: Path) -> None:
+    """A class+pseudo model sampled at w = 0 against the labels is told the labels alone (what
+    `generate` draws its candidates from at the cpu preset): one pass per step, not the
+    unconditional model that w = 0 against the empty condition gives."""
+    run = tmp_path / "run"
+    assert cli("prepare", "--out", run, *TINY).code == 0
+    assert cli("fit-diffusion", "--out", run, *TINY, *_steps(4)).code == 0
+    base = (*TINY, *_steps(4), "--set", "sampling.count=6", "--set", "sampling.steps=5",
+            "--set", "sampling.guidance=0")
+    assert cli("sample", "--out", run, *base).code == 0
+    labels_only, report = _sampled(run)
+    assert report["guidance_against"] == "labels" and report["nfe_per_image"] == 5
+    assert cli("sample", "--out", run, *base, "--set", "sampling.guidance_against=empty").code == 0
+    unconditional, report = _sampled(run)
+    assert report["guidance_against"] == "empty" and report["nfe_per_image"] == 5
+    assert not np.array_equal(labels_only, unconditional)

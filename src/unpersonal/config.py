@@ -141,7 +141,7 @@ class SamplingConfig(Section):
     guide: Literal["cfg", "autoguidance"] = Field(
         "cfg", description="guide against the null condition, or against the early checkpoint")
     guidance_against: Literal["empty", "labels"] = Field(
-        "labels", description="what classifier-free guidance pushes away from in `generate`: "
+        "labels", description="what classifier-free guidance pushes away from: "
         "the empty condition (empty), or (class+pseudo models) the labels alone, so that w weighs the "
         "source image's embedding only and w = 0 is the class-conditional model")
     sigma_min: float = Field(0.002, gt=0.0)

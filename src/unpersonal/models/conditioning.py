@@ -76,6 +76,15 @@ class Conditioner:
             pieces.append(_unit_rms(_required(pseudo, "pseudo features").float()))
         return torch.cat(pieces, dim=1) if pieces else None
 
+    def null(self, codes: torch.Tensor | None, pseudo: torch.Tensor | None, against: str
+             ) -> torch.Tensor | None:
+        """What classifier-free guidance pushes away from: None (the empty condition), or for a
+        model told both parts and `against="labels"`, the labels alone. Then the guidance weight
+        weighs the pseudo-condition only, and w = 0 samples the class-conditional model."""
+        if against == "empty" or not (self.uses_labels and self.uses_pseudo):
+            return None  # a model with one part or none: its null is the empty condition
+        return self.build(codes, torch.zeros_like(_required(pseudo, "pseudo features")))
+
     def drop(self, cond: torch.Tensor | None, rate: float, generator: torch.Generator
              ) -> torch.Tensor | None:
         """Zero each part of each row with probability `rate` (trains the null condition)."""

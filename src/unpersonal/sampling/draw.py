@@ -90,13 +90,15 @@ def draw(config: Config, model_folder: Path, train: CanonicalDataset) -> dict[st
                             solver=settings.solver, num_steps=settings.steps,
                             guidance=settings.guidance, guide=guide, image_shape=shape,
                             sigma_min=settings.sigma_min, sigma_max=settings.sigma_max,
-                            rho=settings.rho, device=device)
+                            rho=settings.rho, device=device,
+                            null=conditioner.null(codes[rows], pseudo[rows],
+                                                  settings.guidance_against))
             images.append(to_stored(result.images, train.bit_depth))
             nfe = result.nfe_per_sample
             bar.update(len(rows))
     seconds = time.perf_counter() - started
     report = {"solver": settings.solver, "steps": settings.steps, "guidance": settings.guidance,
-              "guide": settings.guide, "nfe_per_image": nfe, "count": settings.count,
+              "guide": settings.guide, "guidance_against": settings.guidance_against, "nfe_per_image": nfe, "count": settings.count,
               "seconds": round(seconds, 2), "images_per_s": round(settings.count / seconds, 3),
               "model_steps": meta["steps_done"], "device": device.type}
     return {"images": np.concatenate(images), "source": source, "report": report}

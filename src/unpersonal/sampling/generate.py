@@ -207,10 +207,8 @@ class Generator:
 
     def null_condition(self, rows: np.ndarray) -> torch.Tensor | None:
         """What guidance pushes away from: None (the empty condition) or the labels alone."""
-        both = self.conditioner.uses_labels and self.conditioner.uses_pseudo
-        if self.config.sampling.guidance_against == "empty" or not both:
-            return None  # a model with one part or none: its null is the empty condition
-        return self.conditioner.build(self.codes[rows], torch.zeros_like(self.pseudo[rows]))
+        return self.conditioner.null(self.codes[rows], self.pseudo[rows],
+                                     self.config.sampling.guidance_against)
 
     def to_float(self, images: np.ndarray) -> np.ndarray:
         return images.astype(np.float32) / float((1 << self.train.bit_depth) - 1)
