@@ -60,7 +60,8 @@ def test_every_released_image_passes_a_filter_rebuilt_from_scratch(generated_run
     accepted = _accepted(generated_run)
     assert [row["synthetic_file"] for row in accepted] == [row["path"] for row in rows]
     sources = np.array([int(row["source_row"]) for row in accepted])
-    assert not fresh.check(unit, sources).rejected.any()
+    from_source = np.array([row["drawn_from_source"] == "True" for row in accepted])
+    assert not fresh.check(unit, sources, drawn_from_source=from_source).rejected.any()
     assert not fresh.check(unit).rejected.any()  # against every training patient, no source
     # Each image takes its source's labels.
     train = load_canonical(generated_run / "prepare").subset("train")

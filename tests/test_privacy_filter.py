@@ -110,3 +110,26 @@ def test_the_any_patient_check_passes_held_out_patients_as_calibrated(calibrated
     linked = privacy_filter.check(val).flags["reid"]
     quantile = config.privacy.reid_heldout_quantile
     assert linked.mean() <= (1 - quantile) + 1 / len(val)
+
+
+def test_the_pair_check_against_the_source_holds_candidates_drawn_from_it(
+        calibrated_run: Path) -> None:
+    """The pair threshold flags most images of two different patients, so it applies to a
+    candidate and its source only when the candidate was drawn from that image; drawn from the
+    labels alone, its source is checked like every other training image. A copy of the source
+    is rejected either way."""
+    config = load_config(config_file=calibrated_run / "config.yaml")
+    privacy_filter = PrivacyFilter.load(RunDir(calibrated_run), config)
+    dataset = load_canonical(calibrated_run / "prepare")
+    train = dataset.images_float()[dataset.split == "train"]
+    val = dataset.images_float()[dataset.split == "val"]
+    sources = np.arange(len(val)) % len(train)
+    drawn = privacy_filter.check(val, sources, drawn_from_source=True)
+    labels_only = privacy_filter.check(val, sources, drawn_from_source=False)
+    to_source = drawn.reid_source_score >= privacy_filter.reid.threshold
+    to_anyone = drawn.reid_score >= privacy_filter.any_patient_threshold
+    assert (to_source & ~to_anyone).any()  # the two rules differ on these images
+    assert np.array_equal(drawn.flags["reid"], to_source | to_anyone)
+    assert np.array_equal(labels_only.flags["reid"], to_anyone)
+    rows = np.arange(min(8, len(train)))
+    assert privacy_filter.check(train[rows], rows, drawn_from_source=False).rejected.all()

@@ -3,7 +3,8 @@
 A candidate is rejected when any of three independent checks links it to a real training patient:
 
 1. **re-identification**: its re-ID score against its source training image reaches the pair
-   threshold (calibrated to flag 99% of held-out same-patient pairs), or its score against any
+   threshold (calibrated to flag 99% of held-out same-patient pairs) when it was drawn from that
+   image (conditioned on its embedding), or its score against any
    training image of any patient (the nearest in re-ID space, found with the kNN index; the score
    is monotone in the cosine, so the nearest is the highest-scoring) is higher than held-out
    patients' real images reach against theirs (`privacy.reid_heldout_quantile`, never below
@@ -210,13 +211,20 @@ class PrivacyFilter:
             neighbour_threshold=summary.get("reid_neighbour_threshold"))
 
     def check(self, images: np.ndarray, sources: np.ndarray | None = None,
-              policy: FilterPolicy = FilterPolicy()) -> FilterResult:
-        """images: float [M, R, R] in [0, 1]; sources: the training row each was drawn for.
+              policy: FilterPolicy = FilterPolicy(),
+              drawn_from_source: np.ndarray | bool = True) -> FilterResult:
+        """images: float [M, R, R] in [0, 1]; sources: the training row each was drawn for;
+        drawn_from_source: whether each was conditioned on its source's image (its embedding).
 
         The all-patient score is the highest against the `neighbours` training images nearest
-        in re-ID space; the k beyond the first guard against an approximate index missing it.
-        The source is scored explicitly, with the pair threshold: it is the image a candidate
-        drawn for it would most likely copy.
+        in re-ID space and the source; the k beyond the first guard against an approximate index
+        missing it. A candidate drawn from its source's image also gets the pair threshold
+        against that image: it is the one such a candidate would most likely copy. A candidate
+        drawn from the labels alone owes its source nothing but the label; that source is one
+        training image among those of its class, checked like all of them. Held to the pair
+        threshold, which flags most images of two different patients (59% on Kermany, 90% of
+        normal films), the release would lose most of the class whose films look alike, and
+        would depend on which image happened to lend the label.
         """
         reid_embedding = self.reid.embed(images)
         k = min(self.neighbours, len(self.reid_train))
@@ -246,7 +254,8 @@ class PrivacyFilter:
                   (("embedding", result.embedding_distance), ("pixel", result.pixel_distance))}
         linked_to_source = np.nan_to_num(source_score, nan=-1.0) >= self.reid.threshold
         linked_to_anyone = result.reid_score >= self.any_patient_threshold
-        result.strict = {"reid": linked_to_source | linked_to_anyone, **floors}
+        result.strict = {"reid": (linked_to_source & drawn_from_source) | linked_to_anyone,
+                         **floors}
         if policy == FilterPolicy():
             result.flags = dict(result.strict)
             return result

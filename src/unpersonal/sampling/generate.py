@@ -6,8 +6,11 @@ For each source (a training image; every one once by default, in a seeded order)
    with the fast solver, the EMA weights and guidance w. `best` draws all K at once; `first`
    draws `round_size` at a time and stops at the first round with a survivor whose labels agree
    within `tolerance`, so the common case costs one round;
-2. run the privacy filter on each candidate (`privacy.filter`): re-ID against the source and its
-   nearest training images of every patient, then the embedding and pixel distance floors;
+2. run the privacy filter on each candidate (`privacy.filter`): re-ID against its nearest
+   training images of every patient and the source (and against the source alone with the pair
+   threshold, when the candidate was drawn from the source's embedding: at guidance w = 0
+   against the labels, the cpu preset's, it is drawn from the labels alone), then the embedding
+   and pixel distance floors;
 3. keep the survivor whose classifier output diverges least from the source's (and, with
    `keep_second`, the next one); it takes the source's labels. With `label_gate` (default) a
    survivor beyond `tolerance` is rejected as label-inconsistent rather than kept;
@@ -62,7 +65,7 @@ STAGE = "generate"
 UPSTREAM = ("prepare", "fit-embedder", "fit-reid", "calibrate", "fit-classifier", "fit-diffusion")
 PROBABILITY_CLIP = 1e-6
 DECISION_FIELDS = ("position", "source_row", "attempt", "candidate", "seed", "guidance",
-                   "reid_source_score", "reid_threshold", "reid_score",
+                   "reid_source_score", "drawn_from_source", "reid_threshold", "reid_score",
                    "reid_any_patient_threshold", "reid_nearest_row",
                    "embedding_distance", "embedding_floor", "pixel_distance", "pixel_floor",
                    "divergence", "strictly_rejected", "outcome")
@@ -205,6 +208,18 @@ class Generator:
                 evaluations += result.nfe_per_sample * len(batch)
         return images, seeds, evaluations
 
+    def drawn_from_source(self, attempts: np.ndarray) -> np.ndarray:
+        """Whether the candidates of these attempts were conditioned on their source's image:
+        a model told the pseudo-condition, guided with a weight that keeps it (w = 0 against
+        the labels keeps the labels alone, against the empty condition nothing)."""
+        if not self.conditioner.uses_pseudo:
+            return np.zeros(len(attempts), dtype=bool)
+        if self.config.sampling.guide == "autoguidance":
+            return np.ones(len(attempts), dtype=bool)  # both networks see the full condition
+        weights = np.array([guidance_at(self.config.generate, first_guidance(self.config),
+                                        int(a)) for a in attempts])
+        return weights != 0
+
     def null_condition(self, rows: np.ndarray) -> torch.Tensor | None:
         """What guidance pushes away from: None (the empty condition) or the labels alone."""
         return self.conditioner.null(self.codes[rows], self.pseudo[rows],
@@ -252,7 +267,9 @@ def generate_block(gen: Generator, positions: np.ndarray) -> dict[str, np.ndarra
         images, seeds, spent = gen.draw(positions[local], np.array(job_attempt),
                                         np.array(job_candidate))
         evaluations += spent
-        checked = gen.privacy_filter.check(gen.to_float(images), source_rows[local], gen.policy)
+        from_source = gen.drawn_from_source(np.array(job_attempt))
+        checked = gen.privacy_filter.check(gen.to_float(images), source_rows[local], gen.policy,
+                                           from_source)
         divergence = label_divergence(gen.classifier.predict_proba(gen.to_float(images)),
                                       source_probs[local], gen.train.label_kind,
                                       settings.selection)
@@ -260,7 +277,7 @@ def generate_block(gen: Generator, positions: np.ndarray) -> dict[str, np.ndarra
         for j, i in enumerate(local):
             decisions.append(_decision(gen, checked, j, int(positions[i]), int(source_rows[i]),
                                        job_attempt[j], job_candidate[j], int(seeds[j]),
-                                       float(divergence[j])))
+                                       float(divergence[j]), bool(from_source[j])))
             images_by_row.append(images[j])
             if checked.rejected[j]:
                 continue
@@ -279,7 +296,8 @@ def generate_block(gen: Generator, positions: np.ndarray) -> dict[str, np.ndarra
 
 
 def _decision(gen: Generator, checked: Any, j: int, position: int, source_row: int,
-              attempt: int, candidate: int, seed: int, divergence: float) -> dict[str, Any]:
+              attempt: int, candidate: int, seed: int, divergence: float,
+              drawn_from_source: bool) -> dict[str, Any]:
     floors = gen.privacy_filter.floors
     threshold = gen.policy.reid_threshold
     reason = checked.reason(j)
@@ -288,6 +306,7 @@ def _decision(gen: Generator, checked: Any, j: int, position: int, source_row: i
             "guidance": guidance_at(gen.config.generate, first_guidance(gen.config), attempt),
             "reid_score": float(checked.reid_score[j]),
             "reid_source_score": float(checked.reid_source_score[j]),
+            "drawn_from_source": drawn_from_source,
             "reid_threshold": gen.privacy_filter.reid.threshold if threshold is None else threshold,
             "reid_any_patient_threshold": (gen.privacy_filter.any_patient_threshold
                                            if threshold is None else threshold),
