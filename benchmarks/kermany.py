@@ -40,6 +40,7 @@ import functools
 import hashlib
 import json
 import platform
+import shutil
 import sys
 import time
 from datetime import datetime
@@ -48,7 +49,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from runner import cores, reference_run, sets, unpersonal
+from runner import DOWNSTREAM, copy_run_without, cores, reference_run, sets, unpersonal
 from unpersonal.config import load_config
 from unpersonal.data.canonical import load_canonical
 from unpersonal.evaluation.audit import AuditModels, audit_set
@@ -126,13 +127,19 @@ def stages_key(run: Path, *stages: str) -> str:
 def unfiltered_sample(run: Path, count: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """One image per training image from the run's own model told the labels alone (guidance
     0 against the labels), with the run's solver and steps, no filter; with the seconds the
-    sampling took (the model is the run's, trained once for both rows)."""
-    sampling = unpersonal("sample", "--out", str(run), *sets(
+    sampling took (the model is the run's, trained once for both rows).
+
+    Drawn in a copy of the run: `sample` keeps its settings in the config, whose sampling
+    section is part of generate's key, and the run must stay as generate left it."""
+    copy = copy_run_without(run, run.with_name(run.name + "-unfiltered"), (*DOWNSTREAM, "sample"))
+    sampling = unpersonal("sample", "--out", str(copy), *sets(
         f"sampling.count={count}", "sampling.guidance=0", "sampling.guidance_against=labels",
         "sampling.batch_size=250"))
-    with np.load(run / "sample" / "images.npz") as arrays:
-        return (arrays["images"].astype(np.float32) / 255.0, arrays["labels"],
-                {"sample": sampling})
+    with np.load(copy / "sample" / "images.npz") as arrays:
+        drawn = (arrays["images"].astype(np.float32) / 255.0, arrays["labels"],
+                 {"sample": sampling})
+    shutil.rmtree(copy)
+    return drawn
 
 
 def training_seconds(stage: Path) -> float | None:

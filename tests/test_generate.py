@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from unpersonal.privacy.filter import FilterPolicy, PrivacyFilter
 from unpersonal.rundir import RunDir
 from unpersonal.sampling import generate as generate_module
 from unpersonal.sampling.generate import (candidate_seed, guidance_at, label_divergence,
-                                          run_generate)
+                                          label_group, run_generate)
 
 
 
@@ -68,6 +69,11 @@ def test_every_released_image_passes_a_filter_rebuilt_from_scratch(generated_run
     names = train.label_names
     labels = np.array([[int(row[name]) for name in names] for row in rows])
     assert np.array_equal(labels, train.labels[sources])
+    # The steward sees how each label fared: sources and released images per label.
+    released = Counter(label_group(row, train.label_kind, names) for row in labels)
+    mix = summary["by_label"]
+    assert {group: m["released"] for group, m in mix.items() if m["released"]} == released
+    assert sum(m["sources"] for m in mix.values()) == summary["sources"]
 
 
 def test_released_files_carry_no_patient_id_or_source_reference(generated_run: Path) -> None:

@@ -154,6 +154,9 @@ def generation_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     return [("sources (training images)", f"{summary['sources']:,}"),
             ("accepted", f"{summary['accepted_sources']:,} ({summary['acceptance_rate']:.1%})"),
             ("skipped after every attempt", f"{summary['skipped_sources']:,}"),
+            *([("released per label", "; ".join(
+                f"{group}: {mix['released']:,} of {mix['sources']:,} sources"
+                for group, mix in summary["by_label"].items()))] if "by_label" in summary else []),
             ("candidates drawn", f"{summary['candidates']:,}"),
             ("rejections by check", reasons),
             ("network evaluations per released image", f"{summary['nfe_per_accepted']:.1f}"),

@@ -501,6 +501,29 @@ def _cell(value: Any) -> str:
     return str(value.item() if isinstance(value, np.generic) else value)
 
 
+def label_group(labels: np.ndarray, kind: str, names: list[str]) -> str:
+    """One image's labels as a readable key: the class name, or name=value for each column."""
+    if kind == "multiclass":
+        return names[int(np.argmax(labels))]
+    return ", ".join(f"{name}={int(value)}" for name, value in zip(names, labels))
+
+
+def label_mix(gen: Generator, blocks: list[dict[str, np.ndarray]]) -> dict[str, dict[str, int]]:
+    """Sources and released images per label: the filter can turn away one class more than
+    another (films that look alike are more alike across patients too), and a release whose
+    class mix drifts from the training set's trains weaker classifiers."""
+    train = gen.train
+
+    def count(rows: np.ndarray) -> Counter:
+        return Counter(label_group(train.labels[row], train.label_kind, train.label_names)
+                       for row in rows)
+
+    sources = count(gen.order[np.concatenate([b["positions"] for b in blocks])])
+    released = count(np.concatenate([b["image_source_row"] for b in blocks]))
+    return {group: {"sources": sources[group], "released": released[group]}
+            for group in sorted(sources)}
+
+
 def summarise(gen: Generator, blocks: list[dict[str, np.ndarray]], processes: int
               ) -> dict[str, Any]:
     """The figures generate.json reports: how many came out, what it cost, why others did not."""
@@ -534,6 +557,7 @@ def summarise(gen: Generator, blocks: list[dict[str, np.ndarray]], processes: in
         "seconds_total": round(seconds, 2),
         "seconds_per_accepted": round(seconds / max(images, 1), 4),
         "accepted_strictly_rejected": int(strict[accepted_rows].sum()),
+        "by_label": label_mix(gen, blocks),
         "settings": {"mode": settings.mode, "candidates": settings.candidates,
                      "round_size": settings.round_size, "tolerance": settings.tolerance,
                      "label_gate": settings.label_gate,
