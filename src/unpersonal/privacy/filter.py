@@ -4,13 +4,12 @@ A candidate is rejected when any of three independent checks links it to a real 
 
 1. **re-identification**: its re-ID score against its source training image reaches the pair
    threshold (calibrated to flag 99% of held-out same-patient pairs) when it was drawn from that
-   image (conditioned on its embedding), or its score against any
-   training image of any patient (the nearest in re-ID space, found with the kNN index; the score
-   is monotone in the cosine, so the nearest is the highest-scoring) is higher than held-out
-   patients' real images reach against theirs (`privacy.reid_heldout_quantile`, never below
-   the pair threshold). One comparison gets the pair threshold; a maximum over thousands of
-   patients needs the threshold of that maximum, or every new patient's image would be
-   "linked" to someone by chance;
+   image (conditioned on its embedding), or its score against any training image of any patient
+   (the nearest in re-ID space, found with the kNN index; the score is monotone in the cosine,
+   so the nearest is the highest-scoring) is higher than held-out patients' real images reach
+   against theirs (`privacy.reid_heldout_quantile`, never below the pair threshold). One
+   comparison gets the pair threshold; a maximum over thousands of patients needs the threshold
+   of that maximum, or every new patient's image would be "linked" to someone by chance;
 2. **embedding floor**: it is closer, in the embedder's feature space, to some training image than
    almost all held-out real images are to theirs;
 3. **pixel floor**: the same in pixel space, aligned and standardised (`AlignedPixels`), so that a

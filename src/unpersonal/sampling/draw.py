@@ -98,7 +98,8 @@ def draw(config: Config, model_folder: Path, train: CanonicalDataset) -> dict[st
             bar.update(len(rows))
     seconds = time.perf_counter() - started
     report = {"solver": settings.solver, "steps": settings.steps, "guidance": settings.guidance,
-              "guide": settings.guide, "guidance_against": settings.guidance_against, "nfe_per_image": nfe, "count": settings.count,
+              "guide": settings.guide, "guidance_against": settings.guidance_against,
+              "nfe_per_image": nfe, "count": settings.count,
               "seconds": round(seconds, 2), "images_per_s": round(settings.count / seconds, 3),
               "model_steps": meta["steps_done"], "device": device.type}
     return {"images": np.concatenate(images), "source": source, "report": report}
