@@ -92,7 +92,8 @@ class Conditioner:
             return cond
         out = cond.clone()
         for part in self.parts():
-            dropped = torch.rand(len(cond), generator=generator) < rate
+            # Drawn where the generator lives: a CUDA generator cannot fill a CPU tensor.
+            dropped = torch.rand(len(cond), generator=generator, device=generator.device) < rate
             out[dropped.to(cond.device), part] = 0
         return out
 
