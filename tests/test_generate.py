@@ -232,3 +232,22 @@ def test_guidance_steps_down_to_its_floor_and_seeds_are_pure() -> None:
     assert guidance_at(settings, 0.5, 3) == 0.5  # never raised to the floor
     seeds = {candidate_seed(0, p, a, c) for p in range(5) for a in range(3) for c in range(4)}
     assert len(seeds) == 60 and candidate_seed(0, 1, 2, 3) == candidate_seed(0, 1, 2, 3)
+
+
+def test_sampling_from_the_model_leaves_the_release_up_to_date(generated_run: Path,
+                                                               tmp_path: Path) -> None:
+    """`unpersonal sample --set ...` keeps its overrides in the run's config; the count and the
+    batch size it sets do not change generate's images, so they must not make generate stale."""
+    run = Path(shutil.copytree(generated_run, tmp_path / "run"))
+
+    def generate_is_fresh() -> bool:
+        config = load_config(config_file=run / "config.yaml")
+        return RunDir(run).is_fresh("generate", generate_module.stage_key(config, RunDir(run)))
+
+    assert generate_is_fresh()
+    invoke_cli("sample", "--out", run, "--set", "sampling.count=3",
+               "--set", "sampling.batch_size=2")
+    assert (run / "sample" / "images.npz").is_file()
+    assert generate_is_fresh()
+    invoke_cli("sample", "--out", run, "--set", "sampling.steps=3")
+    assert not generate_is_fresh()  # the solver's steps do change every candidate

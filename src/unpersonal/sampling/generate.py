@@ -365,10 +365,18 @@ def _block_arrays(gen: Generator, positions: np.ndarray, state: list[_SourceStat
 # The stage
 
 
+# `sampling.count` is `unpersonal sample`'s, and the batch size changes how fast, not what:
+# every candidate has its own seed (tests/test_solvers.py). Neither may make generate stale, or
+# a look at the model with `unpersonal sample --set sampling.count=...` would redo the release.
+NOT_IN_GENERATE_KEY = ("count", "batch_size")
+
+
 def stage_key(config: Config, run: RunDir) -> str:
     inputs = {stage: run.require(stage) for stage in UPSTREAM}
-    return sha256_json({"config": config.section_dump(("sampling", "generate", "privacy")),
-                        "inputs": inputs})
+    settings = config.section_dump(("sampling", "generate", "privacy"))
+    settings["sampling"] = {name: value for name, value in settings["sampling"].items()
+                            if name not in NOT_IN_GENERATE_KEY}
+    return sha256_json({"config": settings, "inputs": inputs})
 
 
 def run_generate(config: Config, run: RunDir, force: bool = False) -> bool:
