@@ -54,7 +54,7 @@ def generate(run: Path, *overrides: str, force: bool = False) -> tuple[dict, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "bench-kermany-32")
-    parser.add_argument("--reference-sources", type=int, default=50)
+    parser.add_argument("--reference-sources", type=int, default=40)
     parser.add_argument("--reference-guidance", type=float, default=REFERENCE_GUIDANCE,
                         help="classifier-free guidance weight of the reference recipe")
     parser.add_argument("--set", dest="overrides", action="append", default=[],

@@ -23,7 +23,11 @@ REFERENCE = ("generate.mode=best", "generate.candidates=32", "generate.attempts=
              "sampling.solver=heun", "sampling.steps=32", "sampling.guide=cfg",
              "sampling.guidance_against=empty",
              "generate.reid_check=source", "generate.reid_threshold=0.5",
-             "generate.distance_floors=false", "generate.label_gate=false")
+             "generate.distance_floors=false", "generate.label_gate=false",
+             # Pinned, not inherited from the copied run's config: with guidance each batch
+             # goes through the network twice, and 64 drew 4.9 ms per network evaluation
+             # against 6.0 ms at 250 on the 2-core machine (BENCHMARKS.md).
+             "sampling.batch_size=64")
 REFERENCE_GUIDANCE = 2.0
 
 
