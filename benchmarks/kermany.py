@@ -129,8 +129,8 @@ def unfiltered_sample(run: Path, count: int) -> tuple[np.ndarray, np.ndarray, di
     0 against the labels), with the run's solver and steps, no filter; with the seconds the
     sampling took (the model is the run's, trained once for both rows).
 
-    Drawn in a copy of the run: `sample` keeps its settings in the config, whose sampling
-    section is part of generate's key, and the run must stay as generate left it."""
+    Drawn in a copy of the run: `sample` keeps its settings in the config, and the guidance
+    set here is part of generate's key too; the run must stay as generate left it."""
     copy = copy_run_without(run, run.with_name(run.name + "-unfiltered"), (*DOWNSTREAM, "sample"))
     sampling = unpersonal("sample", "--out", str(copy), *sets(
         f"sampling.count={count}", "sampling.guidance=0", "sampling.guidance_against=labels",

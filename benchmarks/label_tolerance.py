@@ -24,12 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runner import cores
-from unpersonal.config import load_config
-from unpersonal.data.canonical import load_canonical
-from unpersonal.evaluation.evaluate import evaluate_set
+from runner import EvaluatedRun, cores
 from unpersonal.evaluation.sets import read_synthetic_set
-from unpersonal.rundir import RunDir, write_atomic
+from unpersonal.rundir import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -49,37 +46,21 @@ def main() -> None:
     parser.add_argument("--tolerances", type=float, nargs="+", default=[0.1, 0.2])
     parser.add_argument("--seeds", type=int, default=5, help="classifier training seeds")
     options = parser.parse_args()
-    probs_file = options.run / "eval" / "test_probs.npz"
-    if not probs_file.is_file():
-        sys.exit("run benchmarks/kermany.py first")
-    run = RunDir(options.run)
-    config = load_config(config_file=options.run / "config.yaml")
-    config.evaluate.classifier_seeds = options.seeds
-    config.evaluate.restoration = False
-    config.evaluate.real_plus_synthetic = False
-    dataset = load_canonical(run.stage_path("prepare"))
-    released = read_synthetic_set(run.stage_path("generate") / "synthetic", dataset.label_names)
-    divergence = np.array([logged_divergence(options.run)[name] for name in released.names])
-    with np.load(probs_file) as saved:
-        real_probs = saved["real"][:options.seeds]
+    evaluated = EvaluatedRun.load(options.run, options.seeds)
+    released = read_synthetic_set(evaluated.run.stage_path("generate") / "synthetic",
+                                  evaluated.dataset.label_names)
+    logged = logged_divergence(options.run)
+    divergence = np.array([logged[name] for name in released.names])
     results = {}
     for tolerance in sorted(options.tolerances):
         kept = divergence <= tolerance
-        metrics, _ = evaluate_set(config, run, dataset, released.images[kept],
-                                  released.labels[kept], real_probs=real_probs)
-        classification = metrics["utility"]["classification"]
         results[f"{tolerance:g}"] = {
             "tolerance": tolerance, "images": int(kept.sum()), "of": len(kept),
             "label_share": released.labels[kept].mean(axis=0).round(4).tolist(),
-            "auc": classification["synthetic"]["mean"],
-            "auc_ci": classification["synthetic"]["ci95"],
-            "auc_per_seed": classification["synthetic"]["per_seed"],
-            "auc_real": classification["real"]["mean"], "gap_pp": classification["gap_pp"],
-            "gap_pp_ci": classification["gap_pp_ci95"], "fd": metrics["fidelity"]["fd"],
-            "coverage": metrics["fidelity"]["prdc"]["coverage"]}
+            **evaluated.score(released.images[kept], released.labels[kept])}
         print(json.dumps(results[f"{tolerance:g}"]), flush=True)
     out = {"tolerances": results, "classifier_seeds": options.seeds,
-           "released_tolerance": config.generate.tolerance,
+           "released_tolerance": evaluated.config.generate.tolerance,
            "machine": f"{platform.machine()}, {cores()} cores", "date": time.strftime("%Y-%m-%d"),
            "command": "python benchmarks/label_tolerance.py " + " ".join(sys.argv[1:])}
     write_atomic(RESULTS / "label_tolerance.json", json.dumps(out, indent=2) + "\n")

@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: running the CLI as a user would, and copying a run.
+"""What the benchmark scripts share: running the CLI as a user would, copying a run, and
+scoring other sets beside an evaluated run.
 
 Imported as `runner` by the scripts beside it (`python benchmarks/x.py` puts this folder on the
 path).
@@ -12,7 +13,16 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unpersonal.config import Config, load_config
+from unpersonal.data.canonical import CanonicalDataset, load_canonical
+from unpersonal.evaluation.evaluate import evaluate_set
+from unpersonal.rundir import RunDir
 
 DOWNSTREAM = ("generate", "audit", "eval", "report", "export")
 # The reference recipe (DESIGN.md section 5): all K=32 candidates, EDM Heun with 32 steps
@@ -78,3 +88,42 @@ def _upstream_keys(run: Path) -> dict[str, str] | None:
 
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+@dataclass(frozen=True)
+class EvaluatedRun:
+    """An evaluated run of benchmarks/kermany.py, to score other sets beside it as `unpersonal
+    evaluate` would (classifier utility and fidelity, no restoration), with its real-trained
+    classifiers' test probabilities reused: the same seeds, not trained again."""
+
+    run: RunDir
+    config: Config
+    dataset: CanonicalDataset
+    real_probs: np.ndarray
+
+    @classmethod
+    def load(cls, folder: Path, seeds: int) -> "EvaluatedRun":
+        probs_file = folder / "eval" / "test_probs.npz"
+        if not probs_file.is_file():
+            sys.exit("run benchmarks/kermany.py first")
+        run = RunDir(folder)
+        config = load_config(config_file=folder / "config.yaml")
+        config.evaluate.classifier_seeds = seeds
+        config.evaluate.restoration = False
+        config.evaluate.real_plus_synthetic = False
+        with np.load(probs_file) as saved:
+            real_probs = saved["real"][:seeds]
+        return cls(run, config, load_canonical(run.stage_path("prepare")), real_probs)
+
+    def score(self, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+        """ROC-AUC over the seeds beside real's, and fidelity, of one set (images float)."""
+        metrics, _ = evaluate_set(self.config, self.run, self.dataset, images, labels,
+                                  real_probs=self.real_probs)
+        classification, fidelity = metrics["utility"]["classification"], metrics["fidelity"]
+        return {"auc": classification["synthetic"]["mean"],
+                "auc_per_seed": classification["synthetic"]["per_seed"],
+                "auc_ci": classification["synthetic"]["ci95"],
+                "auc_real": classification["real"]["mean"], "gap_pp": classification["gap_pp"],
+                "gap_pp_ci": classification["gap_pp_ci95"], "fd": fidelity["fd"],
+                "precision": fidelity["prdc"]["precision"], "recall": fidelity["prdc"]["recall"],
+                "coverage": fidelity["prdc"]["coverage"]}

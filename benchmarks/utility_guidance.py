@@ -22,11 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runner import cores, sets, unpersonal
-from unpersonal.config import load_config
-from unpersonal.data.canonical import load_canonical
-from unpersonal.evaluation.evaluate import evaluate_set
-from unpersonal.rundir import RunDir, write_atomic
+from runner import EvaluatedRun, cores, sets, unpersonal
+from unpersonal.rundir import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -40,17 +37,10 @@ def main() -> None:
     parser.add_argument("--weights", type=float, nargs="+", default=[1.0, 2.0])
     parser.add_argument("--seeds", type=int, default=5, help="classifier training seeds")
     options = parser.parse_args()
-    probs_file = options.run / "eval" / "test_probs.npz"
-    if not probs_file.is_file() or not (MODEL_RUN / "fit-diffusion" / "model.json").is_file():
-        sys.exit("run benchmarks/kermany.py first")
-    run = RunDir(options.run)
-    config = load_config(config_file=options.run / "config.yaml")
-    config.evaluate.classifier_seeds = options.seeds
-    config.evaluate.restoration = False
-    config.evaluate.real_plus_synthetic = False
-    dataset = load_canonical(run.stage_path("prepare"))
-    with np.load(probs_file) as saved:
-        real_probs = saved["real"][:options.seeds]
+    if not (MODEL_RUN / "fit-diffusion" / "model.json").is_file():
+        sys.exit("run benchmarks/diffusion_quality.py first")
+    evaluated = EvaluatedRun.load(options.run, options.seeds)
+    dataset = evaluated.dataset
     results = {}
     for weight in options.weights:
         wall = unpersonal("sample", "--out", str(MODEL_RUN), *sets(
@@ -59,18 +49,8 @@ def main() -> None:
             "sampling.batch_size=250"))
         with np.load(MODEL_RUN / "sample" / "images.npz") as arrays:
             images, labels = arrays["images"].astype(np.float32) / 255.0, arrays["labels"]
-        metrics, _ = evaluate_set(config, run, dataset, images, labels, real_probs=real_probs)
-        classification = metrics["utility"]["classification"]
-        results[f"w={weight:g}"] = {
-            "guidance": weight, "sample_wall_s": wall,
-            "auc": classification["synthetic"]["mean"],
-            "auc_per_seed": classification["synthetic"]["per_seed"],
-            "auc_ci": classification["synthetic"]["ci95"],
-            "auc_real": classification["real"]["mean"], "gap_pp": classification["gap_pp"],
-            "gap_pp_ci": classification["gap_pp_ci95"], "fd": metrics["fidelity"]["fd"],
-            "precision": metrics["fidelity"]["prdc"]["precision"],
-            "recall": metrics["fidelity"]["prdc"]["recall"],
-            "coverage": metrics["fidelity"]["prdc"]["coverage"]}
+        results[f"w={weight:g}"] = {"guidance": weight, "sample_wall_s": wall,
+                                    **evaluated.score(images, labels)}
         print(json.dumps(results[f"w={weight:g}"]), flush=True)
     out = {"weights": results, "classifier_seeds": options.seeds,
            "machine": f"{platform.machine()}, {cores()} cores", "date": time.strftime("%Y-%m-%d"),
