@@ -251,3 +251,25 @@ def test_sampling_from_the_model_leaves_the_release_up_to_date(generated_run: Pa
     assert generate_is_fresh()
     invoke_cli("sample", "--out", run, "--set", "sampling.steps=3")
     assert not generate_is_fresh()  # the solver's steps do change every candidate
+
+
+def test_the_batch_size_changes_neither_the_samples_nor_their_freshness(generated_run: Path,
+                                                                         tmp_path: Path) -> None:
+    """A user who lowers `sampling.batch_size` to fit memory gets the same images, and the
+    sample stage they already drew is not redone for it."""
+    run = Path(shutil.copytree(generated_run, tmp_path / "run"))
+    invoke_cli("sample", "--out", run, "--set", "sampling.count=5", "--set",
+               "sampling.batch_size=5")
+    with np.load(run / "sample" / "images.npz") as drawn:
+        in_one_batch = drawn["images"].copy()
+
+    def sample_record() -> dict:
+        return json.loads((run / "manifest.json").read_text())["stages"]["sample"]
+
+    drawn_once = sample_record()
+    invoke_cli("sample", "--out", run, "--set", "sampling.batch_size=2")
+    assert sample_record() == drawn_once  # up to date: not drawn again
+    invoke_cli("sample", "--out", run, "--force", "--set", "sampling.batch_size=2")
+    assert load_config(config_file=run / "config.yaml").sampling.batch_size == 2
+    with np.load(run / "sample" / "images.npz") as drawn:
+        np.testing.assert_array_equal(drawn["images"], in_one_batch)

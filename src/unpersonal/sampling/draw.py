@@ -32,13 +32,22 @@ from unpersonal.training.diffusion import STAGE as FIT_STAGE, load_denoiser
 
 STAGE = "sample"
 GRID_COLUMNS = 8
+# The batch size changes how fast images are drawn, not which: every image has its own noise
+# seed (tests/test_solvers.py), so it is left out of the stage keys that sampling settings enter.
+SPEED_ONLY = ("batch_size",)
+
+
+def stage_key(config: Config, run: RunDir) -> str:
+    settings = {name: value for name, value in config.section_dump(("sampling",))[
+        "sampling"].items() if name not in SPEED_ONLY}
+    return sha256_json({"config": {"seed": config.seed, "sampling": settings},
+                        "inputs": {"fit-diffusion": run.require(FIT_STAGE),
+                                   "prepare": run.require("prepare")}})
 
 
 def run_sample(config: Config, run: RunDir, force: bool = False) -> bool:
     """Draw `sampling.count` images; False when the stage was up to date."""
-    key = sha256_json({"config": config.section_dump(("sampling",)),
-                       "inputs": {"fit-diffusion": run.require(FIT_STAGE),
-                                  "prepare": run.require("prepare")}})
+    key = stage_key(config, run)
     if run.up_to_date(STAGE, key, force):
         return False
     train = load_canonical(run.stage_path("prepare")).subset("train")

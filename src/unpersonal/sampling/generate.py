@@ -56,7 +56,7 @@ from unpersonal.models.edm import Denoiser
 from unpersonal.privacy.filter import CHECKS, FilterPolicy, PrivacyFilter
 from unpersonal.progress import LiveBar, console
 from unpersonal.rundir import RunDir, sha256_json, write_atomic, write_npz_atomic
-from unpersonal.sampling.draw import source_indices, to_stored
+from unpersonal.sampling.draw import SPEED_ONLY, source_indices, to_stored
 from unpersonal.sampling.solvers import sample
 from unpersonal.training.classifier import Classifier, load_classifier
 from unpersonal.training.diffusion import load_denoiser
@@ -368,7 +368,7 @@ def _block_arrays(gen: Generator, positions: np.ndarray, state: list[_SourceStat
 # `sampling.count` is `unpersonal sample`'s, and the batch size changes how fast, not what:
 # every candidate has its own seed (tests/test_solvers.py). Neither may make generate stale, or
 # a look at the model with `unpersonal sample --set sampling.count=...` would redo the release.
-NOT_IN_GENERATE_KEY = ("count", "batch_size")
+NOT_IN_GENERATE_KEY = ("count", *SPEED_ONLY)
 
 
 def stage_key(config: Config, run: RunDir) -> str:
