@@ -23,6 +23,7 @@ import argparse
 import json
 import platform
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -78,7 +79,7 @@ def main() -> None:
     saved["settings"][options.name] = {
         **result, "classifier_seeds": options.seeds,
         "machine": f"{platform.machine()}, {cores()} cores", "date": time.strftime("%Y-%m-%d"),
-        "command": "python benchmarks/generate_utility.py " + " ".join(sys.argv[1:])}
+        "command": "python benchmarks/generate_utility.py " + shlex.join(sys.argv[1:])}
     write_atomic(RESULTS, json.dumps(saved, indent=2) + "\n")
 
 
