@@ -1,17 +1,17 @@
 """Would another setting train a better classifier? The pipeline through `generate` per setting.
 
-    .venv/bin/python benchmarks/generate_utility.py --name "16 steps" --set sampling.steps=16
     .venv/bin/python benchmarks/generate_utility.py --name "16 steps" --set sampling.steps=16 \
         --real-plus-synthetic                                          # after kermany.py
     .venv/bin/python benchmarks/generate_utility.py --name "seed 1" --set seed=1
 
 On the evaluated run of benchmarks/kermany.py (runs/bench-kermany-32), runs the pipeline's
 commands from `prepare` through `generate` with the `--set` overrides in a copy of the run
-(`<run>-<name>`, resumed when it is there already): each skips what the overrides leave up to
-date, so a sampling setting reruns `generate` alone and another seed every stage. Then it scores the released set as `unpersonal evaluate` would (classifiers over `--seeds`
-seeds, fidelity in the audit embedder's space) beside the run's own real-trained classifiers:
-the same seeds, not trained again. With `--real-plus-synthetic` it also scores the real training
-images together with the set. Unlike benchmarks/generate_choices.py (300 sources, where utility
+(`<run>-<name>`, resumed when it is there already). Each command skips what the overrides leave
+up to date, so a sampling setting reruns `generate` alone and another seed every stage. Then it
+scores the released set as `unpersonal evaluate` would (classifiers over `--seeds` seeds,
+fidelity in the audit embedder's space) beside the run's own real-trained classifiers: the same
+seeds, not trained again. With `--real-plus-synthetic` it also scores the real training images
+together with the set. Unlike benchmarks/generate_choices.py (300 sources, where utility
 separates only large effects), this is the whole training set, as in the headline. The privacy
 audit is not run here: a setting worth adopting goes through the headline benchmark, which
 audits it. Adds the setting to benchmarks/results/generate_utility.json.
