@@ -19,19 +19,15 @@ audits it. Adds the setting to benchmarks/results/generate_utility.json.
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import re
-import shlex
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from kermany import COMMANDS
-from runner import EvaluatedRun, copy_run_without, cores, sets, unpersonal
+from runner import (EvaluatedRun, copy_run_without, parser_beside_run, provenance, sets,
+                    unpersonal)
 from unpersonal.evaluation.sets import read_synthetic_set
 from unpersonal.rundir import write_atomic
 
@@ -48,13 +44,10 @@ def variant_run(run: Path, name: str) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, default=ROOT / "runs" / "bench-kermany-32",
-                        help="the evaluated run of benchmarks/kermany.py")
+    parser = parser_beside_run(__doc__.splitlines()[0])
     parser.add_argument("--name", required=True, help="what the setting is called in the results")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="a config override for generate (repeatable)")
-    parser.add_argument("--seeds", type=int, default=5, help="classifier training seeds")
     parser.add_argument("--real-plus-synthetic", action="store_true",
                         help="also score the real training images together with the set")
     options = parser.parse_args()
@@ -77,9 +70,7 @@ def main() -> None:
         print(json.dumps(result["real_plus_synthetic"]), flush=True)
     saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"settings": {}}
     saved["settings"][options.name] = {
-        **result, "classifier_seeds": options.seeds,
-        "machine": f"{platform.machine()}, {cores()} cores", "date": time.strftime("%Y-%m-%d"),
-        "command": "python benchmarks/generate_utility.py " + shlex.join(sys.argv[1:])}
+        **result, "classifier_seeds": options.seeds, **provenance()}
     write_atomic(RESULTS, json.dumps(saved, indent=2) + "\n")
 
 

@@ -39,7 +39,6 @@ import csv
 import functools
 import hashlib
 import json
-import platform
 import shutil
 import sys
 import time
@@ -49,7 +48,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from runner import DOWNSTREAM, copy_run_without, cores, reference_run, sets, unpersonal
+from runner import DOWNSTREAM, copy_run_without, provenance, reference_run, sets, unpersonal
 from unpersonal.config import load_config
 from unpersonal.data.canonical import load_canonical
 from unpersonal.evaluation.audit import AuditModels, audit_set
@@ -364,9 +363,7 @@ def main() -> None:
         "stage_seconds": seconds,
         "wall_time_s": round(sum(seconds.values()), 1),
         "invocation_s": round(time.perf_counter() - invoked, 1),
-        "machine": f"{platform.machine()}, {cores()} cores",
-        "date": time.strftime("%Y-%m-%d"),
-        "command": "python benchmarks/kermany.py " + " ".join(sys.argv[1:]),
+        **provenance(),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_atomic(RESULTS / "kermany.json", json.dumps(results, indent=2) + "\n")

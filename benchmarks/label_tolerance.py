@@ -14,17 +14,13 @@ Writes benchmarks/results/label_tolerance.json.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import platform
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from runner import EvaluatedRun, cores
+from runner import EvaluatedRun, parser_beside_run, provenance
 from unpersonal.evaluation.sets import read_synthetic_set
 from unpersonal.rundir import write_atomic
 
@@ -40,11 +36,8 @@ def logged_divergence(run: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, default=ROOT / "runs" / "bench-kermany-32",
-                        help="the evaluated run of benchmarks/kermany.py")
+    parser = parser_beside_run(__doc__.splitlines()[0])
     parser.add_argument("--tolerances", type=float, nargs="+", default=[0.1, 0.2])
-    parser.add_argument("--seeds", type=int, default=5, help="classifier training seeds")
     options = parser.parse_args()
     evaluated = EvaluatedRun.load(options.run, options.seeds)
     released = read_synthetic_set(evaluated.run.stage_path("generate") / "synthetic",
@@ -61,8 +54,7 @@ def main() -> None:
         print(json.dumps(results[f"{tolerance:g}"]), flush=True)
     out = {"tolerances": results, "classifier_seeds": options.seeds,
            "released_tolerance": evaluated.config.generate.tolerance,
-           "machine": f"{platform.machine()}, {cores()} cores", "date": time.strftime("%Y-%m-%d"),
-           "command": "python benchmarks/label_tolerance.py " + " ".join(sys.argv[1:])}
+           **provenance()}
     write_atomic(RESULTS / "label_tolerance.json", json.dumps(out, indent=2) + "\n")
 
 

@@ -8,7 +8,10 @@ path).
 from __future__ import annotations
 
 import json
+import argparse
 import os
+import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -88,6 +91,23 @@ def _upstream_keys(run: Path) -> dict[str, str] | None:
 
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def provenance() -> dict[str, str]:
+    """Where, when and with what command a result was measured, for its results file: the
+    command quoted as it would be typed, so that it reruns as it stands."""
+    return {"machine": f"{platform.machine()}, {cores()} cores", "date": time.strftime("%Y-%m-%d"),
+            "command": shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}",
+                                   *sys.argv[1:]])}
+
+
+def parser_beside_run(description: str) -> argparse.ArgumentParser:
+    """The options of a script that scores sets beside the headline run (`EvaluatedRun`)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--run", type=Path, default=Path(__file__).resolve().parents[1] / "runs"
+                        / "bench-kermany-32", help="the evaluated run of benchmarks/kermany.py")
+    parser.add_argument("--seeds", type=int, default=5, help="classifier training seeds")
+    return parser
 
 
 @dataclass(frozen=True)

@@ -13,16 +13,13 @@ Writes benchmarks/results/utility_guidance.json.
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from runner import EvaluatedRun, cores, sets, unpersonal
+from runner import EvaluatedRun, parser_beside_run, provenance, sets, unpersonal
 from unpersonal.rundir import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,11 +28,8 @@ MODEL_RUN = ROOT / "runs" / "bench-diffusion-k32"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, default=ROOT / "runs" / "bench-kermany-32",
-                        help="the evaluated run of benchmarks/kermany.py")
+    parser = parser_beside_run(__doc__.splitlines()[0])
     parser.add_argument("--weights", type=float, nargs="+", default=[1.0, 2.0])
-    parser.add_argument("--seeds", type=int, default=5, help="classifier training seeds")
     options = parser.parse_args()
     if not (MODEL_RUN / "fit-diffusion" / "model.json").is_file():
         sys.exit("run benchmarks/diffusion_quality.py first")
@@ -53,8 +47,7 @@ def main() -> None:
                                     **evaluated.score(images, labels)}
         print(json.dumps(results[f"w={weight:g}"]), flush=True)
     out = {"weights": results, "classifier_seeds": options.seeds,
-           "machine": f"{platform.machine()}, {cores()} cores", "date": time.strftime("%Y-%m-%d"),
-           "command": "python benchmarks/utility_guidance.py " + " ".join(sys.argv[1:])}
+           **provenance()}
     write_atomic(RESULTS / "utility_guidance.json", json.dumps(out, indent=2) + "\n")
 
 
