@@ -25,7 +25,7 @@ import numpy as np
 from unpersonal.config import Config, load_config
 from unpersonal.data.canonical import CanonicalDataset, load_canonical
 from unpersonal.evaluation.evaluate import evaluate_set
-from unpersonal.rundir import RunDir
+from unpersonal.rundir import RunDir, write_atomic
 
 DOWNSTREAM = ("generate", "audit", "eval", "report", "export")
 # The reference recipe (DESIGN.md section 5): all K=32 candidates, EDM Heun with 32 steps
@@ -65,8 +65,27 @@ def copy_run_without(run: Path, target: Path, stages: tuple[str, ...] = DOWNSTRE
     manifest = json.loads((target / "manifest.json").read_text())
     for stage in stages:
         manifest["stages"].pop(stage, None)
-    (target / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_atomic(target / "manifest.json", json.dumps(manifest, indent=2))
     return target
+
+
+def transplant_stage(run: Path, stage: str, donor: Path) -> None:
+    """Put `donor`'s trained `stage` into `run` in place of its own, to learn which stage's
+    training a result follows (the same config, another seed's model).
+
+    The manifest keeps `run`'s own key for the stage, so the CLI counts it as done under `run`'s
+    config, and records the donor's output hashes, so every stage that reads it (their keys
+    hash its outputs) runs again."""
+    donor_record = json.loads((donor / "manifest.json").read_text())["stages"].get(stage)
+    if donor_record is None or not (donor / stage).is_dir():
+        sys.exit(f"{donor} has no finished '{stage}' stage")
+    manifest = json.loads((run / "manifest.json").read_text())
+    if stage not in manifest["stages"]:
+        sys.exit(f"{run} has no finished '{stage}' stage to replace")
+    shutil.rmtree(run / stage)
+    shutil.copytree(donor / stage, run / stage)
+    manifest["stages"][stage] = {**donor_record, "key": manifest["stages"][stage]["key"]}
+    write_atomic(run / "manifest.json", json.dumps(manifest, indent=2))
 
 
 def reference_run(run: Path, sources: int, guidance: float = REFERENCE_GUIDANCE) -> Path:
