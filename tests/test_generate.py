@@ -27,7 +27,6 @@ from unpersonal.sampling.generate import (candidate_seed, guidance_at, label_div
                                           label_group, run_generate)
 
 
-
 def _set_bytes(run: Path) -> dict[str, bytes]:
     """Every file of the published set and the decision log, by name."""
     files = sorted((run / "generate" / "synthetic").iterdir())

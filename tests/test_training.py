@@ -22,8 +22,6 @@ from unpersonal.training.diffusion import augment
 from tests.conftest import TINY
 
 
-
-
 def _steps(count: int, every: int = 2) -> tuple[str, ...]:
     return ("--set", f"diffusion.steps={count}", "--set", f"diffusion.checkpoint_every={every}")
 

@@ -251,12 +251,6 @@ def _guide_step(settings: DiffusionConfig) -> int:
     return max(1, round(settings.guide_at * settings.steps))
 
 
-
-
-
-
-
-
 def _to_unit_range(data: TrainingData, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Stored grey levels -> [-1, 1], the range EDM's sigma_data = 0.5 assumes."""
     return data.images[indices].to(device, torch.float32) * (2.0 / data.max_value) - 1.0
@@ -305,15 +299,11 @@ def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, exponen
         averaged.copy_(current)
 
 
-
-
 def _save_checkpoint(path: Path, model: torch.nn.Module, ema: torch.nn.Module, optimizer: Any,
                      step: int, log: list, guide: dict | None, elapsed_s: float) -> None:
     save_state(path, {"model": model.state_dict(), "ema": ema.state_dict(),
                       "optimizer": optimizer.state_dict(), "step": step, "log": log,
                       "guide": guide, "elapsed_s": elapsed_s})
-
-
 
 
 def publish(folder: Path, result: TrainingResult, data: TrainingData, config: Config) -> None:

@@ -202,10 +202,6 @@ def _first_number(value: object) -> float | None:
     return number if np.isfinite(number) else None
 
 
-
-
-
-
 def _describe(images: int, files: int, csv_name: str) -> str:
     if images == files:
         return f"{images} DICOM images listed in {csv_name}"

@@ -123,10 +123,6 @@ def _slices_with_signal(voxels: np.ndarray, axis: int) -> np.ndarray:
     return ~constant
 
 
-
-
-
-
 class _SliceLoader:
     """`Source.load` for slices: keeps the last windowed volume, as rows come volume by volume."""
 
