@@ -68,20 +68,24 @@ def main() -> None:
     parser.add_argument("--real-plus-synthetic", action="store_true",
                         help="also score the real training images together with the set")
     options = parser.parse_args()
-    evaluated = EvaluatedRun.load(options.run, options.seeds)
-    copy = variant_run(options.run, options.name, options.base or options.run)
-    donors = [item.partition("=")[::2] for item in options.stage_from]
-    for item, (stage, donor) in zip(options.stage_from, donors):
-        if not donor:
+    base = options.base or options.run
+    donors = {}
+    for item in options.stage_from:  # checked before anything is copied
+        stage, _, donor = item.partition("=")
+        if not stage or not donor:
             parser.error(f"--stage-from {item!r}: expected STAGE=RUN")
-        transplant_stage(copy, stage, Path(donor))
+        donors[stage] = Path(donor)
+    evaluated = EvaluatedRun.load(options.run, options.seeds)
+    copy = variant_run(options.run, options.name, base)
+    for stage, donor in donors.items():
+        transplant_stage(copy, stage, donor)
     seconds = {command: unpersonal(command, "--out", str(copy), *sets(*options.overrides))
                for command in ("prepare", *COMMANDS[:COMMANDS.index("generate") + 1])}
     report = json.loads((copy / "generate" / "generate.json").read_text())
     released = read_synthetic_set(copy / "generate" / "synthetic", evaluated.dataset.label_names)
     # Runs by folder name: the results file is committed, and carries no path of this machine.
-    result = {"overrides": options.overrides, "base": (options.base or options.run).name,
-              "stages_from": {stage: Path(donor).name for stage, donor in donors},
+    result = {"overrides": options.overrides, "base": base.name,
+              "stages_from": {stage: donor.name for stage, donor in donors.items()},
               "images": len(released.images),
               "command_s": seconds, "nfe_per_accepted": report.get("nfe_per_accepted"),
               "label_share": released.labels.mean(axis=0).round(4).tolist(),

@@ -7,8 +7,8 @@ path).
 
 from __future__ import annotations
 
-import json
 import argparse
+import json
 import os
 import platform
 import shlex
