@@ -28,7 +28,8 @@ here), plus the rows measured here: the figure of one uninterrupted run, even wh
 over several. `invocation_s` is this command's own wall time: the whole benchmark's when it
 starts from an empty run directory.
 
-Writes benchmarks/results/kermany.json and prints the tables for BENCHMARKS.md. Images stay in
+Writes benchmarks/results/kermany.json and its two tables into BENCHMARKS.md (between
+the `<!-- kermany.py rows -->` and `<!-- kermany.py restoration -->` markers). Images stay in
 the run directories (runs/, not committed).
 """
 
@@ -48,7 +49,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from runner import DOWNSTREAM, copy_run_without, provenance, reference_run, sets, unpersonal
+from runner import (DOWNSTREAM, copy_run_without, provenance, reference_run, sets, unpersonal,
+                    write_table)
 from unpersonal.config import load_config
 from unpersonal.data.canonical import load_canonical
 from unpersonal.evaluation.audit import AuditModels, audit_set
@@ -61,6 +63,7 @@ from unpersonal.rundir import RunDir, write_atomic
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "kermany_cxr_64.npz"
 RESULTS = ROOT / "benchmarks" / "results"
+BENCHMARKS = ROOT / "BENCHMARKS.md"
 COMMANDS = ("fit-embedder", "fit-reid", "calibrate", "fit-classifier", "fit-diffusion",
             "generate", "audit", "evaluate")
 # Stages in the order one uninterrupted run builds them (the audit command builds three).
@@ -211,7 +214,7 @@ def restoration_markdown(restoration: dict[str, Any]) -> str:
                          f"{ssim['ci95'][1]:.4f}) |")
         diff = figures["difference"]["psnr"]
         lines.append(f"| {task} | synthetic - real | {diff['mean']:+.2f} ({diff['ci95'][0]:+.2f}"
-                     f" to {diff['ci95'][1]:+.2f}), Wilcoxon p {diff['wilcoxon_p']:.2g} | | ")
+                     f" to {diff['ci95'][1]:+.2f}), Wilcoxon p {diff['wilcoxon_p']:.2g} | |")
     return "\n".join(lines)
 
 
@@ -371,6 +374,11 @@ def main() -> None:
           json.dumps({"stage_seconds": seconds, "wall_time_s": results["wall_time_s"],
                       "invocation_s": results["invocation_s"]}, indent=2),
           sep="\n\n")
+    for name, table in (("kermany.py rows", markdown(rows)),
+                        ("kermany.py restoration", restoration_markdown(restoration))):
+        if not write_table(BENCHMARKS, name, table):
+            print(f"{BENCHMARKS.name} has no '<!-- {name} -->' block: its table was not "
+                  "updated", file=sys.stderr)
 
 
 if __name__ == "__main__":

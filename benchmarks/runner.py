@@ -53,6 +53,22 @@ def unpersonal(*args: str) -> float:
     return round(time.perf_counter() - started, 1)
 
 
+def write_table(document: Path, name: str, table: str) -> bool:
+    """Put `table` in `document` between the lines `<!-- name -->` and `<!-- /name -->`, so
+    that a rerun updates BENCHMARKS.md's table and leaves the prose around it alone.
+
+    Returns False, changing nothing, when the document lacks either marker."""
+    opening, closing = f"<!-- {name} -->\n", f"<!-- /{name} -->\n"
+    text = document.read_text() if document.is_file() else ""
+    start, end = text.find(opening), text.find(closing)
+    if start < 0 or end < start:
+        return False
+    start += len(opening)
+    # Blank lines around the table, so that Markdown does not read a marker as part of it.
+    write_atomic(document, text[:start] + "\n" + table.strip("\n") + "\n\n" + text[end:])
+    return True
+
+
 def sets(*overrides: str) -> list[str]:
     """`--set` arguments for config overrides."""
     return [part for item in overrides for part in ("--set", item)]
