@@ -86,7 +86,7 @@ def stage_seconds(run: Path) -> dict[str, float]:
     Training stages log `elapsed_s`; generate records `seconds_total`; the others, the seconds
     the manifest keeps (older runs: the time from the previous stage's finish to this one's).
     """
-    manifest = json.loads((run / "manifest.json").read_text())["stages"]
+    manifest = RunDir(run).manifest()["stages"]
     finished = {stage: datetime.strptime(record["finished"], "%Y-%m-%dT%H:%M:%S%z")
                 for stage, record in manifest.items()}
     seconds: dict[str, float] = {}
@@ -121,7 +121,7 @@ def cached(folder: Path, name: str, key: str, compute: Callable[[], dict[str, An
 
 def stages_key(run: Path, *stages: str) -> str:
     """A key that changes when any of `stages` is rebuilt."""
-    manifest = json.loads((run / "manifest.json").read_text())["stages"]
+    manifest = RunDir(run).manifest()["stages"]
     keys = [manifest[stage]["key"] + manifest[stage]["finished"] for stage in stages]
     return hashlib.sha256("".join(keys).encode()).hexdigest()[:16]
 
@@ -370,12 +370,13 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_atomic(RESULTS / "kermany.json", json.dumps(results, indent=2) + "\n")
-    print(markdown(rows), restoration_markdown(restoration),
+    tables = {"kermany.py rows": markdown(rows),
+              "kermany.py restoration": restoration_markdown(restoration)}
+    print(*tables.values(),
           json.dumps({"stage_seconds": seconds, "wall_time_s": results["wall_time_s"],
                       "invocation_s": results["invocation_s"]}, indent=2),
           sep="\n\n")
-    for name, table in (("kermany.py rows", markdown(rows)),
-                        ("kermany.py restoration", restoration_markdown(restoration))):
+    for name, table in tables.items():
         if not write_table(BENCHMARKS, name, table):
             print(f"{BENCHMARKS.name} has no '<!-- {name} -->' block: its table was not "
                   "updated", file=sys.stderr)

@@ -8,7 +8,6 @@ path).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -78,10 +77,11 @@ def copy_run_without(run: Path, target: Path, stages: tuple[str, ...] = DOWNSTRE
     """A copy of a trained run (at `target`, replaced) in which `stages` must run again."""
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(run, target, ignore=shutil.ignore_patterns(*stages, ".work", ".partial"))
-    manifest = json.loads((target / "manifest.json").read_text())
+    copied = RunDir(target)
+    manifest = copied.manifest()
     for stage in stages:
         manifest["stages"].pop(stage, None)
-    write_atomic(target / "manifest.json", json.dumps(manifest, indent=2))
+    copied.write_manifest(manifest)
     return target
 
 
@@ -92,16 +92,17 @@ def transplant_stage(run: Path, stage: str, donor: Path) -> None:
     The manifest keeps `run`'s own key for the stage, so the CLI counts it as done under `run`'s
     config, and records the donor's output hashes, so every stage that reads it (their keys
     hash its outputs) runs again."""
-    donor_record = json.loads((donor / "manifest.json").read_text())["stages"].get(stage)
+    donor_record = RunDir(donor).stage_record(stage)
     if donor_record is None or not (donor / stage).is_dir():
         sys.exit(f"{donor} has no finished '{stage}' stage")
-    manifest = json.loads((run / "manifest.json").read_text())
+    recipient = RunDir(run)
+    manifest = recipient.manifest()
     if stage not in manifest["stages"]:
         sys.exit(f"{run} has no finished '{stage}' stage to replace")
     shutil.rmtree(run / stage)
     shutil.copytree(donor / stage, run / stage)
     manifest["stages"][stage] = {**donor_record, "key": manifest["stages"][stage]["key"]}
-    write_atomic(run / "manifest.json", json.dumps(manifest, indent=2))
+    recipient.write_manifest(manifest)
 
 
 def reference_run(run: Path, sources: int, guidance: float = REFERENCE_GUIDANCE) -> Path:
@@ -117,10 +118,9 @@ def reference_run(run: Path, sources: int, guidance: float = REFERENCE_GUIDANCE)
 
 
 def _upstream_keys(run: Path) -> dict[str, str] | None:
-    manifest = run / "manifest.json"
-    if not manifest.is_file():
+    if not (run / "manifest.json").is_file():
         return None
-    stages = json.loads(manifest.read_text())["stages"]
+    stages = RunDir(run).manifest()["stages"]
     return {name: stage["key"] for name, stage in stages.items() if name not in DOWNSTREAM}
 
 

@@ -95,6 +95,9 @@ class RunDir:
     def stage_record(self, stage: str) -> dict[str, Any] | None:
         return self.manifest()["stages"].get(stage)
 
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        write_atomic(self.manifest_path, json.dumps(manifest, indent=2) + "\n")
+
     def require(self, stage: str) -> dict[str, str]:
         """Output hashes of a finished upstream stage, or an error saying which command makes it."""
         record = self.stage_record(stage)
@@ -201,7 +204,7 @@ class RunDir:
             "unpersonal": __version__,
             "outputs": outputs,
         }
-        write_atomic(self.manifest_path, json.dumps(manifest, indent=2) + "\n")
+        self.write_manifest(manifest)
 
 
 def _remove_if_empty(folder: Path) -> None:
