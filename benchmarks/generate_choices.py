@@ -27,7 +27,7 @@ from runner import copy_run_without, sets, unpersonal
 from unpersonal.config import Config, load_config
 from unpersonal.data.canonical import CanonicalDataset, load_canonical
 from unpersonal.evaluation.sets import read_synthetic_set
-from unpersonal.evaluation.utility import roc_auc_per_class
+from unpersonal.metrics.auc import roc_auc_per_class
 from unpersonal.sampling.draw import source_indices
 from unpersonal.training.classifier import fit_classifier
 

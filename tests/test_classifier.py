@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from unpersonal.config import ClassifierConfig
 from unpersonal.errors import Interrupted, UserError
-from unpersonal.evaluation.utility import bootstrap_auc_ci, roc_auc_per_class
+from unpersonal.metrics.auc import bootstrap_auc_ci, roc_auc_per_class
 from unpersonal.training import classifier as trainer
 from unpersonal.training.classifier import fit_classifier, load_classifier
 from tests.conftest import TINY

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from tests.conftest import TINY
 from unpersonal.config import ViewAugmentation
 from unpersonal.data.canonical import load_canonical
-from unpersonal.evaluation.probe import linear_probe_auc
+from unpersonal.metrics.probe import linear_probe_auc
 from unpersonal.training import embedder
 from unpersonal.training.embedder import (Embedder, FeatureNet, load_embedder, nt_xent,
                                           save_feature_net, vicreg)

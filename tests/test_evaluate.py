@@ -13,7 +13,7 @@ from unpersonal.config import load_config
 from unpersonal.data.canonical import load_canonical
 from unpersonal.evaluation.evaluate import evaluate_set
 from unpersonal.evaluation.sets import AUDIT_EMBEDDER, audit_config
-from unpersonal.evaluation.utility import roc_auc_per_class
+from unpersonal.metrics.auc import roc_auc_per_class
 from unpersonal.rundir import RunDir
 
 

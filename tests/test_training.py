@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from unpersonal.config import load_config
+from unpersonal.torch_utils import batch_indices
 from unpersonal.training import diffusion
-from unpersonal.training.common import batch_indices
 from unpersonal.training.diffusion import augment
 from tests.conftest import TINY
 

@@ -1,12 +1,11 @@
-"""Seed-averaged ROC-AUC intervals and the paired gap interval (evaluation/utility.py)."""
+"""Seed-averaged ROC-AUC intervals and the paired gap interval (metrics/auc.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from unpersonal.evaluation.utility import (bootstrap_auc_ci, bootstrap_auc_gap_ci,
-                                           roc_auc_per_class)
+from unpersonal.metrics.auc import bootstrap_auc_ci, bootstrap_auc_gap_ci, roc_auc_per_class
 
 
 def _scores(seed: int, signal: float, n: int = 300) -> tuple[np.ndarray, np.ndarray]:

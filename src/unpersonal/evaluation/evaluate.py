@@ -40,8 +40,7 @@ from unpersonal.evaluation.fidelity import (frechet_distance, kernel_inception_d
 from unpersonal.evaluation.plots import png_bytes, pyplot
 from unpersonal.evaluation.restoration import TASKS, compare_restoration
 from unpersonal.evaluation.sets import AUDIT_EMBEDDER, fit_audit_models, read_synthetic_set
-from unpersonal.evaluation.utility import (bootstrap_auc_ci, bootstrap_auc_gap_ci,
-                                           roc_auc_per_class)
+from unpersonal.metrics.auc import bootstrap_auc_ci, bootstrap_auc_gap_ci, roc_auc_per_class
 from unpersonal.progress import console
 from unpersonal.rundir import RunDir, sha256_json, write_atomic, write_npz_atomic
 from unpersonal.training.classifier import fit_classifier, load_classifier

@@ -29,7 +29,7 @@ from scipy.stats import wilcoxon
 from torch import Tensor, nn
 
 from unpersonal.progress import LiveBar
-from unpersonal.training.common import batch_indices, pick_device, step_generator
+from unpersonal.torch_utils import batch_indices, pick_device, step_generator
 
 TASKS = ("denoise", "sr")
 PSNR_CAP_DB = 100.0

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from unpersonal.errors import UserError
 from unpersonal.models.reid import ReidNet
-from unpersonal.training.common import pick_device
+from unpersonal.torch_utils import pick_device
 
 EMBED_BATCH = 256
 

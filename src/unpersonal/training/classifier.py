@@ -33,13 +33,13 @@ from torch import Tensor, nn
 from unpersonal.config import ClassifierConfig, Config
 from unpersonal.data.canonical import CanonicalDataset, load_canonical
 from unpersonal.errors import Interrupted, UserError
-from unpersonal.evaluation.utility import bootstrap_auc_ci, roc_auc_per_class
+from unpersonal.metrics.auc import bootstrap_auc_ci, roc_auc_per_class
 from unpersonal.models.edm import count_parameters
 from unpersonal.models.encoder import ResNetEncoder
 from unpersonal.progress import LiveBar, console
 from unpersonal.rundir import RunDir, sha256_json, write_atomic
-from unpersonal.training.common import (batch_indices, cpu_state, load_state, out_of_time,
-                                        pick_device, save_state, step_generator)
+from unpersonal.torch_utils import batch_indices, pick_device, step_generator
+from unpersonal.training.common import cpu_state, load_state, out_of_time, save_state
 
 STAGE = "fit-classifier"
 LOG_FIELDS = ("epoch", "train_loss", "val_loss", "val_auc", "lr", "elapsed_s")

@@ -38,8 +38,8 @@ from unpersonal.models.edm import Denoiser, EDM2Loss, count_parameters, learning
 from unpersonal.models.pixel_pca import PixelPCA
 from unpersonal.models.unet import UNet
 from unpersonal.progress import LiveBar, console
-from unpersonal.training.common import (batch_indices, cpu_state, interrupted, load_state,
-                                        out_of_time, save_state, step_seed)
+from unpersonal.torch_utils import batch_indices, step_seed
+from unpersonal.training.common import cpu_state, interrupted, load_state, out_of_time, save_state
 from unpersonal.rundir import RunDir, sha256_file, sha256_json, write_atomic
 
 STAGE = "fit-diffusion"

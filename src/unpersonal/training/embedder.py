@@ -51,12 +51,12 @@ from torch import Tensor, nn
 from unpersonal.config import Config, EmbedderConfig
 from unpersonal.data.canonical import CanonicalDataset, load_canonical
 from unpersonal.errors import UserError
-from unpersonal.evaluation.probe import linear_probe_auc
+from unpersonal.metrics.probe import linear_probe_auc
 from unpersonal.models.encoder import ResNetEncoder, unit_norm
 from unpersonal.progress import LiveBar, console
 from unpersonal.rundir import RunDir, sha256_file, sha256_json, write_atomic
-from unpersonal.training.common import (batch_indices, cpu_state, interrupted, load_state,
-                                        out_of_time, pick_device, save_state, step_generator)
+from unpersonal.torch_utils import batch_indices, pick_device, step_generator
+from unpersonal.training.common import cpu_state, interrupted, load_state, out_of_time, save_state
 from unpersonal.training.views import random_views
 
 STAGE = "fit-embedder"

@@ -64,9 +64,8 @@ from unpersonal.models.reid import ReidNet
 from unpersonal.privacy.reid import cosine_to_score
 from unpersonal.progress import LiveBar, console
 from unpersonal.rundir import RunDir, sha256_json, write_atomic
-from unpersonal.training.common import (batch_indices, cpu_state, interrupted, load_state,
-                                        out_of_time, pick_device, save_state, step_generator,
-                                        step_seed)
+from unpersonal.torch_utils import batch_indices, pick_device, step_generator, step_seed
+from unpersonal.training.common import cpu_state, interrupted, load_state, out_of_time, save_state
 from unpersonal.training.views import random_views
 
 STAGE = "fit-reid"

@@ -1,4 +1,4 @@
-"""Utility of a dataset: how well a classifier ranks the real test images, per class and overall.
+"""ROC-AUC: how well a classifier ranks the real test images, per class and overall.
 
 ROC-AUC is the figure throughout (DESIGN.md section 6): it is threshold-free, so a classifier
 trained on synthetic images is not penalised for a shifted calibration, and it reads the same for

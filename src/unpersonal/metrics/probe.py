@@ -2,8 +2,8 @@
 
 A logistic regression fitted on training-split features and scored by ROC-AUC on the test split
 is the usual yardstick for self-supervised features (Chen et al. 2020): the features are never
-trained on labels, so a high probe AUC says the labels are linearly readable from them. The audit
-uses the same function on any feature set.
+trained on labels, so a high probe AUC says the labels are linearly readable from them.
+`fit-embedder` reports it for the features it publishes.
 """
 
 from __future__ import annotations
