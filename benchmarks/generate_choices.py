@@ -28,7 +28,7 @@ from unpersonal.config import Config, load_config
 from unpersonal.data.canonical import CanonicalDataset, load_canonical
 from unpersonal.evaluation.sets import read_synthetic_set
 from unpersonal.metrics.auc import roc_auc_per_class
-from unpersonal.sampling.draw import source_indices
+from unpersonal.sampling.schedule import source_indices
 from unpersonal.training.classifier import fit_classifier
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -53,12 +53,12 @@ from runner import (DOWNSTREAM, copy_run_without, provenance, reference_run, set
                     write_table)
 from unpersonal.config import load_config
 from unpersonal.data.canonical import load_canonical
-from unpersonal.evaluation.audit import AuditModels, audit_set
-from unpersonal.evaluation.evaluate import evaluate_set
+from unpersonal.evaluation.audit import audit_set
 from unpersonal.evaluation.sets import read_synthetic_set
 from unpersonal.privacy.attacks import membership_inference
-from unpersonal.privacy.floor import AlignedPixels
 from unpersonal.rundir import RunDir, write_atomic
+from unpersonal.stages.audit import load_audit_models
+from unpersonal.stages.evaluate import evaluate_run_set
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "kermany_cxr_64.npz"
@@ -239,18 +239,21 @@ def main() -> None:
     metrics = json.loads((options.run / "eval" / "metrics.json").read_text())
     privacy = json.loads((options.run / "audit" / "privacy.json").read_text())
     generation = json.loads((options.run / "generate" / "generate.json").read_text())
-    models = AuditModels(run, dataset, config.privacy.reid_heldout_quantile,
-                         config.audit.reid_neighbours, AlignedPixels.from_settings(config.privacy))
+    models = load_audit_models(config, run, dataset)
+
+    def audit(images: np.ndarray) -> dict[str, Any]:
+        return audit_set(models, images, config.audit, config.seed)[0]
+
     # The audit's models, and the privacy settings (calibrate's key) its pixel check follows.
     audited = stages_key(options.run, "audit-embedder", "audit-reid", "calibrate")
 
-    real_privacy = cached(rows_folder, "real-privacy", audited, lambda: audit_set(
-        config, run, dataset, train.images_float(), models)[0])
+    real_privacy = cached(rows_folder, "real-privacy", audited, lambda: audit(
+        train.images_float()))
     # The released set audited again in this process: the audit stage's own time (its manifest
     # entry may be a rerun's), and a check that the audit repeats to the last digit.
     released = read_synthetic_set(options.run / "generate" / "synthetic", dataset.label_names)
     ours_privacy = cached(rows_folder, "ours-privacy", stages_key(options.run, "audit"),
-                          lambda: audit_set(config, run, dataset, released.images, models)[0])
+                          lambda: audit(released.images))
     if ours_privacy["value"] != privacy:
         sys.exit("the audit of the released set did not repeat: compare "
                  f"{rows_folder / 'ours-privacy.json'} with audit/privacy.json")
@@ -266,7 +269,7 @@ def main() -> None:
         # The real-trained classifiers are evaluate's (same seeds, same settings).
         with np.load(options.run / "eval" / "test_probs.npz") as saved:
             real_probs = saved["real"]
-        evaluation, _ = evaluate_set(quick, run, dataset, images, labels, real_probs=real_probs)
+        evaluation, _ = evaluate_run_set(quick, run, dataset, images, labels, real_probs)
         return {"metrics": evaluation, "seconds": made_in}
 
     # Its real-trained classifiers are evaluate's, which depend on fit-classifier and the seeds.
@@ -275,15 +278,14 @@ def main() -> None:
         options.run, "fit-classifier", "audit-embedder", "audit-reid") + drawn
         + f"-{options.seeds}", unfiltered)
     unfiltered_privacy = cached(rows_folder, "unfiltered-privacy", audited + drawn,
-                                lambda: audit_set(config, run, dataset, sample_once()[0],
-                                                  models)[0])
+                                lambda: audit(sample_once()[0]))
     made_in = unfiltered_row["value"]["seconds"]
 
     def reference() -> dict[str, Any]:
         folder = reference_run(options.run, options.reference_sources)
         released = read_synthetic_set(folder / "generate" / "synthetic", dataset.label_names)
         return {"generate": json.loads((folder / "generate" / "generate.json").read_text()),
-                "privacy": audit_set(config, run, dataset, released.images, models)[0]}
+                "privacy": audit(released.images)}
 
     reference_row = cached(rows_folder, f"reference-{options.reference_sources}",
                            stages_key(options.run, "calibrate", "fit-diffusion") + audited,

@@ -32,9 +32,10 @@ import numpy as np
 from runner import unpersonal
 from unpersonal.config import load_config
 from unpersonal.data.canonical import load_canonical
-from unpersonal.privacy.filter import CHECKS, PrivacyFilter
+from unpersonal.privacy.filter import CHECKS
 from unpersonal.privacy.planted import plant_copies
 from unpersonal.rundir import RunDir
+from unpersonal.stages.calibrate import load_filter
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "kermany_cxr_64.npz"
@@ -75,7 +76,7 @@ def main() -> None:
     dataset = load_canonical(run.stage_path("prepare"))
     train_rows = np.flatnonzero(dataset.split == "train")
     images = dataset.images_float()
-    privacy_filter = PrivacyFilter.load(run, config)
+    privacy_filter = load_filter(config, run)
 
     rng = np.random.default_rng(config.seed)
     chosen = rng.choice(len(train_rows), min(options.planted, len(train_rows)), replace=False)

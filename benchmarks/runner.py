@@ -23,11 +23,13 @@ import numpy as np
 
 from unpersonal.config import Config, load_config
 from unpersonal.data.canonical import CanonicalDataset, load_canonical
-from unpersonal.evaluation.evaluate import evaluate_set
 from unpersonal.rundir import RunDir, write_atomic
+from unpersonal.stages import downstream_of
+from unpersonal.stages.evaluate import evaluate_run_set
 
-DOWNSTREAM = ("generate", "audit", "eval", "report", "export")
-# The reference recipe (DESIGN.md section 5): all K=32 candidates, EDM Heun with 32 steps
+# What a new release makes stale: generate and every stage that reads it.
+DOWNSTREAM = ("generate", *downstream_of("generate"))
+# The published method's recipe, as its reference implementation runs it: all K=32 candidates, EDM Heun with 32 steps
 # (63 NFE), classifier-free guidance against the null condition, the re-ID check against the
 # source image only with a fixed threshold of 0.5, no distance floors, and the least divergent
 # survivor kept whatever its divergence.
@@ -172,8 +174,8 @@ class EvaluatedRun:
 
     def score(self, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
         """ROC-AUC over the seeds beside real's, and fidelity, of one set (images float)."""
-        metrics, _ = evaluate_set(self.config, self.run, self.dataset, images, labels,
-                                  real_probs=self.real_probs)
+        metrics, _ = evaluate_run_set(self.config, self.run, self.dataset, images, labels,
+                                      self.real_probs)
         classification, fidelity = metrics["utility"]["classification"], metrics["fidelity"]
         return {"auc": classification["synthetic"]["mean"],
                 "auc_per_seed": classification["synthetic"]["per_seed"],

@@ -107,7 +107,7 @@ GENERATE_SETTINGS = (
     "--set", "diffusion.attn_resolutions=[]", "--set", "diffusion.batch_size=8",
     "--set", "diffusion.steps=60", "--set", "sampling.steps=4", "--set", "generate.block_size=8")
 GENERATE_STAGES = ("prepare", "fit-embedder", "fit-reid", "calibrate", "fit-classifier",
-                   "fit-diffusion", "generate")
+                   "fit-diffusion", "generate")  # in `unpersonal run`'s order (test_stages.py)
 
 
 def invoke_cli(*args: str | Path) -> None:

@@ -15,6 +15,7 @@ from PIL import Image
 from unpersonal.config import load_config
 from unpersonal.data.canonical import load_canonical
 from unpersonal.evaluation.audit import audit_set
+from unpersonal.stages.audit import load_audit_models
 from unpersonal.privacy.planted import PERTURBATIONS
 from unpersonal.rundir import RunDir
 
@@ -64,7 +65,9 @@ def test_the_training_set_released_as_is_fails_the_audit(released_run: Path) -> 
     run = RunDir(released_run)
     config = load_config(config_file=released_run / "config.yaml")
     dataset = load_canonical(released_run / "prepare")
-    figures, _ = audit_set(config, run, dataset, dataset.subset("train").images_float())
+    models = load_audit_models(config, run, dataset)
+    figures, _ = audit_set(models, dataset.subset("train").images_float(), config.audit,
+                           config.seed)
     assert figures["reid_rate"]["synthetic"] == 1.0
     assert figures["dcr"]["embedding"]["synthetic_share_below"] == 1.0
     assert figures["dcr"]["pixel"]["synthetic_share_below"] == 1.0

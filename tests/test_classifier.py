@@ -13,11 +13,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from unpersonal.artifacts.classifier import Classifier, load_classifier
 from unpersonal.config import ClassifierConfig
 from unpersonal.errors import Interrupted, UserError
 from unpersonal.metrics.auc import bootstrap_auc_ci, roc_auc_per_class
 from unpersonal.training import classifier as trainer
-from unpersonal.training.classifier import fit_classifier, load_classifier
+from unpersonal.training.classifier import fit_classifier
 from tests.conftest import TINY
 
 SIZE = 16
@@ -107,7 +108,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     images, labels = blob_data("multiclass", 64, seed=6)
     model = fit_classifier(images, labels, "multiclass", FAST.model_copy(update={"epochs": 1}),
                            seed=0, progress=None, label_names=["a", "b", "c"])
-    model.save(tmp_path / "saved", extra={"note": "kept"})
+    trainer.save_classifier(tmp_path / "saved", model, extra={"note": "kept"})
     loaded = load_classifier(tmp_path / "saved")
     np.testing.assert_array_equal(loaded.predict_proba(images), model.predict_proba(images))
     assert (loaded.label_kind, loaded.label_names, loaded.resolution) == ("multiclass",
@@ -124,12 +125,12 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path: Path,
     val_images, val_labels = blob_data("binary", 32, seed=9)
     settings = FAST.model_copy(update={"epochs": 3})  # 2 steps per epoch, 6 in all
 
-    def fit(checkpoint: Path | None) -> trainer.Classifier:
+    def fit(checkpoint: Path | None) -> Classifier:
         return fit_classifier(images, labels, "binary", settings, seed=0, val_images=val_images,
                               val_labels=val_labels, progress=None, checkpoint=checkpoint)
 
     straight = fit(None).predict_proba(val_images)
-    calls, original = {"n": 0}, trainer.augment
+    calls, original = {"n": 0}, trainer.shift_and_jitter
 
     def interrupt_at_step_4(*args, **kwargs):
         calls["n"] += 1
@@ -137,11 +138,11 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path: Path,
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "augment", interrupt_at_step_4)
+    monkeypatch.setattr(trainer, "shift_and_jitter", interrupt_at_step_4)
     checkpoint = tmp_path / "checkpoint.pt"
     with pytest.raises(Interrupted, match="step 3 of 6"):
         fit(checkpoint)
-    monkeypatch.setattr(trainer, "augment", original)
+    monkeypatch.setattr(trainer, "shift_and_jitter", original)
     resumed = fit(checkpoint)
     np.testing.assert_array_equal(resumed.predict_proba(val_images), straight)
     assert [row["epoch"] for row in resumed.history["log"]] == [1, 2, 3]

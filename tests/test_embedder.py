@@ -1,5 +1,6 @@
 """fit-embedder as a user relies on it: features, skipping, resuming, extractors, the probe."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -9,12 +10,16 @@ import torch
 from safetensors.torch import save_file
 
 from tests.conftest import TINY
-from unpersonal.config import ViewAugmentation
+from unpersonal.artifacts.embedder import Embedder, load_embedder
+from unpersonal.config import ViewAugmentation, load_config
 from unpersonal.data.canonical import load_canonical
+from unpersonal.errors import Interrupted
 from unpersonal.metrics.probe import linear_probe_auc
+from unpersonal.models.embedder import FeatureNet
+from unpersonal.rundir import RunDir
+from unpersonal.stages import execute, stage
 from unpersonal.training import embedder
-from unpersonal.training.embedder import (Embedder, FeatureNet, load_embedder, nt_xent,
-                                          save_feature_net, vicreg)
+from unpersonal.training.embedder import nt_xent, save_feature_net, vicreg
 from unpersonal.training.views import random_views
 
 STAGE = "fit-embedder"
@@ -92,6 +97,33 @@ def test_ctrl_c_saves_and_rerun_resumes_to_the_same_weights(
     weights = "embedder.safetensors"
     assert (resumed / STAGE / weights).read_bytes() == (straight / STAGE / weights).read_bytes()
     assert not (resumed / ".work" / STAGE).exists()
+    # The losses of the steps before the interruption count in the first row after it.
+    assert _losses(resumed) == _losses(straight)
+
+
+def _losses(run: Path) -> list[tuple[str, str, str]]:
+    with open(run / STAGE / "training_log.csv") as handle:
+        return [(row["step"], row["loss"], row["lr"]) for row in csv.DictReader(handle)]
+
+
+def test_the_audits_embedder_names_its_own_stage_when_interrupted(
+        cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The audit trains its embedder through fit-embedder's build function, as audit-embedder."""
+    run = _prepared(cli, tmp_path / "run")
+    config = load_config(None, run / "config.yaml",
+                         ["embedder.steps=8", "embedder.batch_size=16", "audit.embedder_width=4"])
+    calls = {"n": 0}
+
+    def interrupt_in_step_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return random_views(*args, **kwargs)
+
+    monkeypatch.setattr(embedder, "random_views", interrupt_in_step_2)
+    with pytest.raises(Interrupted, match="^audit-embedder interrupted at step 1 of 8"):
+        execute(stage("audit-embedder"), config, RunDir(run))
+    assert (run / ".work" / "audit-embedder" / "checkpoint.pt").is_file()
 
 
 def test_max_minutes_stops_early_and_still_publishes(cli, tmp_path: Path) -> None:

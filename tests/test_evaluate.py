@@ -11,8 +11,9 @@ from PIL import Image
 
 from unpersonal.config import load_config
 from unpersonal.data.canonical import load_canonical
-from unpersonal.evaluation.evaluate import evaluate_set
-from unpersonal.evaluation.sets import AUDIT_EMBEDDER, audit_config
+from unpersonal.evaluation.sets import AUDIT_EMBEDDER
+from unpersonal.stages import audit_config
+from unpersonal.stages.evaluate import evaluate_run_set
 from unpersonal.metrics.auc import roc_auc_per_class
 from unpersonal.rundir import RunDir
 
@@ -75,7 +76,7 @@ def test_the_training_set_judged_as_if_synthetic_is_a_perfect_copy(released_run:
     config.evaluate.bootstrap = 20
     dataset = load_canonical(released_run / "prepare")
     train = dataset.subset("train")
-    metrics, _ = evaluate_set(config, run, dataset, train.images_float(), train.labels)
+    metrics, _ = evaluate_run_set(config, run, dataset, train.images_float(), train.labels)
     fidelity = metrics["fidelity"]
     assert fidelity["fd"] == pytest.approx(0, abs=1e-4)
     assert fidelity["prdc"]["precision"] == 1 and fidelity["prdc"]["coverage"] == 1

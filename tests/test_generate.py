@@ -18,13 +18,19 @@ import pytest
 from PIL import Image
 
 from tests.conftest import copy_run_without, invoke_cli
-from unpersonal.config import GenerateConfig, load_config
+from unpersonal.config import GenerateConfig, SamplingConfig, load_config
 from unpersonal.data.canonical import load_canonical
-from unpersonal.privacy.filter import FilterPolicy, PrivacyFilter
+from unpersonal.privacy.filter import FilterPolicy
+from unpersonal.release import encode_set, read_files, read_names, read_pixels, write_files
 from unpersonal.rundir import RunDir
-from unpersonal.sampling import generate as generate_module
-from unpersonal.sampling.generate import (candidate_seed, guidance_at, label_divergence,
-                                          label_group, run_generate)
+from unpersonal.sampling.blocks import (block_count, block_positions, load_block, owned_blocks,
+                                        save_block)
+from unpersonal.sampling.generate import CandidateDrawer, label_group
+from unpersonal.sampling.judge import label_divergence
+from unpersonal.sampling.schedule import candidate_seed, drawn_from_source, guidance_at
+from unpersonal.sampling.search import Candidates, Judgement, Requests, search_block
+from unpersonal.stages import execute, stage, stage_key
+from unpersonal.stages.calibrate import load_filter
 
 
 def _set_bytes(run: Path) -> dict[str, bytes]:
@@ -55,7 +61,7 @@ def test_every_released_image_passes_a_filter_rebuilt_from_scratch(generated_run
     assert summary["images"] == len(images) > 0
     assert summary["accepted_sources"] + summary["skipped_sources"] == summary["sources"]
     config = load_config(config_file=generated_run / "config.yaml")
-    fresh = PrivacyFilter.load(RunDir(generated_run), config)
+    fresh = load_filter(config, RunDir(generated_run))
     unit = images.astype(np.float32) / 255
     accepted = _accepted(generated_run)
     assert [row["synthetic_file"] for row in accepted] == [row["path"] for row in rows]
@@ -95,13 +101,16 @@ def test_a_memorising_sampler_gets_nothing_through(generated_run: Path, tmp_path
     run = copy_run_without(generated_run, tmp_path / "run")
     train = load_canonical(run / "prepare").subset("train")
 
-    def memorise(self, positions, attempts, candidates):  # the source image, +-1 grey level
-        noise = np.random.default_rng(int(positions.sum())).integers(-1, 2, (len(positions), 16, 16))
-        copies = np.clip(train.images[self.order[positions]].astype(int) + noise, 0, 255)
-        return copies.astype(np.uint8), np.arange(len(positions), dtype=np.uint64), len(positions)
+    def memorise(self, requests: Requests) -> Candidates:  # the source image, +-1 grey level
+        rows, count = self.order[requests.positions], len(requests)
+        noise = np.random.default_rng(int(requests.positions.sum())).integers(-1, 2, (count, 16, 16))
+        copies = np.clip(train.images[rows].astype(int) + noise, 0, 255).astype(np.uint8)
+        return Candidates(copies, np.arange(count, dtype=np.uint64), rows, np.ones(count),
+                          np.ones(count, dtype=bool), count)
 
-    monkeypatch.setattr(generate_module.Generator, "draw", memorise)
-    assert run_generate(load_config(config_file=run / "config.yaml"), RunDir(run))
+    monkeypatch.setattr(CandidateDrawer, "__call__", memorise)
+    assert execute(stage("generate"), load_config(config_file=run / "config.yaml"),
+                   RunDir(run)).built
     summary = json.loads((run / "generate" / "generate.json").read_text())
     assert summary["images"] == 0 and summary["skipped_sources"] == summary["sources"]
     assert summary["candidates_rejected"] == summary["candidates"] > 0
@@ -198,7 +207,7 @@ def test_the_reference_policy_misses_what_the_product_filter_catches(generated_r
     source-only check with a fixed 0.5 threshold and no floors lets it through."""
     run = RunDir(generated_run)
     config = load_config(config_file=generated_run / "config.yaml")
-    privacy_filter = PrivacyFilter.load(run, config)
+    privacy_filter = load_filter(config, run)
     train = load_canonical(generated_run / "prepare").subset("train")
     other = int(np.flatnonzero(train.patient_id != train.patient_id[0])[0])
     copy = train.images_float()[[other]]
@@ -227,8 +236,14 @@ def test_label_divergence_is_zero_on_agreement_symmetric_and_grows_with_disagree
 
 def test_guidance_steps_down_to_its_floor_and_seeds_are_pure() -> None:
     settings = GenerateConfig(guidance_step=0.5, guidance_floor=1.0)
-    assert [guidance_at(settings, 2.0, a) for a in range(4)] == [2.0, 1.5, 1.0, 1.0]
-    assert guidance_at(settings, 0.5, 3) == 0.5  # never raised to the floor
+    sampling = SamplingConfig(guidance=2.0)
+    assert [guidance_at(settings, sampling, a) for a in range(4)] == [2.0, 1.5, 1.0, 1.0]
+    own = settings.model_copy(update={"guidance": 0.5})
+    assert guidance_at(own, sampling, 3) == 0.5  # generate's own first weight, never raised
+    # Drawn from the source's image unless the model has no pseudo-condition or w = 0 leaves
+    # classifier-free guidance with its null alone.
+    assert drawn_from_source(True, "cfg", 0.5) and drawn_from_source(True, "autoguidance", 0.0)
+    assert not drawn_from_source(True, "cfg", 0.0) and not drawn_from_source(False, "cfg", 2.0)
     seeds = {candidate_seed(0, p, a, c) for p in range(5) for a in range(3) for c in range(4)}
     assert len(seeds) == 60 and candidate_seed(0, 1, 2, 3) == candidate_seed(0, 1, 2, 3)
 
@@ -241,7 +256,7 @@ def test_sampling_from_the_model_leaves_the_release_up_to_date(generated_run: Pa
 
     def generate_is_fresh() -> bool:
         config = load_config(config_file=run / "config.yaml")
-        return RunDir(run).is_fresh("generate", generate_module.stage_key(config, RunDir(run)))
+        return RunDir(run).is_fresh("generate", stage_key(stage("generate"), config, RunDir(run)))
 
     assert generate_is_fresh()
     invoke_cli("sample", "--out", run, "--set", "sampling.count=3",
@@ -272,3 +287,113 @@ def test_the_batch_size_changes_neither_the_samples_nor_their_freshness(generate
     assert load_config(config_file=run / "config.yaml").sampling.batch_size == 2
     with np.load(run / "sample" / "images.npz") as drawn:
         np.testing.assert_array_equal(drawn["images"], in_one_batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The search, without any model: scripted draws and verdicts
+
+
+def _scripted(verdicts: dict[tuple[int, int, int], tuple[str, float]]):
+    """A draw whose image n shows (position, attempt, candidate), and a judge that gives each
+    the (privacy reasons, divergence) scripted for it (default: passes, divergence 0.1)."""
+
+    def draw(requests: Requests) -> Candidates:
+        count = len(requests)
+        images = np.stack([np.array([[p, a, c]], np.uint8) for p, a, c in
+                           zip(requests.positions, requests.attempts, requests.candidates)])
+        return Candidates(images, np.arange(count, dtype=np.uint64), requests.positions + 100,
+                          np.ones(count), np.ones(count, dtype=bool), 7 * count)
+
+    def judge(requests: Requests, candidates: Candidates) -> Judgement:
+        keys = zip(requests.positions.tolist(), requests.attempts.tolist(),
+                   requests.candidates.tolist())
+        reasons, divergence = zip(*(verdicts.get(key, ("", 0.1)) for key in keys))
+        return Judgement(list(reasons), np.array(divergence),
+                         {"reid_score": np.full(len(requests), 0.25)})
+
+    return draw, judge
+
+
+def _rows(block) -> list[tuple[int, int, int, str]]:
+    decisions = block.decisions
+    return list(zip(decisions["position"].tolist(), decisions["attempt"].tolist(),
+                    decisions["candidate"].tolist(), decisions["outcome"].tolist()))
+
+
+def test_first_mode_keeps_the_first_label_consistent_survivor_and_logs_each_row_once() -> None:
+    settings = GenerateConfig(candidates=3, round_size=1, tolerance=0.5)
+    draw, judge = _scripted({(0, 0, 0): ("reid", 0.1), (1, 0, 0): ("", 0.9),
+                             (1, 0, 1): ("pixel+reid", 0.1)})
+    block = search_block(np.array([0, 1, 2]), settings, draw, judge)
+    assert _rows(block) == [  # round by round, each source still searching in every round
+        (0, 0, 0, "rejected:reid"), (1, 0, 0, "rejected:label"), (2, 0, 0, "accepted"),
+        (0, 0, 1, "accepted"), (1, 0, 1, "rejected:pixel+reid"),
+        (1, 0, 2, "accepted")]
+    assert block.image_position.tolist() == [0, 1, 2] and block.image_rank.tolist() == [0, 0, 0]
+    assert block.image_decision.tolist() == [3, 5, 2]
+    assert block.images[:, 0].tolist() == [[0, 0, 1], [1, 0, 2], [2, 0, 0]]
+    assert block.image_source_row.tolist() == [100, 101, 102]
+    assert block.attempts_used.tolist() == [1, 1, 1] and not block.skipped.any()
+    assert block.evaluations == 7 * 6 and block.decisions["reid_score"].tolist() == [0.25] * 6
+
+
+def test_without_the_label_gate_the_least_divergent_survivor_of_an_attempt_is_kept() -> None:
+    """Its row was logged rounds before the attempt ended; its outcome says accepted all the
+    same, and the later survivor stays a survivor."""
+    settings = GenerateConfig(candidates=2, round_size=1, tolerance=0.0, label_gate=False)
+    draw, judge = _scripted({(0, 0, 0): ("", 0.3), (0, 0, 1): ("", 0.6)})
+    block = search_block(np.array([0]), settings, draw, judge)
+    assert _rows(block) == [(0, 0, 0, "accepted"), (0, 0, 1, "survivor")]
+    assert block.image_decision.tolist() == [0]
+
+
+def test_a_source_without_survivors_tries_again_then_is_skipped() -> None:
+    settings = GenerateConfig(candidates=2, round_size=2, attempts=2)
+    draw, judge = _scripted({(5, a, c): ("reid", 0.1) for a in range(2) for c in range(2)})
+    block = search_block(np.array([5, 6]), settings, draw, judge)
+    assert _rows(block) == [(5, 0, 0, "rejected:reid"), (5, 0, 1, "rejected:reid"),
+                            (6, 0, 0, "accepted"), (6, 0, 1, "survivor"),
+                            (5, 1, 0, "rejected:reid"), (5, 1, 1, "rejected:reid")]
+    assert block.skipped.tolist() == [True, False] and block.attempts_used.tolist() == [2, 1]
+    assert block.image_position.tolist() == [6]
+
+
+def test_best_mode_draws_all_k_at_once_and_keeps_the_two_best_in_order() -> None:
+    settings = GenerateConfig(candidates=3, mode="best", keep_second=True)
+    draw, judge = _scripted({(0, 0, 0): ("", 0.3), (0, 0, 1): ("", 0.2), (0, 0, 2): ("", 0.4),
+                             (1, 0, 0): ("embedding", 0.0), (1, 0, 1): ("", 0.2)})
+    block = search_block(np.array([0, 1]), settings, draw, judge)
+    assert [outcome for *_, outcome in _rows(block)] == [
+        "accepted:second", "accepted", "survivor", "rejected:embedding", "accepted:second",
+        "accepted"]
+    assert block.image_position.tolist() == [0, 0, 1, 1]
+    assert block.image_rank.tolist() == [0, 1, 0, 1]
+    assert block.image_decision.tolist() == [1, 0, 5, 4]  # by position, best first
+
+
+def test_a_block_survives_saving_and_every_block_has_one_owner(tmp_path: Path) -> None:
+    draw, judge = _scripted({(3, 0, 0): ("reid", 0.1)})
+    block = search_block(block_positions(1, 3, 5), GenerateConfig(), draw, judge)
+    save_block(tmp_path / "block.npz", block)
+    loaded = load_block(tmp_path / "block.npz")
+    assert loaded.evaluations == block.evaluations and loaded.seconds == block.seconds
+    for name in ("positions", "images", "image_decision", "attempts_used", "skipped"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(block, name))
+    assert {name: values.tolist() for name, values in loaded.decisions.items()} == {
+        name: values.tolist() for name, values in block.decisions.items()}
+    n_blocks = block_count(70, 8)
+    owned = [owned_blocks(n_blocks, rank, 3) for rank in range(3)]
+    assert n_blocks == 9 and sorted(sum(owned, [])) == list(range(9))
+
+
+def test_the_release_format_reads_back_what_it_wrote(tmp_path: Path) -> None:
+    images = np.random.default_rng(0).integers(0, 65536, (3, 4, 4)).astype(np.uint16)
+    labels = np.array([[1, 0], [0, 1], [1, 1]], np.uint8)
+    write_files(tmp_path / "set", encode_set(images, labels, ["a", "b"]).items())
+    names = read_names(tmp_path / "set")
+    assert names == ["syn-000000.png", "syn-000001.png", "syn-000002.png"]
+    np.testing.assert_array_equal(np.stack(list(read_pixels(tmp_path / "set", names))), images)
+    copied = read_files(tmp_path / "set", names, images_in="images")
+    assert list(copied) == [f"images/{name}" for name in names] + ["labels.csv"]
+    assert copied["labels.csv"] == b"path,a,b\nsyn-000000.png,1,0\nsyn-000001.png,0,1\n" \
+                                   b"syn-000002.png,1,1\n"

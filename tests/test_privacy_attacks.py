@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from unpersonal.privacy.attacks import (ReidScorer, dcr_summary, distance_to_closest_record,
+from unpersonal.artifacts.reid import ReidScorer, cosine_to_score
+from unpersonal.privacy.attacks import (dcr_summary, distance_to_closest_record,
                                         membership_inference, reid_rate, singling_out)
 
 DIM = 16
@@ -48,16 +49,16 @@ def world() -> SimpleNamespace:
 
 # ---- the scorer ----
 
-def test_scorer_is_the_reid_models_score() -> None:
-    from unpersonal.privacy.reid import cosine_to_score
-
+def test_scorer_is_the_one_score_function_of_the_cosine() -> None:
     rng = np.random.default_rng(0)
     a, b = unit(rng.normal(size=(5, DIM))), unit(rng.normal(size=(7, DIM)))
-    np.testing.assert_array_equal(SCORER.score_matrix(a, b), cosine_to_score(a @ b.T, 20.0, -15.0))
-    model = SimpleNamespace(scale=np.float32(33.0), bias=-20.0, threshold=0.7, threshold_cosine=0.6)
-    assert ReidScorer.from_model(model) == ReidScorer(33.0, -20.0, 0.7)
+    cosine = a @ b.T
+    np.testing.assert_array_equal(SCORER.score_matrix(a, b), cosine_to_score(cosine, 20.0, -15.0))
+    np.testing.assert_array_equal(SCORER.score(cosine), cosine_to_score(cosine, 20.0, -15.0))
+    sigmoid = 1 / (1 + np.exp(-(20.0 * cosine - 15.0)))
+    np.testing.assert_allclose(SCORER.score(cosine), sigmoid, rtol=1e-12)
     steep = ReidScorer(1e4, -9990.0, 0.5)  # logits of +-1e4 stay finite and ordered in float64
-    scores = steep.score_cosine(np.array([-1.0, 0.999, 1.0]))
+    scores = steep.score(np.array([-1.0, 0.999, 1.0]))
     assert np.isfinite(scores).all() and scores[0] == 0.0 and scores[1] < scores[2] <= 1.0
 
 

@@ -11,9 +11,10 @@ import pytest
 from tests.conftest import TINY
 from unpersonal.config import load_config
 from unpersonal.data.canonical import load_canonical
-from unpersonal.privacy.filter import CHECKS, PrivacyFilter
+from unpersonal.privacy.filter import CHECKS
 from unpersonal.privacy.planted import PERTURBATIONS, plant_copies
 from unpersonal.rundir import RunDir
+from unpersonal.stages.calibrate import load_filter
 
 SMALL_MODELS = ("--set", "phantoms.n_patients=24", "--set", "embedder.width=4",
                 "--set", "embedder.steps=10", "--set", "embedder.batch_size=16",
@@ -66,7 +67,7 @@ def test_calibrate_writes_floors_from_validation_patients(calibrated_run: Path) 
 
 def test_exact_training_copies_are_rejected_by_every_check(calibrated_run: Path) -> None:
     run = RunDir(calibrated_run)
-    privacy_filter = PrivacyFilter.load(run, load_config(config_file=calibrated_run / "config.yaml"))
+    privacy_filter = load_filter(load_config(config_file=calibrated_run / "config.yaml"), run)
     dataset = load_canonical(calibrated_run / "prepare")
     train = dataset.images_float()[dataset.split == "train"]
     rows = np.arange(min(8, len(train)))
@@ -80,7 +81,7 @@ def test_exact_training_copies_are_rejected_by_every_check(calibrated_run: Path)
 
 def test_heldout_images_mostly_pass_the_distance_floors(calibrated_run: Path) -> None:
     run = RunDir(calibrated_run)
-    privacy_filter = PrivacyFilter.load(run, load_config(config_file=calibrated_run / "config.yaml"))
+    privacy_filter = load_filter(load_config(config_file=calibrated_run / "config.yaml"), run)
     dataset = load_canonical(calibrated_run / "prepare")
     val = dataset.images_float()[dataset.split == "val"]
     result = privacy_filter.check(val)
@@ -103,7 +104,7 @@ def test_the_any_patient_check_passes_held_out_patients_as_calibrated(calibrated
     summary = json.loads((calibrated_run / "calibrate" / "floors.json").read_text())
     assert summary["reid_neighbour_threshold"] >= summary["reid_threshold"]
     config = load_config(config_file=calibrated_run / "config.yaml")
-    privacy_filter = PrivacyFilter.load(RunDir(calibrated_run), config)
+    privacy_filter = load_filter(config, RunDir(calibrated_run))
     assert privacy_filter.any_patient_threshold == summary["reid_neighbour_threshold"]
     dataset = load_canonical(calibrated_run / "prepare")
     val = dataset.images_float()[dataset.split == "val"]
@@ -119,14 +120,14 @@ def test_the_pair_check_against_the_source_holds_candidates_drawn_from_it(
     labels alone, its source is checked like every other training image. A copy of the source
     is rejected either way."""
     config = load_config(config_file=calibrated_run / "config.yaml")
-    privacy_filter = PrivacyFilter.load(RunDir(calibrated_run), config)
+    privacy_filter = load_filter(config, RunDir(calibrated_run))
     dataset = load_canonical(calibrated_run / "prepare")
     train = dataset.images_float()[dataset.split == "train"]
     val = dataset.images_float()[dataset.split == "val"]
     sources = np.arange(len(val)) % len(train)
     drawn = privacy_filter.check(val, sources, drawn_from_source=True)
     labels_only = privacy_filter.check(val, sources, drawn_from_source=False)
-    to_source = drawn.reid_source_score >= privacy_filter.reid.threshold
+    to_source = drawn.reid_source_score >= privacy_filter.reid.scorer.threshold
     to_anyone = drawn.reid_score >= privacy_filter.any_patient_threshold
     assert (to_source & ~to_anyone).any()  # the two rules differ on these images
     assert np.array_equal(drawn.flags["reid"], to_source | to_anyone)

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from tests.conftest import TINY
+from unpersonal.artifacts.reid import load_reid
 from unpersonal.data.canonical import load_canonical
 from unpersonal.models.reid import ReidNet
-from unpersonal.privacy.reid import load_reid
 from unpersonal.training import reid
 
 # 100 phantom patients (1-6 scans each) at 16 px, split 60/20/20 so that validation and test
@@ -120,7 +120,8 @@ def test_threshold_flags_the_configured_share_of_validation_pairs(trained: tuple
     val, _ = _val_and_test_pairs(run)
     table = model.embed(val.images.astype(np.float32) / val.max_value)
     assert np.allclose(np.linalg.norm(table, axis=1), 1.0, atol=1e-5)
-    flags = model.flags(model.score(table[val.a], table[val.b]))
+    cosine = np.einsum("nd,nd->n", table[val.a].astype(np.float64), table[val.b].astype(np.float64))
+    flags = model.scorer.score(cosine) >= model.scorer.threshold
     assert flags[val.same].mean() >= 0.99
     meta = model.meta
     assert meta["sensitivity_measured"]["val"] >= 0.99
@@ -143,15 +144,17 @@ def test_trained_network_separates_held_out_patients_far_better_than_untrained(
 
 def test_score_is_monotone_in_cosine_similarity(trained: tuple[Path, str]) -> None:
     model = load_reid(trained[0] / "fit-reid")
+    assert (model.scorer.scale, model.scorer.bias) == (model.meta["scale"], model.meta["bias"])
     rng = np.random.default_rng(0)
     a = rng.normal(size=(200, model.dim)).astype(np.float32)
     b = rng.normal(size=(200, model.dim)).astype(np.float32)
     a /= np.linalg.norm(a, axis=1, keepdims=True)
     b /= np.linalg.norm(b, axis=1, keepdims=True)
-    cosine, scores = (a * b).sum(axis=1), model.score(a, b)
+    cosine = (a * b).sum(axis=1)
+    scores = model.scorer.score(cosine)
     order = np.argsort(cosine)
     assert np.all(np.diff(scores[order]) >= 0)
-    assert np.allclose(np.diag(model.score_matrix(a, b)), scores)
+    assert np.allclose(np.diag(model.scorer.score_matrix(a, b)), scores)
     net = ReidNet(width=4, dim=8)
     with torch.no_grad():
         net.log_scale.fill_(-3.0)  # even a tiny learned scale keeps the score increasing

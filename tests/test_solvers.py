@@ -12,10 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
 
+from unpersonal.config import SamplingConfig
+from unpersonal.models.conditioning import Conditioner, label_code
 from unpersonal.sampling import (
     GuidedDenoiser,
     dpmpp_2m_sample,
@@ -25,6 +28,7 @@ from unpersonal.sampling import (
     sample,
     solver_evaluations,
 )
+from unpersonal.sampling.sampler import Sampler
 
 SHAPE = (1, 8, 8)
 SPREAD = 0.1                  # std of each mixture mode around its mean image
@@ -382,6 +386,40 @@ def test_sample_refuses_mismatched_or_unknown_input() -> None:
     with pytest.raises(ValueError, match="decreasing"):
         dpmpp_2m_sample(lambda x, s: x, torch.zeros(1, *SHAPE),
                         torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampler: a model and the training rows' conditions, drawing in batches
+
+
+class LabelledMeans:
+    """Exact D for N(mu, 0.1^2) per pixel, mu +0.5 for a row labelled 1 and -0.5 for 0 (read
+    off the binary label code, (1 - y, y) scaled to unit RMS)."""
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Tensor | None) -> Tensor:
+        mu = (0.5 * (cond[:, 1] - cond[:, 0]) / math.sqrt(2)).to(torch.float64).view(-1, 1, 1, 1)
+        shrink = 0.01 / (0.01 + _column(sigma) ** 2)
+        return (mu + shrink * (x.to(torch.float64) - mu)).to(torch.float32)
+
+
+def _sampler(batch_size: int) -> Sampler:
+    labels = np.array([[0], [1], [0]], np.uint8)
+    return Sampler(LabelledMeans(), None, Conditioner("class", 2, 0),
+                   torch.from_numpy(label_code(labels, "binary")), torch.zeros(3, 0),
+                   SamplingConfig(steps=6, batch_size=batch_size), 8,
+                   {"channels": 1, "resolution": SHAPE[-1]}, torch.device("cpu"))
+
+
+def test_the_sampler_draws_each_row_from_its_seed_and_condition_whatever_the_batch() -> None:
+    rows, seeds = np.array([0, 1, 2, 1]), [3, 4, 5, 4]
+    one_batch = _sampler(batch_size=4).draw(rows, seeds, guidance=1.0)
+    one_by_one = _sampler(batch_size=1).draw(rows, seeds, guidance=1.0)
+    assert one_batch.images.dtype == np.uint8 and one_batch.images.shape == (4, 8, 8)
+    np.testing.assert_array_equal(one_batch.images, one_by_one.images)
+    assert one_batch.evaluations == one_by_one.evaluations == 6 * 4
+    np.testing.assert_array_equal(one_batch.images[1], one_batch.images[3])  # same row and seed
+    means = one_batch.images.reshape(4, -1).mean(axis=1)
+    assert means[1] > 150 > 100 > means[0] and means[2] < 100  # label 1 bright, label 0 dark
 
 
 # ---------------------------------------------------------------------------------------------

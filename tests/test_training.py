@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from unpersonal.artifacts.denoiser import load_denoiser
 from unpersonal.config import load_config
 from unpersonal.torch_utils import batch_indices
 from unpersonal.training import diffusion
-from unpersonal.training.diffusion import augment
+from unpersonal.training.views import shift_and_jitter
 from tests.conftest import TINY
 
 
@@ -46,7 +47,7 @@ def test_fit_diffusion_publishes_a_loadable_model(cli, tmp_path: Path) -> None:
     assert meta["steps_done"] == 20 and meta["conditioner"]["mode"] == "class+pseudo"
     assert [int(row["step"]) for row in _log(run)] == [10, 20]
     assert not (run / ".work").exists()  # resumable state is dropped once published
-    denoiser, _ = diffusion.load_denoiser(folder)
+    denoiser, _ = load_denoiser(folder)
     x = torch.randn(2, 1, 16, 16)
     cond = torch.zeros(2, denoiser.cond_dim)
     assert denoiser(x, torch.full((2,), 1.0), cond).shape == (2, 1, 16, 16)
@@ -65,7 +66,7 @@ def test_ctrl_c_saves_and_rerun_resumes_to_the_same_weights(cli, tmp_path: Path,
     assert cli("fit-diffusion", "--out", straight, *TINY, *_steps(6, every=100)).code == 0
 
     calls = {"n": 0}
-    original = diffusion.augment
+    original = diffusion.shift_and_jitter
 
     def interrupt_at_step_4(*args, **kwargs):
         calls["n"] += 1
@@ -73,22 +74,25 @@ def test_ctrl_c_saves_and_rerun_resumes_to_the_same_weights(cli, tmp_path: Path,
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(diffusion, "augment", interrupt_at_step_4)
+    monkeypatch.setattr(diffusion, "shift_and_jitter", interrupt_at_step_4)
     stopped = cli("fit-diffusion", "--out", resumed, *TINY, *_steps(6, every=100))
     assert stopped.code == 130 and "interrupted at step 3 of 6" in stopped.stderr
     assert (resumed / ".work" / "fit-diffusion" / "checkpoint.pt").is_file()
     assert not (resumed / "fit-diffusion").exists()
-    monkeypatch.setattr(diffusion, "augment", original)
+    monkeypatch.setattr(diffusion, "shift_and_jitter", original)
     again = cli("fit-diffusion", "--out", resumed, *TINY, *_steps(6, every=100))
     assert again.code == 0 and "resuming at step 3" in again.stderr
     assert _ema_bytes(resumed) == _ema_bytes(straight)
+    untimed = [[(row["step"], row["loss"], row["lr"]) for row in _log(run)]
+               for run in (straight, resumed)]
+    assert untimed[0] == untimed[1]  # the 3 losses before the interruption count in its row
 
 
 def test_changed_config_does_not_resume_stale_state(cli, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "run"
     assert cli("prepare", "--out", run, *TINY).code == 0
-    monkeypatch.setattr(diffusion, "augment", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(diffusion, "shift_and_jitter", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     assert cli("fit-diffusion", "--out", run, *TINY, *_steps(6)).code == 130
     monkeypatch.undo()
     result = cli("fit-diffusion", "--out", run, *TINY, *_steps(6), "--set", "diffusion.lr=0.005")
@@ -148,15 +152,26 @@ def test_batch_indices_cover_each_image_once_per_epoch_and_split_by_rank() -> No
 
 
 def test_augment_shifts_without_wrapping_and_never_flips_by_default() -> None:
-    settings = load_config(None, None, ["diffusion.augment_intensity=0"]).diffusion
+    settings = load_config(None, None, []).diffusion
+    assert not settings.augment_flip
     image = torch.linspace(-1, 1, 16).repeat(16, 1)[None, None].repeat(64, 1, 1, 1)  # dark->bright
-    out = augment(image, settings, torch.Generator().manual_seed(0))
+    out = shift_and_jitter(image, settings.augment_shift, 0.0, torch.Generator().manual_seed(0),
+                           (-1.0, 1.0), flip=settings.augment_flip)
     assert out.shape == image.shape
     assert (out[:, :, :, 0] <= -0.7).all() and (out[:, :, :, -1] >= 0.7).all()  # no wrap, no flip
     assert not torch.equal(out, image)
-    flipping = settings.model_copy(update={"augment_flip": True, "augment_shift": 0})
-    flipped = augment(image, flipping, torch.Generator().manual_seed(0))
+    flipped = shift_and_jitter(image, 0, 0.0, torch.Generator().manual_seed(0), (-1.0, 1.0),
+                               flip=True)
     assert (flipped[:, 0, 0, 0] > 0).any() and (flipped[:, 0, 0, 0] < 0).any()
+
+
+def test_intensity_jitter_stays_in_the_value_range() -> None:
+    """Brightness moves by a share of the range: the classifier's [0, 1], diffusion's [-1, 1]."""
+    generator = torch.Generator().manual_seed(0)
+    for low, high in ((0.0, 1.0), (-1.0, 1.0)):
+        image = torch.rand(32, 1, 16, 16, generator=generator) * (high - low) + low
+        out = shift_and_jitter(image, 2, 0.4, generator, (low, high))
+        assert out.min() >= low and out.max() <= high and not torch.equal(out, image)
 
 
 def _sampled(run: Path) -> tuple[np.ndarray, dict]:

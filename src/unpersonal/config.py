@@ -487,6 +487,21 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(loaded, dict):
         raise UserError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
+    # Every section (and sub-section, e.g. reid.augment) must be a mapping: merged with --data or
+    # --set, a section given as a scalar or a list would be replaced by theirs, not refused.
+    pending: list[tuple[type[BaseModel], dict[str, Any], str]] = [(Config, loaded, "")]
+    while pending:
+        model, tree, prefix = pending.pop()
+        for name, value in tree.items():
+            field = model.model_fields.get(name) if isinstance(name, str) else None
+            kind = field.annotation if field is not None else None
+            if not (isinstance(kind, type) and issubclass(kind, BaseModel)) or value is None:
+                continue  # a plain field, or an empty section (`data:` alone): for validation
+            if not isinstance(value, dict):
+                raise UserError(f"config file {path}: section '{prefix}{name}' must be a mapping "
+                                f"of fields (field: value lines indented under '{name}:'), not "
+                                f"{type(value).__name__} {value!r}")
+            pending.append((kind, value, f"{prefix}{name}."))
     return loaded
 
 

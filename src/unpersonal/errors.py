@@ -18,3 +18,10 @@ class Interrupted(UserError):
     """Ctrl-C (or SIGTERM) during a resumable stage: its state is saved, rerun to resume."""
 
     exit_code = 130
+
+
+def first_line(error: BaseException) -> str:
+    """A library's error message cut to its first line (its type when it has none), for quoting
+    in a one-line `UserError`."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

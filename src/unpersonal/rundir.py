@@ -32,8 +32,6 @@ from unpersonal.config import Config
 from unpersonal.errors import UserError
 
 MANIFEST_FORMAT = 1
-# Stages whose folder is not named after the command that makes them.
-COMMAND_OF_STAGE = {"eval": "evaluate", "audit-embedder": "audit", "audit-reid": "audit"}
 _HASH_CHUNK = 1 << 20
 
 
@@ -75,18 +73,27 @@ class RunDir:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.manifest_path = self.root / "manifest.json"
-        self._began: dict[str, float] = {}  # stage -> monotonic time it was asked for
 
     def stage_path(self, stage: str) -> Path:
         return self.root / stage
 
     def manifest(self) -> dict[str, Any]:
+        """Which stages are finished, with their keys and output hashes.
+
+        A manifest that cannot be read is an error, never an empty run: it is what tells every
+        stage that its inputs are the ones it was made from.
+        """
         if not self.manifest_path.exists():
             return {"format": MANIFEST_FORMAT, "stages": {}}
+        damaged = (f"{self.manifest_path} is damaged ({{}}): it records which stages are "
+                   "finished; restore it, or delete it to redo every stage")
         try:
             manifest = json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError:
-            raise UserError(f"{self.manifest_path} is corrupt; remove it or use --force") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(damaged.format("not JSON")) from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict) or not all(
+                _is_stage_record(record) for record in manifest["stages"].values()):
+            raise UserError(damaged.format("not a manifest"))
         if manifest.get("format") != MANIFEST_FORMAT:
             raise UserError(f"{self.manifest_path} has format {manifest.get('format')}, "
                             f"this unpersonal reads format {MANIFEST_FORMAT}")
@@ -98,23 +105,14 @@ class RunDir:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         write_atomic(self.manifest_path, json.dumps(manifest, indent=2) + "\n")
 
-    def require(self, stage: str) -> dict[str, str]:
-        """Output hashes of a finished upstream stage, or an error saying which command makes it."""
+    def require(self, stage: str, command: str | None = None) -> dict[str, str]:
+        """Output hashes of a finished upstream stage, or an error saying which command
+        (`command`, by default the stage's name) makes it."""
         record = self.stage_record(stage)
         if record is None or not self.stage_path(stage).is_dir():
-            command = COMMAND_OF_STAGE.get(stage, stage)
             raise UserError(f"{self.root} has no finished '{stage}' stage; run `unpersonal "
-                            f"{command} --out {self.root}` first")
+                            f"{command or stage} --out {self.root}` first")
         return record["outputs"]
-
-    def up_to_date(self, stage: str, key: str, force: bool) -> bool:
-        """What every stage asks first: may it be skipped? (Not when the user forces it.)
-
-        It also marks when the stage began: the manifest keeps the seconds from here to
-        publishing (for a resumed stage, its last part).
-        """
-        self._began[stage] = time.monotonic()
-        return not force and self.is_fresh(stage, key)
 
     def is_fresh(self, stage: str, key: str) -> bool:
         """True when the stage ran with this key and its outputs are intact."""
@@ -154,11 +152,14 @@ class RunDir:
         _remove_if_empty(self.root / ".work")
 
     @contextmanager
-    def build_stage(self, stage: str, key: str, config: Config | None) -> Iterator[Path]:
+    def build_stage(self, stage: str, key: str, config: Config | None,
+                    started: float | None = None) -> Iterator[Path]:
         """Yield an empty folder to build `stage` in; publish it only if the block succeeds.
 
         `config` becomes the run's config.yaml; None leaves that file alone (a stage run with
-        a config derived from the user's, such as the audit's own models).
+        a config derived from the user's, such as the audit's own models). `started` (a
+        `time.monotonic()`) is when the stage began: the manifest keeps the seconds from then to
+        publishing (for a resumed stage, its last part).
 
         On any exception the partial folder is removed, and so is the run directory itself when
         this call created it: a failed first run leaves nothing behind.
@@ -170,7 +171,7 @@ class RunDir:
         partial.mkdir(parents=True)
         try:
             yield partial
-            self._publish(stage, key, config, partial)
+            self._publish(stage, key, config, partial, started)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             if created_root:
@@ -180,7 +181,8 @@ class RunDir:
             raise
         _remove_if_empty(self.root / ".partial")
 
-    def _publish(self, stage: str, key: str, config: Config | None, partial: Path) -> None:
+    def _publish(self, stage: str, key: str, config: Config | None, partial: Path,
+                 started: float | None) -> None:
         outputs = {
             str(path.relative_to(partial)): sha256_file(path)
             for path in sorted(partial.rglob("*")) if path.is_file()
@@ -199,12 +201,16 @@ class RunDir:
         manifest["stages"][stage] = {
             "key": key,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "seconds": (round(time.monotonic() - self._began[stage], 1)
-                        if stage in self._began else None),
+            "seconds": None if started is None else round(time.monotonic() - started, 1),
             "unpersonal": __version__,
             "outputs": outputs,
         }
         self.write_manifest(manifest)
+
+
+def _is_stage_record(record: Any) -> bool:
+    return (isinstance(record, dict) and isinstance(record.get("key"), str)
+            and isinstance(record.get("outputs"), dict))
 
 
 def _remove_if_empty(folder: Path) -> None:

@@ -56,14 +56,16 @@ class CanonicalDataset:
         return self.images.astype(np.float32) / float((1 << self.bit_depth) - 1)
 
 
-def save_canonical(folder: Path, data: CanonicalDataset) -> None:
-    """Write both files atomically; `meta` goes to dataset.json with the array layout."""
+def save_canonical(folder: Path, data: CanonicalDataset) -> dict[str, Any]:
+    """Write both files atomically; `meta` goes to dataset.json with the array layout, which is
+    returned."""
     write_npz_atomic(folder / ARRAYS, images=data.images, labels=data.labels,
                      patient_id=data.patient_id, split=data.split, ref=data.ref)
     meta = {"format_version": FORMAT_VERSION, "n_images": len(data), "resolution": data.resolution,
             "bit_depth": data.bit_depth, "label_kind": data.label_kind,
             "label_names": data.label_names, **data.meta}
     write_atomic(folder / META, json.dumps(meta, indent=2) + "\n")
+    return meta
 
 
 def load_canonical(folder: Path) -> CanonicalDataset:

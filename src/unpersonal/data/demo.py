@@ -7,6 +7,7 @@ and carry no split: `prepare` makes the patient-level split, as it would for a u
 from __future__ import annotations
 
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,6 @@ from unpersonal.config import Config, PhantomConfig
 from unpersonal.data.phantoms import PhantomSet, generate_phantoms
 from unpersonal.data.source import Source
 from unpersonal.errors import UserError
-from unpersonal.rundir import write_atomic
 
 LABEL_NAMES = ["finding"]
 
@@ -46,30 +46,82 @@ def phantom_source(config: Config) -> Source:
 def write_demo_data(config: Config, out: Path, layout: str) -> str:
     """Write phantoms as a user would bring data: one `.npz`, or a PNG folder with `labels.csv`.
 
-    Returns what was written, for the CLI to print.
+    Refuses an `out` that exists (a file or folder the user may still need); builds the file or
+    folder beside `out` and renames it in, so `out` appears whole or not at all. A failure
+    leaves nothing behind: neither the partial build nor folders made for `out`. Returns what
+    was written, for the CLI to print.
     """
+    _check_target(out)
     made = _generate(config.phantoms, config.data.resolution, config.seed)
+    partial = out.with_name(f".{out.name}.partial")
+    created: Path | None = None
+    finished = False
+    try:
+        created = _make_parent(out)
+        _discard(partial)  # a build left by a killed earlier run
+        if layout == "npz":
+            _write_npz(made, partial)
+        else:
+            _write_png_folder(made, partial)
+        partial.rename(out)
+        finished = True
+    except OSError as error:
+        raise UserError(f"--out {out}: cannot write there ({error.strerror or error})") from None
+    finally:
+        if not finished:
+            _discard(partial)
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
     if layout == "npz":
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, images=made.images, label=made.label,
-                            patient_id=made.patient_id)
-        write_atomic(out, buffer.getvalue())
         return f"{len(made.images)} phantom scans in {out}"
-    _write_png_folder(made, out)
     return f"{len(made.images)} phantom PNGs and labels.csv in {out}"
 
 
-def _write_png_folder(made: PhantomSet, out: Path) -> None:
-    """Build the folder beside its final place and rename it in, so it appears whole."""
-    partial = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    (partial / "images").mkdir(parents=True)
+def _check_target(out: Path) -> None:
+    """Refuse before any work: an existing `out`, or a path through a file."""
+    try:  # looking can fail too: a folder on the way that the user may not enter
+        if out.exists() or out.is_symlink():
+            kind = "folder" if out.is_dir() else "file"
+            raise UserError(f"--out {out}: a {kind} of that name already exists; choose a new "
+                            "path or remove it first")
+        existing = next(parent for parent in out.parents if parent.exists())  # "." or "/" at worst
+    except OSError as error:
+        raise UserError(f"--out {out}: cannot look there ({error.strerror or error})") from None
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file, not a folder")
+
+
+def _make_parent(out: Path) -> Path | None:
+    """Make `out`'s missing folders; returns the topmost one made (to remove on failure)."""
+    missing = [parent for parent in out.parents if not parent.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return missing[-1] if missing else None
+
+
+def _discard(path: Path) -> None:
+    """Remove a partial build (a file or a folder) if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _write_npz(made: PhantomSet, path: Path) -> None:
+    """images, label, patient_id: the layout of the shared Kermany files."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, images=made.images, label=made.label, patient_id=made.patient_id)
+    with open(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_png_folder(made: PhantomSet, folder: Path) -> None:
+    """One PNG per scan under images/, and labels.csv (path, finding, patient_id)."""
+    (folder / "images").mkdir(parents=True)
     lines = ["path,finding,patient_id"]
     for row, (image, label, patient) in enumerate(zip(made.images, made.label, made.patient_id)):
         name = f"images/scan-{row:05d}.png"
-        Image.fromarray(image, mode="L").save(partial / name)
+        Image.fromarray(image, mode="L").save(folder / name)
         lines.append(f"{name},{int(label)},{patient}")
-    (partial / "labels.csv").write_text("\n".join(lines) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n")

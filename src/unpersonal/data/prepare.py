@@ -10,49 +10,26 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from unpersonal.config import Config
-from unpersonal.data.canonical import CanonicalDataset, load_canonical, save_canonical
+from unpersonal.data.canonical import CanonicalDataset
 from unpersonal.data.pixels import fit_square, quantize, resize, to_grey
 from unpersonal.data.source import SPLITS, Source, interpret_labels
-from unpersonal.data.split import patient_groups, split_patients
+from unpersonal.data.split import (check_given_split_filled, check_made_split_filled,
+                                   patient_groups, split_patients)
 from unpersonal.errors import UserError
 from unpersonal.progress import track
-from unpersonal.rundir import RunDir, sha256_file, sha256_json
+from unpersonal.rundir import sha256_file, sha256_json
 
-STAGE = "prepare"
 _RANGE_TOLERANCE = 1e-4  # float inputs a hair outside [0, 1] from rounding are fine
 
 
-@dataclass
-class PrepareResult:
-    data: CanonicalDataset
-    skipped: bool
-
-
-def run_prepare(config: Config, run: RunDir, force: bool = False) -> PrepareResult:
-    """The stage as the CLI calls it: skip when fresh, else build, check and publish."""
-    key = sha256_json({"config": _relevant_config(config), "input": fingerprint(config)})
-    if run.up_to_date(STAGE, key, force):
-        return PrepareResult(load_canonical(run.stage_path(STAGE)), skipped=True)
-    data = build_canonical(config)
-    with run.build_stage(STAGE, key, config) as folder:
-        save_canonical(folder, data)
-    return PrepareResult(data, skipped=False)
-
-
-def _relevant_config(config: Config) -> dict[str, Any]:
-    sections = ("data",) if config.data.source else ("data", "phantoms")
-    return config.section_dump(sections)
-
-
-def fingerprint(config: Config) -> str:
+def fingerprint(source: Path | None) -> str:
     """What the input is, cheaply: a file's content hash; a folder's names, sizes and mtimes."""
-    source = config.data.source
     if source is None:
         return "phantoms"
     if source.is_file():
@@ -77,6 +54,7 @@ def build_canonical(config: Config) -> CanonicalDataset:
     given_split = _given_split(source)
     if given_split is not None:
         check_patients_in_one_split(patients, given_split, source.refs)
+        check_given_split_filled(given_split, source.description)
     depth = source.bit_depth if config.data.bit_depth == "auto" else int(config.data.bit_depth)
     images, digests = _canonical_pixels(source, config, depth)
     if given_split is not None:
@@ -85,6 +63,8 @@ def build_canonical(config: Config) -> CanonicalDataset:
     else:
         groups = patient_groups(patients, digests)
         split = split_patients(groups, labels, config.data.split_fractions, config.seed)
+        check_made_split_filled(split, config.data.split_fractions, len(groups),
+                                source.description)
         split_origin = (f"made by unpersonal: by patient, stratified by label, fractions "
                         f"{list(config.data.split_fractions)}, seed {config.seed}")
     _note_duplicates_within_splits(source, digests, patients)

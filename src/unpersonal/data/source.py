@@ -68,6 +68,7 @@ def interpret_labels(raw: np.ndarray, names: Sequence[str], kind: str, refs: Seq
         if classes.min() < 0:
             row = int(np.argmin(classes))
             raise UserError(f"{refs[row]}: class label {classes[row]} is negative; classes are 0..K-1")
+        _check_classes_contiguous(classes, refs)
         count = int(classes.max()) + 1
         names = [f"{names[0] if len(names) == 1 else 'class'}={k}" for k in range(count)]
         return np.eye(count, dtype=np.uint8)[classes], list(names), kind
@@ -78,6 +79,25 @@ def interpret_labels(raw: np.ndarray, names: Sequence[str], kind: str, refs: Seq
     if kind == "binary" and ints.shape[1] != 1:
         raise UserError(f"binary labels need one column, got {ints.shape[1]}: {list(names)}")
     return ints.astype(np.uint8), list(names), kind
+
+
+def _check_classes_contiguous(classes: np.ndarray, refs: Sequence[str]) -> None:
+    """Refuse a class number that skips classes: K is the largest label + 1, so one stray value
+    (1000 among 0/1) would otherwise make a 1,001-class problem of mostly empty classes.
+
+    Names the first row (in data order) whose class lies past the first missing one.
+    """
+    present = np.unique(classes)  # sorted, non-negative here
+    gaps = np.flatnonzero(present != np.arange(len(present)))
+    if len(gaps) == 0:
+        return
+    missing_from = int(gaps[0])  # the smallest class no image has
+    missing_to = int(present[gaps[0]]) - 1  # ... up to just below the next class that is used
+    row = int(np.flatnonzero(classes > missing_from)[0])
+    missing = (f"class {missing_from}" if missing_from == missing_to
+               else f"classes {missing_from}..{missing_to}")
+    raise UserError(f"{refs[row]}: class label {classes[row]}, but no image has {missing}; "
+                    "multi-class labels must be 0..K-1 with every class used")
 
 
 def _guess_kind(ints: np.ndarray) -> str:

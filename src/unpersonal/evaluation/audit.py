@@ -32,59 +32,39 @@ figure:
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from unpersonal.config import Config
-from unpersonal.data.canonical import CanonicalDataset, load_canonical
+from unpersonal.artifacts.embedder import load_embedder
+from unpersonal.artifacts.reid import ReidScorer, load_reid
+from unpersonal.config import AuditConfig
+from unpersonal.data.canonical import CanonicalDataset
 from unpersonal.evaluation.plots import png_bytes, pyplot
-from unpersonal.evaluation.sets import (AUDIT_EMBEDDER, AUDIT_REID, fit_audit_models,
-                                        read_synthetic_set)
-from unpersonal.privacy.attacks import (ReidScorer, dcr_summary, distance_to_closest_record,
+from unpersonal.evaluation.sets import AUDIT_EMBEDDER, AUDIT_REID
+from unpersonal.privacy.attacks import (dcr_summary, distance_to_closest_record,
                                         membership_inference, reid_rate, singling_out)
 from unpersonal.privacy.floor import AlignedPixels
 from unpersonal.privacy.knn import NeighbourIndex
 from unpersonal.privacy.planted import plant_copies
-from unpersonal.privacy.reid import load_reid
 from unpersonal.progress import console
-from unpersonal.rundir import RunDir, sha256_json, write_atomic
-from unpersonal.training.embedder import load_embedder
 
-STAGE = "audit"
 SCHEMA = 1
-
-
-def stage_key(config: Config, run: RunDir) -> str:
-    inputs = {stage: run.require(stage) for stage in
-              ("prepare", "generate", AUDIT_EMBEDDER, AUDIT_REID)}
-    return sha256_json({"config": config.section_dump(("audit", "privacy")), "inputs": inputs})
-
-
-def run_audit(config: Config, run: RunDir, force: bool = False) -> bool:
-    """Train the audit's models if needed, then audit the released set; False if up to date."""
-    fit_audit_models(config, run)
-    key = stage_key(config, run)
-    if run.up_to_date(STAGE, key, force):
-        return False
-    dataset = load_canonical(run.stage_path("prepare"))
-    released = read_synthetic_set(run.stage_path("generate") / "synthetic", dataset.label_names)
-    figures, distances = audit_set(config, run, dataset, released.images)
-    with run.build_stage(STAGE, key, config) as folder:
-        write_atomic(folder / "privacy.json", json.dumps(figures, indent=2) + "\n")
-        write_atomic(folder / "dcr.png", dcr_plot(distances))
-    return True
 
 
 class AuditModels:
     """The audit's embedder and re-ID network with the real images already embedded."""
 
-    def __init__(self, run: RunDir, dataset: CanonicalDataset, quantile: float = 0.98,
-                 neighbours: int = 16, pixels: AlignedPixels = AlignedPixels()) -> None:
-        self.embedder = load_embedder(run.stage_path(AUDIT_EMBEDDER))
-        self.reid = load_reid(run.stage_path(AUDIT_REID))
-        features = np.load(run.stage_path(AUDIT_EMBEDDER) / "features.npy")
+    def __init__(self, embedder: Path, reid: Path, dataset: CanonicalDataset,
+                 quantile: float = 0.98, neighbours: int = 16,
+                 pixels: AlignedPixels = AlignedPixels()) -> None:
+        """`embedder` and `reid`: the folders of the audit's own models (audit-embedder and
+        audit-reid); `quantile` of validation images' best re-ID scores sets the any-patient
+        threshold, over their `neighbours` nearest training images."""
+        self.embedder = load_embedder(embedder)
+        self.reid = load_reid(reid)
+        features = np.load(embedder / "features.npy")
         is_train, is_test = dataset.split == "train", dataset.split == "test"
         images = dataset.images_float()
         self.train, self.test = dataset.subset("train"), dataset.subset("test")
@@ -96,7 +76,7 @@ class AuditModels:
         self.pixels = pixels
         self.pixel_index = NeighbourIndex("cosine").fit(pixels.reference(images[is_train]))
         self.pixel_heldout = pixels.nearest(self.pixel_index, images[is_test])[0]
-        pair = ReidScorer.from_model(self.reid)
+        pair = self.reid.scorer
         self.scorer = ReidScorer(pair.scale, pair.bias, self._any_patient_threshold(
             pair, images[dataset.split == "val"], quantile, neighbours))
 
@@ -111,18 +91,13 @@ class AuditModels:
         return max(pair.threshold, float(np.quantile(best, quantile)))
 
 
-def audit_set(config: Config, run: RunDir, dataset: CanonicalDataset, images: np.ndarray,
-              models: AuditModels | None = None
+def audit_set(models: AuditModels, images: np.ndarray, settings: AuditConfig, seed: int
               ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """All privacy figures of one set (images float [N, R, R] in [0, 1]).
 
     Also used by the benchmarks on sets that are not released (the training set itself, an
     unfiltered sample). Returns the figures and the DCRs for the plot.
     """
-    settings = config.audit
-    models = models or AuditModels(run, dataset, config.privacy.reid_heldout_quantile,
-                                   settings.reid_neighbours,
-                                   AlignedPixels.from_settings(config.privacy))
     if len(models.test) < 2:
         raise ValueError("the audit needs held-out (test split) images as its baseline")
     console.print(f"audit: {len(images):,} images against {len(models.train):,} training images "
@@ -143,18 +118,18 @@ def audit_set(config: Config, run: RunDir, dataset: CanonicalDataset, images: np
     thresholds = sorted({*settings.pso_thresholds, round(models.scorer.threshold, 6)})
     pso = singling_out(reid_vectors, models.reid_vectors["train"], models.train.patient_id,
                        models.reid_vectors["test"], models.test.patient_id, models.scorer,
-                       thresholds, repeats=settings.pso_repeats, seed=config.seed)
+                       thresholds, repeats=settings.pso_repeats, seed=seed)
     nonmember_split = "val" if len(np.unique(models.val.patient_id)) >= 2 else "test"
     nonmembers = models.val if nonmember_split == "val" else models.test
     mia = membership_inference(models.features["train"], models.features[nonmember_split],
-                               features, heldout_patient=nonmembers.patient_id, seed=config.seed)
+                               features, heldout_patient=nonmembers.patient_id, seed=seed)
     mia["nonmember_split"] = nonmember_split
     figures = {
         "schema": SCHEMA, "images": len(images), "heldout_images": len(models.test),
         "training_images": len(models.train),
         "models": {"embedder": AUDIT_EMBEDDER, "reid": AUDIT_REID,
                    "reid_threshold": models.scorer.threshold,
-                   "reid_pair_threshold": models.reid.threshold,
+                   "reid_pair_threshold": models.reid.scorer.threshold,
                    "reid_auc": models.reid.meta.get("auc")},
         "reid_rate": {"synthetic": linked["rate"], "heldout": linked_heldout["rate"],
                       "neighbours": k},
@@ -162,26 +137,27 @@ def audit_set(config: Config, run: RunDir, dataset: CanonicalDataset, images: np
                 for space, d in distances.items()},
         "membership_inference": _json(mia),
         "singling_out": _json(pso),
-        "planted_copies": planted_copy_check(config, models, distances) if settings.planted else None,
+        "planted_copies": (planted_copy_check(models, distances, settings, seed)
+                           if settings.planted else None),
     }
     return figures, distances
 
 
-def planted_copy_check(config: Config, models: AuditModels,
-                       distances: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+def planted_copy_check(models: AuditModels, distances: dict[str, dict[str, np.ndarray]],
+                       settings: AuditConfig, seed: int) -> dict[str, Any]:
     """Near-copies of training images mixed in: the share the audit flags, per perturbation.
 
     Flagged: linked by re-ID, or closer to a training image than the held-out 1st percentile
     in either space. An audit that misses these could not vouch for anything.
     """
-    rng = np.random.default_rng([config.seed, 5])
-    count = min(config.audit.planted, len(models.train))
+    rng = np.random.default_rng([seed, 5])
+    count = min(settings.planted, len(models.train))
     rows = rng.choice(len(models.train), count, replace=False)
     cutoffs = {space: float(np.quantile(d["heldout"], 0.01)) for space, d in distances.items()}
     caught = {}
-    for name, copies in plant_copies(models.train.images_float()[rows], seed=config.seed).items():
+    for name, copies in plant_copies(models.train.images_float()[rows], seed=seed).items():
         linked = reid_rate(models.reid.embed(copies), models.reid_vectors["train"], models.scorer,
-                           config.audit.reid_neighbours)["linked"]
+                           settings.reid_neighbours)["linked"]
         close_embedding = distance_to_closest_record(
             models.embedder.embed(copies), models.features["train"], "cosine") < cutoffs["embedding"]
         close_pixels = models.pixels.nearest(models.pixel_index, copies)[0] < cutoffs["pixel"]
@@ -225,8 +201,3 @@ def dcr_plot(distances: dict[str, dict[str, np.ndarray]]) -> bytes:
         axis.set(title=f"closest training image ({space})", xlabel=unit, ylabel="density")
         axis.legend(fontsize=8)
     return png_bytes(figure)
-
-
-def load_privacy(run: RunDir) -> dict[str, Any]:
-    run.require(STAGE)
-    return json.loads((run.stage_path(STAGE) / "privacy.json").read_text())

@@ -28,91 +28,71 @@ imitated; the real test images measured the same way are the reference.
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
-from unpersonal.config import Config
-from unpersonal.data.canonical import CanonicalDataset, load_canonical
+from unpersonal.artifacts.classifier import Classifier, load_classifier
+from unpersonal.artifacts.embedder import load_embedder
+from unpersonal.config import EvaluateConfig
+from unpersonal.data.canonical import CanonicalDataset
 from unpersonal.evaluation.fidelity import (frechet_distance, kernel_inception_distance, prdc,
                                             retrieval_score, vendi_score)
 from unpersonal.evaluation.plots import png_bytes, pyplot
 from unpersonal.evaluation.restoration import TASKS, compare_restoration
-from unpersonal.evaluation.sets import AUDIT_EMBEDDER, fit_audit_models, read_synthetic_set
 from unpersonal.metrics.auc import bootstrap_auc_ci, bootstrap_auc_gap_ci, roc_auc_per_class
 from unpersonal.progress import console
-from unpersonal.rundir import RunDir, sha256_json, write_atomic, write_npz_atomic
-from unpersonal.training.classifier import fit_classifier, load_classifier
-from unpersonal.training.embedder import load_embedder
 
-STAGE = "eval"
 SCHEMA = 1
 TRAINING_SETS = ("real", "synthetic", "real+synthetic")
 
 
-def stage_key(config: Config, run: RunDir) -> str:
-    inputs = {stage: run.require(stage) for stage in
-              ("prepare", "generate", AUDIT_EMBEDDER, "fit-classifier")}
-    if run.stage_record("audit") is not None:
-        inputs["audit"] = run.require("audit")
-    return sha256_json({"config": config.section_dump(("evaluate", "classifier")),
-                        "inputs": inputs})
+class TrainClassifier(Protocol):
+    """Trains a classifier on one set (images float [N, R, R], labels [N, C]) with a seed,
+    early-stopped on the real validation split: the evaluation's only use of a trainer."""
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray, seed: int, progress: str
+                 ) -> Classifier: ...
 
 
-def run_evaluate(config: Config, run: RunDir, force: bool = False) -> bool:
-    """Measure the released set; False when eval/ is up to date."""
-    fit_audit_models(config, run)
-    key = stage_key(config, run)
-    if run.up_to_date(STAGE, key, force):
-        return False
-    dataset = load_canonical(run.stage_path("prepare"))
-    released = read_synthetic_set(run.stage_path("generate") / "synthetic", dataset.label_names)
-    metrics, curves = evaluate_set(config, run, dataset, released.images, released.labels)
-    audit = run.stage_path("audit") / "privacy.json"
-    if run.stage_record("audit") is not None and audit.is_file():
-        metrics["privacy"] = json.loads(audit.read_text())
-    with run.build_stage(STAGE, key, config) as folder:
-        write_atomic(folder / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        write_atomic(folder / "roc.png", roc_plot(curves, dataset.label_names))
-        write_npz_atomic(folder / "test_probs.npz", **curves)
-    return True
-
-
-def evaluate_set(config: Config, run: RunDir, dataset: CanonicalDataset, images: np.ndarray,
-                 labels: np.ndarray, real_probs: np.ndarray | None = None
+def evaluate_set(dataset: CanonicalDataset, images: np.ndarray, labels: np.ndarray,
+                 settings: EvaluateConfig, seed: int, embedder: Path, real_classifier: Path,
+                 train_classifier: TrainClassifier, real_probs: np.ndarray | None = None
                  ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """All fidelity and utility figures of one candidate training set (images float [N, R, R]).
 
-    Also used by the benchmarks on sets that are not released: the real training set itself,
-    an unfiltered sample. `real_probs` [seeds, N_test, C], the real-trained classifiers' test
-    probabilities of an earlier call, saves training them again. Returns the metrics and the
-    test probabilities per training set ([seeds, N_test, C]) with the test labels.
+    Fidelity is measured in the space of the embedder in folder `embedder` (the audit's);
+    `real_classifier` is the folder of the real-trained classifier of the first seed
+    (fit-classifier's), the others come from `train_classifier`. Also used by the benchmarks on
+    sets that are not released: the real training set itself, an unfiltered sample.
+    `real_probs` [seeds, N_test, C], the real-trained classifiers' test probabilities of an
+    earlier call, saves training them again. Returns the metrics and the test probabilities per
+    training set ([seeds, N_test, C]) with the test labels.
     """
     console.print(f"evaluate: fidelity and diversity of {len(images):,} images")
-    fidelity = fidelity_figures(config, run, dataset, images)
+    fidelity = fidelity_figures(dataset, images, settings, seed, embedder)
     console.print("evaluate: classification utility")
-    classification, curves = classification_utility(config, run, dataset, images, labels,
-                                                     real_probs)
+    classification, curves = classification_utility(
+        dataset, images, labels, settings, seed, real_classifier, train_classifier, real_probs)
     utility: dict[str, Any] = {"classification": classification}
-    if config.evaluate.restoration:
-        utility["restoration"] = restoration_utility(config, dataset, images)
+    if settings.restoration:
+        utility["restoration"] = restoration_utility(dataset, images, settings, seed)
     return {"schema": SCHEMA, "synthetic_images": len(images), "fidelity": fidelity,
             "utility": utility}, curves
 
 
-def fidelity_figures(config: Config, run: RunDir, dataset: CanonicalDataset,
-                     images: np.ndarray) -> dict[str, Any]:
-    settings = config.evaluate
-    features = np.load(run.stage_path(AUDIT_EMBEDDER) / "features.npy")
+def fidelity_figures(dataset: CanonicalDataset, images: np.ndarray, settings: EvaluateConfig,
+                     seed: int, embedder: Path) -> dict[str, Any]:
+    features = np.load(embedder / "features.npy")
     train, test = features[dataset.split == "train"], features[dataset.split == "test"]
-    synthetic = load_embedder(run.stage_path(AUDIT_EMBEDDER)).embed(images)
+    synthetic = load_embedder(embedder).embed(images)
     kid = {name: kernel_inception_distance(train, other, settings.kid_subsets,
-                                           settings.kid_subset_size, config.seed)
+                                           settings.kid_subset_size, seed)
            for name, other in (("synthetic", synthetic), ("test", test))}
     # The retrieval score grows with the number of queries: compare equal counts.
     queries = min(len(synthetic), len(test))
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(seed)
     pick_synthetic = rng.choice(len(synthetic), queries, replace=False)
     pick_test = rng.choice(len(test), queries, replace=False)
     return {
@@ -130,8 +110,9 @@ def fidelity_figures(config: Config, run: RunDir, dataset: CanonicalDataset,
     }
 
 
-def classification_utility(config: Config, run: RunDir, dataset: CanonicalDataset,
-                           images: np.ndarray, labels: np.ndarray,
+def classification_utility(dataset: CanonicalDataset, images: np.ndarray, labels: np.ndarray,
+                           settings: EvaluateConfig, first_seed: int, real_classifier: Path,
+                           train_classifier: TrainClassifier,
                            real_probs: np.ndarray | None = None
                            ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Train on real, synthetic and both; test each on the real test split (`seeds` times).
@@ -139,8 +120,7 @@ def classification_utility(config: Config, run: RunDir, dataset: CanonicalDatase
     Seed 0's real classifier is fit-classifier's (same settings, same seed); the others are
     trained here. Validation (early stopping) is on the real validation split for all of them.
     """
-    settings = config.evaluate
-    train, val, test = (dataset.subset(split) for split in ("train", "val", "test"))
+    train, test = dataset.subset("train"), dataset.subset("test")
     sets = {"real": (train.images_float(), train.labels),
             "synthetic": (images, labels)}
     if settings.real_plus_synthetic:
@@ -149,25 +129,20 @@ def classification_utility(config: Config, run: RunDir, dataset: CanonicalDatase
     test_images = test.images_float()
     probs: dict[str, list[np.ndarray]] = {name: [] for name in sets}
     for s in range(settings.classifier_seeds):
-        seed = config.seed + s
+        seed = first_seed + s
         for name, (x, y) in sets.items():
             if name == "real" and real_probs is not None:
                 probs[name].append(real_probs[s])
                 continue
             if name == "real" and s == 0:
-                classifier = load_classifier(run.stage_path("fit-classifier"))
+                classifier = load_classifier(real_classifier)
             else:
-                classifier = fit_classifier(
-                    x, y, dataset.label_kind, config.classifier, seed,
-                    val_images=val.images_float() if len(val) else None,
-                    val_labels=val.labels if len(val) else None,
-                    progress=f"classifier on {name} (seed {seed})",
-                    label_names=dataset.label_names)
+                classifier = train_classifier(x, y, seed, f"classifier on {name} (seed {seed})")
             probs[name].append(classifier.predict_proba(test_images))
     figures: dict[str, Any] = {"seeds": settings.classifier_seeds, "test_images": len(test),
                                "bootstrap_unit": "patient"}
     for name, stack in probs.items():
-        figures[name] = _auc_summary(test, np.stack(stack), settings.bootstrap, config.seed)
+        figures[name] = _auc_summary(test, np.stack(stack), settings.bootstrap, first_seed)
     for name in sets:
         if name == "real":
             continue
@@ -175,7 +150,7 @@ def classification_utility(config: Config, run: RunDir, dataset: CanonicalDatase
         figures[f"gap_pp{suffix}"] = 100 * (figures[name]["mean"] - figures["real"]["mean"])
         low, high = bootstrap_auc_gap_ci(test.labels, np.stack(probs[name]),
                                          np.stack(probs["real"]), test.label_kind,
-                                         settings.bootstrap, config.seed, groups=test.patient_id)
+                                         settings.bootstrap, first_seed, groups=test.patient_id)
         figures[f"gap_pp{suffix}_ci95"] = [100 * low, 100 * high]
     return figures, {name: np.stack(stack) for name, stack in probs.items()} | {
         "labels": test.labels}
@@ -194,9 +169,8 @@ def _auc_summary(test: CanonicalDataset, stack: np.ndarray, resamples: int, seed
             "per_seed": [float(m) for m in means], "ci95": [low, high], "per_class": per_class}
 
 
-def restoration_utility(config: Config, dataset: CanonicalDataset, images: np.ndarray
-                        ) -> dict[str, Any]:
-    settings = config.evaluate
+def restoration_utility(dataset: CanonicalDataset, images: np.ndarray, settings: EvaluateConfig,
+                        seed: int) -> dict[str, Any]:
     train, test = dataset.subset("train"), dataset.subset("test")
     out = {}
     for task in TASKS:
@@ -204,7 +178,7 @@ def restoration_utility(config: Config, dataset: CanonicalDataset, images: np.nd
         out[task] = compare_restoration(
             train.images_float(), images, test.images_float(), task,
             steps=settings.restoration_steps, batch_size=settings.restoration_batch,
-            seed=config.seed, noise_sigma=settings.noise_sigma, width=settings.restoration_width,
+            seed=seed, noise_sigma=settings.noise_sigma, width=settings.restoration_width,
             resamples=settings.bootstrap)
     return out
 
@@ -231,9 +205,3 @@ def roc_plot(curves: dict[str, np.ndarray], label_names: list[str]) -> bytes:
                  ylabel="true positive rate", aspect="equal")
         axis.legend(loc="lower right", fontsize=8)
     return png_bytes(figure)
-
-
-def load_metrics(run: RunDir) -> dict[str, Any]:
-    run.require(STAGE)
-    return json.loads((run.stage_path(STAGE) / "metrics.json").read_text())
-

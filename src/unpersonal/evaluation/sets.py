@@ -17,9 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from unpersonal.config import Config
 from unpersonal.errors import UserError
-from unpersonal.rundir import RunDir
 
 AUDIT_EMBEDDER = "audit-embedder"
 AUDIT_REID = "audit-reid"
@@ -60,26 +58,3 @@ def read_synthetic_set(folder: Path, label_names: list[str]) -> SyntheticSet:
         images.append(pixels.astype(np.float32) / (65535.0 if pixels.dtype == np.uint16 else 255.0))
     labels = np.array([[int(row[name]) for name in label_names] for row in rows], np.uint8)
     return SyntheticSet(np.stack(images), labels, [row["path"] for row in rows])
-
-
-def audit_config(config: Config) -> Config:
-    """The config the audit's models train with: the filter's, with another seed and width.
-
-    The user's own extractor, if any, is the filter's; the audit trains its own embedder.
-    """
-    settings = config.audit
-    embedder = config.embedder.model_copy(update={"width": settings.embedder_width,
-                                                  "extractor": None})
-    reid = config.reid.model_copy(update={"width": settings.reid_width})
-    return config.model_copy(update={"seed": config.seed + settings.seed_offset,
-                                      "embedder": embedder, "reid": reid})
-
-
-def fit_audit_models(config: Config, run: RunDir, force: bool = False) -> None:
-    """Train (or resume, or skip) the audit's embedder and re-ID network."""
-    from unpersonal.training.embedder import run_fit_embedder
-    from unpersonal.training.reid import run_fit_reid
-
-    derived = audit_config(config)
-    run_fit_embedder(derived, run, force, stage=AUDIT_EMBEDDER)
-    run_fit_reid(derived, run, force, stage=AUDIT_REID)

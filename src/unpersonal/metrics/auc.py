@@ -1,6 +1,6 @@
 """ROC-AUC: how well a classifier ranks the real test images, per class and overall.
 
-ROC-AUC is the figure throughout (DESIGN.md section 6): it is threshold-free, so a classifier
+ROC-AUC is the figure throughout, as in the published utility tests: it is threshold-free, so a classifier
 trained on synthetic images is not penalised for a shifted calibration, and it reads the same for
 a 62%-positive test split as for a 5%-positive one. Every class is scored one-vs-rest from its own
 probability column, so binary ([N, 1]), multi-class (one-hot [N, C]) and multi-label ([N, C])

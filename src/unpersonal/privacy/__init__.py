@@ -1,1 +1,2 @@
-"""Privacy models: the nearest-neighbour index, the distance floor, re-identification."""
+"""Privacy: the nearest-neighbour index, the distance floors, the filter, the audit's attacks and
+planted copies (the re-identification network itself is in `unpersonal.artifacts.reid`)."""

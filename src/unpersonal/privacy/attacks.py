@@ -13,55 +13,24 @@ measure how often. So each attack is run twice, or carries its own reference:
 
 Inputs are unit-norm embeddings [N, D] (the re-ID network's or the embedder's); patient ids are
 any array of hashable labels, one per row. Nothing here loads a model: a re-ID network enters as
-a `ReidScorer`, its three published numbers.
+a `ReidScorer` (`unpersonal.artifacts.reid`), its three published numbers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from unpersonal.artifacts.reid import ReidScorer
 from unpersonal.privacy.knn import METRICS, Metric, NeighbourIndex
-
-if TYPE_CHECKING:  # the model module imports torch; the attacks only need its numbers
-    from unpersonal.privacy.reid import ReidModel
 
 UNIT_TOLERANCE = 1e-3  # embeddings are stored as float32: their norms are 1 to ~1e-7
 DCR_QUANTILES = {"q01": 0.01, "q05": 0.05, "q25": 0.25, "median": 0.5}
 LOG_DISTANCE_FLOOR = 1e-12  # an exact copy has distance 0; its log must stay finite
 MIA_FALSE_POSITIVE_RATE = 0.01  # the low-error regime where a membership attack does harm
 SCORE_BUDGET = 1 << 24  # float64 scores held at once (128 MiB): synthetic rows per chunk
-
-
-@dataclass(frozen=True)
-class ReidScorer:
-    """A re-ID network's score, sigmoid(scale * cosine + bias), and its calibrated threshold.
-
-    Kept apart from `ReidModel` so that the attacks can be tested with a hand-set scorer and
-    without torch; `from_model` takes the numbers of a trained network.
-    """
-
-    scale: float
-    bias: float
-    threshold: float
-
-    @classmethod
-    def from_model(cls, model: ReidModel) -> ReidScorer:
-        return cls(float(model.scale), float(model.bias), float(model.threshold))
-
-    def score_matrix(self, emb_a: np.ndarray, emb_b: np.ndarray) -> np.ndarray:
-        """Scores of every pair -> float64 [N_a, N_b], exactly as ReidModel.score_matrix."""
-        cosine = np.asarray(emb_a, np.float64) @ np.asarray(emb_b, np.float64).T
-        return self.score_cosine(cosine)
-
-    def score_cosine(self, cosine: np.ndarray) -> np.ndarray:
-        """The score of given cosines, in float64 and finite for any logit (as reid.py does)."""
-        logit = self.scale * np.asarray(cosine, dtype=np.float64) + self.bias
-        return np.exp(-np.logaddexp(0.0, -logit))
 
 
 # ---- re-identification ----
@@ -85,7 +54,7 @@ def reid_rate(queries: np.ndarray, train: np.ndarray, scorer: ReidScorer, k: int
     found = nearest >= 0  # an approximate index may return fewer than k neighbours
     cosine = np.einsum("md,mkd->mk", queries.astype(np.float64),
                        train[np.where(found, nearest, 0)].astype(np.float64))
-    scores = np.where(found, scorer.score_cosine(cosine), -np.inf)
+    scores = np.where(found, scorer.score(cosine), -np.inf)
     max_score = scores.max(axis=1)
     linked = max_score >= scorer.threshold
     return {"rate": float(linked.mean()), "linked": linked, "max_score": max_score,

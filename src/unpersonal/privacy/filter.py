@@ -30,48 +30,37 @@ from typing import Any
 
 import numpy as np
 
-from unpersonal.config import Config
-from unpersonal.data.canonical import load_canonical
+from unpersonal.artifacts.embedder import Embedder, load_embedder
+from unpersonal.artifacts.reid import ReidModel, load_reid
+from unpersonal.config import GenerateConfig, PrivacyConfig
+from unpersonal.data.canonical import CanonicalDataset
 from unpersonal.errors import UserError
 from unpersonal.privacy.floor import AlignedPixels, DistanceFloor, floor_from_distances
 from unpersonal.privacy.knn import NeighbourIndex
-from unpersonal.privacy.reid import ReidModel, load_reid
 from unpersonal.progress import console
-from unpersonal.rundir import RunDir, sha256_json, write_atomic
-from unpersonal.training.embedder import Embedder, load_embedder
 
-STAGE = "calibrate"
 CHECKS = ("reid", "embedding", "pixel")
 
 
-def stage_key(config: Config, run: RunDir) -> str:
-    inputs = {stage: run.require(stage) for stage in ("prepare", "fit-embedder", "fit-reid")}
-    return sha256_json({"config": config.section_dump(("privacy",)), "inputs": inputs})
-
-
-def run_calibrate(config: Config, run: RunDir, force: bool = False) -> bool:
-    """Calibrate the distance floors and embed the training images for re-ID. False if skipped."""
-    key = stage_key(config, run)
-    if run.up_to_date(STAGE, key, force):
-        return False
-    dataset = load_canonical(run.stage_path("prepare"))
+def calibrate(dataset: CanonicalDataset, features: np.ndarray, reid: ReidModel,
+              settings: PrivacyConfig, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The distance floors and the any-patient re-ID threshold, from how close the validation
+    images (held-out patients) come to the training images; `features` are the embedder's, of
+    every image. Returns the training images' re-ID embeddings and floors.json's content."""
     is_train, is_val = dataset.split == "train", dataset.split == "val"
     if not is_val.any():
         raise UserError("calibration needs validation patients (held out from training) and this "
                         "run's validation split is empty; set data.split_fractions with a "
                         "validation share")
-    features = np.load(run.stage_path("fit-embedder") / "features.npy")
-    reid = load_reid(run.stage_path("fit-reid"))
     console.print("calibrate: embedding the training images for re-identification")
     images = dataset.images_float()
     reid_train = reid.embed(images[is_train])
-    settings = config.privacy
     heldout_best, heldout_reid_rows = best_reid_scores(
         reid, reid_train, reid.embed(images[is_val]),
-        _index(settings, "cosine", config.seed).fit(reid_train), settings.reid_neighbours)
-    neighbour_threshold = max(reid.threshold, float(np.quantile(
+        _index(settings, "cosine", seed).fit(reid_train), settings.reid_neighbours)
+    neighbour_threshold = max(reid.scorer.threshold, float(np.quantile(
         heldout_best, settings.reid_heldout_quantile)))
-    embedding_index = _index(settings, "cosine", config.seed).fit(features[is_train])
+    embedding_index = _index(settings, "cosine", seed).fit(features[is_train])
     embedding_nearest, embedding_rows = embedding_index.search(
         features[is_val], k=min(settings.pixel_neighbours, int(is_train.sum())))
     pixels = AlignedPixels.from_settings(settings)
@@ -81,20 +70,18 @@ def run_calibrate(config: Config, run: RunDir, force: bool = False) -> bool:
     floors = {space: floor_from_distances(nearest, settings.floor_quantile, "cosine")
               for space, nearest in (("embedding", embedding_nearest[:, 0]),
                                      ("pixel", pixel_nearest))}
-    with run.build_stage(STAGE, key, config) as folder:
-        np.save(folder / "reid_train.npy", reid_train)
-        summary = {"calibrated_on": "val", "n_train": int(is_train.sum()),
-                   "n_heldout": int(is_val.sum()),
-                   "floors": {space: floor.to_json() for space, floor in floors.items()},
-                   "reid_threshold": reid.threshold, "reid_sensitivity": reid.meta.get(
-                       "sensitivity"),
-                   "reid_neighbour_threshold": neighbour_threshold,
-                   "reid_heldout_best_score": {
-                       "quantile": settings.reid_heldout_quantile,
-                       "median": float(np.median(heldout_best)),
-                       "share_at_pair_threshold": float(np.mean(heldout_best >= reid.threshold))}}
-        write_atomic(folder / "floors.json", json.dumps(summary, indent=2) + "\n")
-    return True
+    summary = {"calibrated_on": "val", "n_train": int(is_train.sum()),
+               "n_heldout": int(is_val.sum()),
+               "floors": {space: floor.to_json() for space, floor in floors.items()},
+               "reid_threshold": reid.scorer.threshold,
+               "reid_sensitivity": reid.meta.get("sensitivity"),
+               "reid_neighbour_threshold": neighbour_threshold,
+               "reid_heldout_best_score": {
+                   "quantile": settings.reid_heldout_quantile,
+                   "median": float(np.median(heldout_best)),
+                   "share_at_pair_threshold": float(np.mean(
+                       heldout_best >= reid.scorer.threshold))}}
+    return reid_train, summary
 
 
 def best_reid_scores(reid: ReidModel, reid_train: np.ndarray, queries: np.ndarray,
@@ -105,7 +92,7 @@ def best_reid_scores(reid: ReidModel, reid_train: np.ndarray, queries: np.ndarra
     k = min(neighbours, len(reid_train))
     distances, rows = index.search(queries, k=k)
     best_cosine = 1.0 - distances.min(axis=1)
-    return reid.score(best_cosine[:, None], np.ones((len(queries), 1))), rows
+    return reid.scorer.score(best_cosine), rows
 
 
 def _index(settings: Any, metric: str, seed: int) -> NeighbourIndex:
@@ -124,8 +111,7 @@ class FilterPolicy:
     distance_floors: bool = True
 
     @classmethod
-    def from_config(cls, config: Config) -> FilterPolicy:
-        settings = config.generate
+    def from_settings(cls, settings: GenerateConfig) -> FilterPolicy:
         return cls(settings.reid_check, settings.reid_threshold, settings.distance_floors)
 
 
@@ -182,25 +168,26 @@ class PrivacyFilter:
 
     @property
     def any_patient_threshold(self) -> float:
-        return self.reid.threshold if self.neighbour_threshold is None else self.neighbour_threshold
+        if self.neighbour_threshold is None:
+            return self.reid.scorer.threshold
+        return self.neighbour_threshold
 
     @classmethod
-    def load(cls, run: RunDir, config: Config) -> PrivacyFilter:
-        """Build the filter from a run's calibrate, fit-embedder, fit-reid and prepare stages."""
-        run.require(STAGE)
-        dataset = load_canonical(run.stage_path("prepare"))
+    def load(cls, calibration: Path, embedder: Path, reid: Path, dataset: CanonicalDataset,
+             settings: PrivacyConfig, seed: int) -> PrivacyFilter:
+        """Build the filter from the folders of calibrate, the embedder and the re-ID network,
+        and the prepared dataset whose training images it guards."""
         is_train = dataset.split == "train"
-        summary = json.loads((run.stage_path(STAGE) / "floors.json").read_text())
-        reid_train = np.load(run.stage_path(STAGE) / "reid_train.npy")
-        features = np.load(run.stage_path("fit-embedder") / "features.npy")[is_train]
-        settings = config.privacy
+        summary = json.loads((calibration / "floors.json").read_text())
+        reid_train = np.load(calibration / "reid_train.npy")
+        features = np.load(embedder / "features.npy")[is_train]
         pixels = AlignedPixels.from_settings(settings)
         return cls(
-            embedder=load_embedder(run.stage_path("fit-embedder")),
-            reid=load_reid(run.stage_path("fit-reid")),
+            embedder=load_embedder(embedder),
+            reid=load_reid(reid),
             reid_train=reid_train,
-            reid_index=_index(settings, "cosine", config.seed).fit(reid_train),
-            embedding_index=_index(settings, "cosine", config.seed).fit(features),
+            reid_index=_index(settings, "cosine", seed).fit(reid_train),
+            embedding_index=_index(settings, "cosine", seed).fit(features),
             pixel_reference=pixels.reference(dataset.images_float()[is_train]),
             pixels=pixels,
             floors={space: DistanceFloor.from_json(floor)
@@ -232,7 +219,7 @@ class PrivacyFilter:
         source_score = np.full(len(images), np.nan)
         if sources is not None:
             source_cosine = np.einsum("nd,nd->n", reid_embedding, self.reid_train[sources])
-            source_score = self._score(source_cosine)
+            source_score = self.reid.scorer.score(source_cosine)
             use_source = source_cosine >= best_cosine
             best_cosine = np.where(use_source, source_cosine, best_cosine)
             nearest = np.where(use_source, sources, nearest)
@@ -246,12 +233,12 @@ class PrivacyFilter:
             [] if sources is None else [np.asarray(sources)[:, None]])
         pixel_distance, pixel_nearest = self.pixels.nearest_among(
             images, self.pixel_reference, np.concatenate(compared, axis=1))
-        result = FilterResult(self._score(best_cosine), source_score, nearest,
+        result = FilterResult(self.reid.scorer.score(best_cosine), source_score, nearest,
                               embedding_distance[:, 0], embedding_nearest[:, 0],
                               pixel_distance, pixel_nearest)
         floors = {space: self.floors[space].flags(distance) for space, distance in
                   (("embedding", result.embedding_distance), ("pixel", result.pixel_distance))}
-        linked_to_source = np.nan_to_num(source_score, nan=-1.0) >= self.reid.threshold
+        linked_to_source = np.nan_to_num(source_score, nan=-1.0) >= self.reid.scorer.threshold
         linked_to_anyone = result.reid_score >= self.any_patient_threshold
         result.strict = {"reid": (linked_to_source & drawn_from_source) | linked_to_anyone,
                          **floors}
@@ -270,6 +257,3 @@ class PrivacyFilter:
                         **{space: flags if policy.distance_floors else no_flags
                            for space, flags in floors.items()}}
         return result
-
-    def _score(self, cosine: np.ndarray) -> np.ndarray:
-        return self.reid.score(np.asarray(cosine, np.float64)[:, None], np.ones((len(cosine), 1)))

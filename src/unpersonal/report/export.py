@@ -2,7 +2,7 @@
 
     run/export/
         images/syn-000000.png ...   the released synthetic images, as generate wrote them
-        labels.csv                  path, one column per label
+        labels.csv                  path, one column per label (`unpersonal.release`)
         DATASHEET.md                what the data is, how it was made, its privacy audit with
         datasheet.json              baselines, its utility, intended use and limits
 
@@ -10,8 +10,8 @@ Export refuses (and writes nothing) unless every file it would write passes thre
 
 1. no patient ID and no source reference of the input occurs in any file (as text);
 2. no exported image equals a real image of the input, pixel for pixel;
-3. every exported image is one generate accepted (its hash is in the private decision log's
-   accepted rows) and passes the privacy filter when checked again from scratch.
+3. every exported image is one generate accepted (its file name is in an accepted row of the
+   private decision log) and passes the privacy filter when checked again from scratch.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -28,67 +27,29 @@ import numpy as np
 from PIL import Image
 
 from unpersonal import __version__
-from unpersonal.config import Config
-from unpersonal.data.canonical import CanonicalDataset, load_canonical
+from unpersonal.data.canonical import CanonicalDataset
 from unpersonal.errors import UserError
-from unpersonal.evaluation.audit import STAGE as AUDIT_STAGE
-from unpersonal.evaluation.evaluate import STAGE as EVAL_STAGE
 from unpersonal.privacy.filter import PrivacyFilter
 from unpersonal.progress import track
+from unpersonal.release import read_pixels
 from unpersonal.report.summary import release_verdicts
-from unpersonal.rundir import RunDir, sha256_json, write_atomic
 
-STAGE = "export"
 DATASHEET_SCHEMA = 1
 
 
-def stage_key(config: Config, run: RunDir) -> str:
-    inputs = {stage: run.require(stage) for stage in
-              ("prepare", "generate", "calibrate", AUDIT_STAGE, EVAL_STAGE)}
-    return sha256_json({"config": config.section_dump(()), "inputs": inputs})
-
-
-def run_export(config: Config, run: RunDir, force: bool = False) -> bool:
-    key = stage_key(config, run)
-    if run.up_to_date(STAGE, key, force):
-        return False
-    dataset = load_canonical(run.stage_path("prepare"))
-    source = run.stage_path("generate") / "synthetic"
-    names = released_names(source)
-    check_released_images(config, run, dataset, source, names)
-    metrics = json.loads((run.stage_path(EVAL_STAGE) / "metrics.json").read_text())
-    privacy = json.loads((run.stage_path(AUDIT_STAGE) / "privacy.json").read_text())
-    generation = json.loads((run.stage_path("generate") / "generate.json").read_text())
-    sheet = datasheet(config, dataset, len(names), metrics, privacy, generation)
-    files = {f"images/{name}": (source / name).read_bytes() for name in names}
-    files["labels.csv"] = (source / "labels.csv").read_bytes()
-    files["datasheet.json"] = (json.dumps(sheet, indent=2) + "\n").encode()
-    files["DATASHEET.md"] = datasheet_markdown(sheet).encode()
-    check_no_identifiers(files, dataset)
-    with run.build_stage(STAGE, key, config) as folder:
-        for relative, content in track(files.items(), len(files), "export: writing"):
-            write_atomic(folder / relative, content)
-    return True
-
-
-def released_names(folder: Path) -> list[str]:
-    with open(folder / "labels.csv", newline="") as handle:
-        return [row["path"] for row in csv.DictReader(handle)]
-
-
-def check_released_images(config: Config, run: RunDir, dataset: CanonicalDataset,
-                          folder: Path, names: list[str]) -> None:
-    """Checks 2 and 3: no real image, nothing generate did not accept, nothing the filter
-    rejects today."""
-    accepted = _accepted_files(run.stage_path("generate") / "decisions.csv")
+def check_released_images(dataset: CanonicalDataset, folder: Path, names: list[str],
+                          decisions: Path, privacy_filter: PrivacyFilter) -> None:
+    """Checks 2 and 3: no real image, nothing generate did not accept (by generate's private
+    decision log, `decisions`), nothing the filter rejects today."""
+    accepted = _accepted_files(decisions)
     unknown = [name for name in names if name not in accepted]
     if unknown:
         raise UserError(f"export refused: {folder / unknown[0]} is not an image generate "
                         f"accepted ({len(unknown)} such files)")
     if not names:
         raise UserError("export refused: generate accepted no image, there is nothing to release")
-    pixels = np.stack([np.asarray(Image.open(folder / name))
-                       for name in track(names, len(names), "export: re-checking images")])
+    pixels = np.stack(list(track(read_pixels(folder, names), len(names),
+                                 "export: re-checking images")))
     real = {hashlib.sha256(image.tobytes()).hexdigest() for image in dataset.images}
     copies = [name for name, image in zip(names, pixels)
               if hashlib.sha256(image.tobytes()).hexdigest() in real]
@@ -96,7 +57,7 @@ def check_released_images(config: Config, run: RunDir, dataset: CanonicalDataset
         raise UserError(f"export refused: {folder / copies[0]} is identical to a real input "
                         f"image ({len(copies)} such files)")
     unit = pixels.astype(np.float32) / float((1 << dataset.bit_depth) - 1)
-    rejected = PrivacyFilter.load(run, config).check(unit).rejected
+    rejected = privacy_filter.check(unit).rejected
     if rejected.any():
         first = names[int(np.flatnonzero(rejected)[0])]
         raise UserError(f"export refused: {folder / first} fails the privacy filter when "
@@ -156,7 +117,7 @@ def _tokens(pattern: re.Pattern[str] | None, text: str) -> list[str]:
     return pattern.findall(text) if pattern is not None else []
 
 
-def datasheet(config: Config, dataset: CanonicalDataset, images: int, metrics: dict[str, Any],
+def datasheet(dataset: CanonicalDataset, images: int, metrics: dict[str, Any],
               privacy: dict[str, Any], generation: dict[str, Any]) -> dict[str, Any]:
     """The release's facts as data: deterministic (no dates, no timings), nothing identifying."""
     classification = metrics["utility"]["classification"]

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import platform
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -21,66 +21,59 @@ import numpy as np
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from PIL import Image
 
-from unpersonal.config import Config
-from unpersonal.data.canonical import CanonicalDataset, load_canonical
-from unpersonal.evaluation.audit import STAGE as AUDIT_STAGE
-from unpersonal.evaluation.evaluate import STAGE as EVAL_STAGE
-from unpersonal.evaluation.sets import AUDIT_EMBEDDER, read_synthetic_set
+from unpersonal.artifacts.embedder import load_embedder
+from unpersonal.data.canonical import CanonicalDataset
+from unpersonal.evaluation.sets import SyntheticSet
 from unpersonal.privacy.knn import NeighbourIndex
 from unpersonal.report.summary import release_verdicts
-from unpersonal.rundir import RunDir, sha256_json, write_atomic
-from unpersonal.training.embedder import load_embedder
 
-STAGE = "report"
 GRID_COLUMNS = 8
 PAIRS = 12
 THUMBNAIL = 96
 
 
-def stage_key(config: Config, run: RunDir) -> str:
-    inputs = {stage: run.require(stage) for stage in
-              ("prepare", "generate", AUDIT_STAGE, EVAL_STAGE, AUDIT_EMBEDDER)}
-    return sha256_json({"config": config.section_dump(()), "inputs": inputs})
+@dataclass
+class ReportInputs:
+    """What the page shows, read from the run by the report stage."""
+
+    title: str
+    dataset: CanonicalDataset
+    released: SyntheticSet
+    metrics: dict[str, Any]  # eval/metrics.json
+    privacy: dict[str, Any]  # audit/privacy.json
+    generation: dict[str, Any]  # generate/generate.json
+    dcr_png: Path
+    roc_png: Path
+    embedder: Path  # the audit embedder's folder: nearest training image of each sample
+    seed: int
+    config_yaml: str
 
 
-def run_report(config: Config, run: RunDir, force: bool = False) -> bool:
-    key = stage_key(config, run)
-    if run.up_to_date(STAGE, key, force):
-        return False
-    page = render(config, run)
-    with run.build_stage(STAGE, key, config) as folder:
-        write_atomic(folder / "index.html", page)
-    return True
-
-
-def render(config: Config, run: RunDir) -> str:
-    dataset = load_canonical(run.stage_path("prepare"))
-    train = dataset.subset("train")
-    released = read_synthetic_set(run.stage_path("generate") / "synthetic", dataset.label_names)
-    metrics = json.loads((run.stage_path(EVAL_STAGE) / "metrics.json").read_text())
-    privacy = json.loads((run.stage_path(AUDIT_STAGE) / "privacy.json").read_text())
-    generation = json.loads((run.stage_path("generate") / "generate.json").read_text())
+def render(inputs: ReportInputs) -> str:
+    """The self-contained page."""
+    train = inputs.dataset.subset("train")
+    released, metrics, privacy = inputs.released, inputs.metrics, inputs.privacy
     classification = metrics["utility"]["classification"]
     training_sets = [name for name in ("real", "synthetic", "real+synthetic")
                      if name in classification]
     environment = Environment(loader=FileSystemLoader(Path(__file__).parent),
                               autoescape=select_autoescape(["html", "j2"]))
     return environment.get_template("template.html.j2").render(
-        title=run.root.name, images=len(released.images), training_images=len(train),
+        title=inputs.title, images=len(released.images), training_images=len(train),
         training_patients=len(np.unique(train.patient_id)), date=time.strftime("%Y-%m-%d"),
         versions=versions(), verdicts=release_verdicts(metrics, privacy),
         grids=class_grids(train, released.images, released.labels),
-        pairs=nearest_pairs(run, train, released.images, released.names, config.seed),
+        pairs=nearest_pairs(inputs.embedder, inputs.dataset, released.images, released.names,
+                            inputs.seed),
         heldout_q01=privacy["dcr"]["embedding"]["heldout_q01"],
-        dcr_png=_read_b64(run.stage_path(AUDIT_STAGE) / "dcr.png"),
-        roc_png=_read_b64(run.stage_path(EVAL_STAGE) / "roc.png"),
+        dcr_png=_read_b64(inputs.dcr_png), roc_png=_read_b64(inputs.roc_png),
         classification=classification, training_sets=training_sets,
         gaps={name: "" if name == "real" else
               f"{classification['gap_pp' + ('' if name == 'synthetic' else '_' + name)]:+.1f}"
               for name in training_sets},
         restoration=metrics["utility"].get("restoration"),
         fidelity_rows=fidelity_rows(metrics["fidelity"]),
-        generation_rows=generation_rows(generation), config_yaml=config.to_yaml())
+        generation_rows=generation_rows(inputs.generation), config_yaml=inputs.config_yaml)
 
 
 def versions() -> dict[str, str]:
@@ -116,14 +109,14 @@ def class_grids(train: CanonicalDataset, images: np.ndarray, labels: np.ndarray
     return rows
 
 
-def nearest_pairs(run: RunDir, train: CanonicalDataset, images: np.ndarray, names: list[str],
-                  seed: int) -> list[dict[str, Any]]:
-    """A seeded sample of synthetic images, each with its nearest training image (audit
-    embedder, cosine) and the distance between them."""
-    embedder = load_embedder(run.stage_path(AUDIT_EMBEDDER))
-    features = np.load(run.stage_path(AUDIT_EMBEDDER) / "features.npy")
-    dataset_split = load_canonical(run.stage_path("prepare")).split
-    index = NeighbourIndex("cosine").fit(features[dataset_split == "train"])
+def nearest_pairs(embedder_folder: Path, dataset: CanonicalDataset, images: np.ndarray,
+                  names: list[str], seed: int) -> list[dict[str, Any]]:
+    """A seeded sample of synthetic images, each with its nearest training image (in the space
+    of the embedder in `embedder_folder`, cosine) and the distance between them."""
+    embedder = load_embedder(embedder_folder)
+    features = np.load(embedder_folder / "features.npy")
+    train = dataset.subset("train")
+    index = NeighbourIndex("cosine").fit(features[dataset.split == "train"])
     chosen = np.sort(np.random.default_rng(seed).choice(len(images), min(PAIRS, len(images)),
                                                         replace=False))
     distances, nearest = index.search(embedder.embed(images[chosen]), k=1)

@@ -1,29 +1,20 @@
-"""What every trainer shares: resumable state, time budgets, interruption.
+"""The pieces under every trainer: weights copies, checkpoint files, SIGTERM, the cosine schedule.
 
-Each `fit-*` stage keeps its resumable state in `run/.work/<stage>/` and draws everything random
-of step t from `unpersonal.torch_utils`' generators seeded by (seed, t, rank), so a resumed run
-repeats exactly what an uninterrupted one would have done without saving any RNG state.
+Each `fit-*` stage keeps its resumable state in `run/.work/<stage>/`; `training.loop` is the
+scaffold that saves and resumes it.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from unpersonal.errors import Interrupted
 from unpersonal.rundir import write_atomic
-
-
-def out_of_time(max_minutes: float | None, elapsed_before: float, started: float) -> bool:
-    """True once a wall-time budget (minutes, over all resumed sessions) is spent."""
-    if max_minutes is None:
-        return False
-    return elapsed_before + time.perf_counter() - started >= max_minutes * 60
 
 
 def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -56,7 +47,19 @@ def install_sigterm_as_interrupt() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
-def interrupted(stage: str, step: int, total: int) -> Interrupted:
-    """The error a trainer raises after saving its state on Ctrl-C or SIGTERM (exit 130)."""
-    return Interrupted(f"{stage} interrupted at step {step} of {total}; state saved, rerun the "
-                       "same command to resume")
+def cosine_lr(step: int, total_steps: int, peak: float, warmup_steps: int = 0) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay from `peak` to 0 at `total_steps`.
+
+    `step` is the 0-based index of the step about to be taken, so the first step already moves.
+    The angle is rounded as each trainer always did: with warm-up pi times the share of the
+    decay done (the embedder), without it pi * step / total_steps (the classifier, re-ID). The
+    two differ in the last bit of about one learning rate in five, which would change the
+    logged rates and, rarely, the published weights of runs made before.
+    """
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if warmup_steps:
+        angle = math.pi * ((step - warmup_steps) / max(1, total_steps - warmup_steps))
+    else:
+        angle = math.pi * min(step, total_steps) / total_steps
+    return peak * 0.5 * (1 + math.cos(angle))

@@ -31,12 +31,9 @@ generator seeded by (seed, t), so a resumed run repeats an uninterrupted one bit
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
-import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,50 +41,24 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from unpersonal.artifacts.embedder import WEIGHTS_FORMAT, Embedder, load_network
 from unpersonal.config import Config, EmbedderConfig
-from unpersonal.data.canonical import CanonicalDataset, load_canonical
-from unpersonal.errors import UserError
+from unpersonal.data.canonical import CanonicalDataset
+from unpersonal.errors import UserError, first_line
 from unpersonal.metrics.probe import linear_probe_auc
-from unpersonal.models.encoder import ResNetEncoder, unit_norm
-from unpersonal.progress import LiveBar, console
-from unpersonal.rundir import RunDir, sha256_file, sha256_json, write_atomic
-from unpersonal.torch_utils import batch_indices, pick_device, step_generator
-from unpersonal.training.common import cpu_state, interrupted, load_state, out_of_time, save_state
+from unpersonal.models.embedder import FeatureNet
+from unpersonal.models.encoder import unit_norm
+from unpersonal.rundir import sha256_file, write_atomic
+from unpersonal.training.common import cosine_lr, cpu_state
+from unpersonal.training.loop import SeededBatches, TrainingLoop, write_log
 from unpersonal.training.views import random_views
 
-STAGE = "fit-embedder"
-WEIGHTS_FORMAT = "unpersonal-embedder-v1"
-LOG_EVERY = 10
 LOG_FIELDS = ("step", "loss", "lr", "images_per_s", "elapsed_s")
 WARMUP_SHARE = 0.05  # of the steps: a short linear warm-up before the cosine decay
 VICREG_WEIGHTS = (25.0, 25.0, 1.0)  # invariance, variance, covariance (Bardes et al. 2022)
-EMBED_BATCH = 256
-
-
-class FeatureNet(nn.Module):
-    """Encoder + linear head: images [B, 1, R, R] -> features [B, dim], before normalisation.
-
-    The published feature is unit_norm(head(encoder(x))), taken BEFORE the projection MLP the
-    self-supervised loss sees. The projector learns to throw away what the views differ by
-    (exposure, position, blur); the layer before it keeps more of the image, which serves
-    downstream tasks better (Chen et al. 2020 report >10 points of linear-probe accuracy) and
-    is what a distance safeguard needs to tell near-copies apart. The linear head fixes the
-    feature size at `dim` whatever the encoder width, and is trained with everything else.
-    """
-
-    def __init__(self, width: int, dim: int, blocks_per_stage: int = 1) -> None:
-        super().__init__()
-        self.encoder = ResNetEncoder(in_channels=1, width=width, blocks_per_stage=blocks_per_stage)
-        self.head = nn.Linear(self.encoder.out_features, dim)
-        self.architecture = {"in_channels": 1, "width": width, "blocks_per_stage": blocks_per_stage,
-                             "dim": dim}
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.encoder(images))
 
 
 def projector(dim: int) -> nn.Sequential:
@@ -139,55 +110,8 @@ def _covariance(z: Tensor) -> Tensor:
     return off_diagonal.pow(2).sum() / d
 
 
-def cosine_lr(step: int, base_lr: float, total_steps: int) -> float:
-    """Linear warm-up over the first WARMUP_SHARE of the steps, then cosine decay towards 0.
-
-    `step` is the 0-based index of the step about to be taken; the first step already moves.
-    """
-    warmup = max(1, round(WARMUP_SHARE * total_steps))
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 # ---------------------------------------------------------------------------------------------
 # The stage
-
-
-def stage_key(config: Config, run: RunDir) -> str:
-    inputs: dict[str, Any] = {"prepare": run.require("prepare")}
-    if config.embedder.extractor is not None:
-        inputs["extractor"] = sha256_file(_existing_file(config.embedder.extractor))
-    return sha256_json({"config": config.section_dump(("embedder", "data")), "inputs": inputs})
-
-
-def run_fit_embedder(config: Config, run: RunDir, force: bool = False,
-                     stage: str = STAGE) -> bool:
-    """Train (or resume, or load the extractor, or skip when up to date). False when skipped.
-
-    `stage` names the output folder: the audit trains its own models under other names."""
-    key = stage_key(config, run)
-    if run.up_to_date(stage, key, force):
-        return False
-    dataset = load_canonical(run.stage_path("prepare"))
-    device = pick_device()
-    if config.embedder.extractor is not None:
-        embedder, meta = _extractor_embedder(config.embedder.extractor, dataset, device)
-        log: list[dict[str, float]] = []
-    else:
-        work = run.resumable_work_dir(stage, key, force)
-        result = train(config, dataset.subset("train"), work / "checkpoint.pt", device)
-        embedder = Embedder(result.network, dataset.resolution, config.embedder.dim, device)
-        meta, log = _trained_meta(config.embedder, result), result.log
-    features = embed_dataset(embedder, dataset)
-    meta["linear_probe"] = probe_features(features, dataset)
-    meta.update({"dim": int(features.shape[1]), "resolution": dataset.resolution,
-                 "n_images": len(dataset)})
-    with run.build_stage(stage, key, config if stage == STAGE else None) as folder:
-        publish(folder, embedder, meta, features, log, config.embedder)
-    run.clear_work(stage)
-    return True
 
 
 @dataclass
@@ -198,9 +122,10 @@ class TrainingResult:
     seconds: float
 
 
-def train(config: Config, train_split: CanonicalDataset, checkpoint: Path, device: torch.device
-          ) -> TrainingResult:
-    """The loop. Saves `checkpoint` every `checkpoint_every` steps and on Ctrl-C / SIGTERM."""
+def train(config: Config, train_split: CanonicalDataset, checkpoint: Path, device: torch.device,
+          stage: str) -> TrainingResult:
+    """The loop. Saves `checkpoint` every `checkpoint_every` steps and on Ctrl-C / SIGTERM;
+    `stage` is the name messages give it (fit-embedder, or the audit's audit-embedder)."""
     settings = config.embedder
     n = len(train_split)
     if n < 2:
@@ -215,65 +140,35 @@ def train(config: Config, train_split: CanonicalDataset, checkpoint: Path, devic
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr)
-    state = load_state(checkpoint)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    step = state["step"] if state else 0
-    log: list[dict[str, float]] = state["log"] if state else []
-    elapsed_before = state["elapsed_s"] if state else 0.0
-    started, window_loss, window_start = time.perf_counter(), [], time.perf_counter()
+    loop = TrainingLoop(stage, checkpoint, settings.steps,
+                        checkpoint_every=settings.checkpoint_every,
+                        max_minutes=settings.max_minutes, images_per_step=batch)
+    loop.resume(model=model, optimizer=optimizer)
+    batches = SeededBatches(config.seed, n, batch, device)
+    warmup = max(1, round(WARMUP_SHARE * settings.steps))
     model.train()
-
-    def save() -> None:
-        save_state(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "step": step, "log": log,
-                                "elapsed_s": elapsed_before + time.perf_counter() - started})
-
-    if state is not None:
-        console.print(f"{STAGE}: resuming at step {step} of {settings.steps}")
-    try:
-        with LiveBar(f"training embedder ({settings.method})", settings.steps, start=step,
-                     log_every=LOG_EVERY * 10) as bar:
-            while step < settings.steps and not out_of_time(settings.max_minutes, elapsed_before,
-                                                            started):
-                generator = step_generator(config.seed, step, device)
-                indices = batch_indices(config.seed, step, 0, batch, 1, n)
-                x = torch.from_numpy(_unit_range(train_split, indices.numpy())).to(device)
-                view_a = random_views(x, settings.augment, generator)
-                view_b = random_views(x, settings.augment, generator)
-                z_a, z_b = model["projector"](network(torch.cat([view_a, view_b]))).chunk(2)
-                if settings.method == "simclr":
-                    loss = nt_xent(z_a, z_b, settings.temperature)
-                else:
-                    loss = vicreg(z_a, z_b)
-                lr = cosine_lr(step, settings.lr, settings.steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                window_loss.append(loss.item())
-                if step % LOG_EVERY == 0 or step == settings.steps:
-                    now = time.perf_counter()
-                    rate = len(window_loss) * batch / (now - window_start)
-                    log.append({"step": step, "loss": float(np.mean(window_loss)), "lr": lr,
-                                "images_per_s": rate, "elapsed_s": elapsed_before + now - started})
-                    window_loss, window_start = [], now
-                    bar.update(0, loss=log[-1]["loss"], img_s=rate)
-                bar.update(1)
-                if step % settings.checkpoint_every == 0:
-                    save()
-    except KeyboardInterrupt:
-        save()
-        raise interrupted(STAGE, step, settings.steps) from None
-    save()
-    seconds = elapsed_before + time.perf_counter() - started
-    return TrainingResult(network.eval(), log, step, seconds)
+    with loop.running(f"training embedder ({settings.method})"):
+        for step in loop.steps():
+            indices, generator = batches.draw(step)
+            x = torch.from_numpy(_unit_range(train_split, indices.numpy())).to(device)
+            view_a = random_views(x, settings.augment, generator)
+            view_b = random_views(x, settings.augment, generator)
+            z_a, z_b = model["projector"](network(torch.cat([view_a, view_b]))).chunk(2)
+            if settings.method == "simclr":
+                loss = nt_xent(z_a, z_b, settings.temperature)
+            else:
+                loss = vicreg(z_a, z_b)
+            lr = cosine_lr(step, settings.steps, settings.lr, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loop.record(loss.item(), lr=lr)
+    return TrainingResult(network.eval(), loop.log, loop.step, loop.elapsed())
 
 
-def _trained_meta(settings: EmbedderConfig, result: TrainingResult) -> dict[str, Any]:
+def trained_meta(settings: EmbedderConfig, result: TrainingResult) -> dict[str, Any]:
     return {"source": "trained", "weights": "embedder.safetensors", "weights_format": "safetensors",
             "architecture": result.network.architecture, "method": settings.method,
             "temperature": settings.temperature if settings.method == "simclr" else None,
@@ -314,10 +209,7 @@ def publish(folder: Path, embedder: Embedder, meta: dict[str, Any], features: np
     np.save(folder / "features.npy", features.astype(np.float32))
     write_atomic(folder / "embedder.json", json.dumps(meta, indent=2) + "\n")
     if log:
-        with open(folder / "training_log.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
-            writer.writeheader()
-            writer.writerows(log)
+        write_log(folder / "training_log.csv", log, LOG_FIELDS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,55 +222,17 @@ def save_feature_net(path: Path, network: FeatureNet) -> None:
               metadata={WEIGHTS_FORMAT: json.dumps(network.architecture, sort_keys=True)})
 
 
-def load_feature_net(path: Path) -> FeatureNet:
-    """Rebuild a `FeatureNet` from a weights file alone; UserError naming the file otherwise."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception as error:  # safetensors raises its own error types for damaged files
-        raise UserError(f"{path}: not a readable safetensors file ({_first_line(error)})") from None
-    if WEIGHTS_FORMAT not in metadata:
-        raise UserError(f"{path}: no {WEIGHTS_FORMAT!r} key in its safetensors metadata, the "
-                        "architecture {in_channels, width, blocks_per_stage, dim} (see "
-                        "unpersonal.training.embedder)")
-    try:
-        arch = json.loads(metadata[WEIGHTS_FORMAT])
-        if arch.get("in_channels", 1) != 1:
-            raise ValueError(f"in_channels {arch['in_channels']}, expected 1 (grey images)")
-        network = FeatureNet(int(arch["width"]), int(arch["dim"]),
-                             int(arch.get("blocks_per_stage", 1)))
-        network.load_state_dict(load_file(str(path)))
-    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as error:
-        raise UserError(f"{path}: weights do not match the architecture in its metadata "
-                        f"({_first_line(error)})") from None
-    return network.eval()
-
-
-def _existing_file(path: Path) -> Path:
+def existing_file(path: Path) -> Path:
+    """The user's extractor file, or an error naming the option."""
     if not path.is_file():
         raise UserError(f"embedder.extractor {path}: no such file")
     return path
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def load_extractor(path: Path, device: torch.device) -> tuple[nn.Module, str]:
     """A user's extractor, by suffix: .safetensors = our weights format, else TorchScript."""
-    path = _existing_file(path)
-    if path.suffix == ".safetensors":
-        return load_feature_net(path).to(device), "safetensors"
-    try:
-        with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript but still loads it
-            warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(path), map_location=device)
-    except Exception as error:  # TorchScript reports bad archives as several error types
-        raise UserError(f"embedder.extractor {path}: not a TorchScript file "
-                        f"({_first_line(error)}); save one with torch.jit.save, or give our "
-                        ".safetensors weights format") from None
-    return module.eval(), "torchscript"
+    path = existing_file(path)
+    return load_network(path, device)
 
 
 def check_extractor(module: nn.Module, path: Path, sample: np.ndarray, device: torch.device
@@ -395,7 +249,7 @@ def check_extractor(module: nn.Module, path: Path, sample: np.ndarray, device: t
             out = module(batch)
     except Exception as error:  # the user's code may raise anything
         raise UserError(f"embedder.extractor {path}: fails on images of shape {shape} in [0, 1] "
-                        f"({_first_line(error)})") from None
+                        f"({first_line(error)})") from None
     if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != shape[0]:
         got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise UserError(f"embedder.extractor {path}: maps images of shape {shape} to {got}, "
@@ -406,7 +260,7 @@ def check_extractor(module: nn.Module, path: Path, sample: np.ndarray, device: t
     return int(out.shape[1])
 
 
-def _extractor_embedder(path: Path, dataset: CanonicalDataset, device: torch.device
+def extractor_embedder(path: Path, dataset: CanonicalDataset, device: torch.device
                         ) -> tuple[Embedder, dict[str, Any]]:
     module, kind = load_extractor(path, device)
     dim = check_extractor(module, path, _unit_range(dataset, slice(0, 2))[:, 0], device)
@@ -416,46 +270,3 @@ def _extractor_embedder(path: Path, dataset: CanonicalDataset, device: torch.dev
             "architecture": getattr(module, "architecture", None), "method": None,
             "steps_done": 0, "seconds": 0.0}
     return Embedder(module, dataset.resolution, dim, device), meta
-
-
-# ---------------------------------------------------------------------------------------------
-# Using a published embedder
-
-
-@dataclass
-class Embedder:
-    """A frozen feature network; `embed` gives unit-norm float32 features."""
-
-    network: nn.Module  # float [B, 1, R, R] in [0, 1] -> [B, dim]
-    resolution: int
-    dim: int
-    device: torch.device
-
-    @torch.no_grad()
-    def embed(self, images: np.ndarray, batch_size: int = EMBED_BATCH) -> np.ndarray:
-        """images: float [N, R, R] in [0, 1] -> unit-norm features float32 [N, D]."""
-        images = np.asarray(images)
-        if images.ndim != 3 or images.shape[1:] != (self.resolution, self.resolution):
-            raise UserError(f"the embedder takes images [N, {self.resolution}, "
-                            f"{self.resolution}], got {list(images.shape)}")
-        self.network.eval()
-        out = []
-        for start in range(0, len(images), batch_size):
-            chunk = torch.from_numpy(np.asarray(images[start:start + batch_size], np.float32))
-            features = self.network(chunk.unsqueeze(1).to(self.device))
-            out.append(unit_norm(features.float()).cpu().numpy())
-        if not out:
-            return np.zeros((0, self.dim), np.float32)
-        return np.concatenate(out).astype(np.float32)
-
-
-def load_embedder(folder: Path) -> Embedder:
-    """The published embedder of a run (`run.stage_path("fit-embedder")`), on pick_device()."""
-    meta = json.loads((Path(folder) / "embedder.json").read_text())
-    device = pick_device()
-    weights = Path(folder) / meta["weights"]
-    if meta["weights_format"] == "torchscript":
-        network, _ = load_extractor(weights, device)
-    else:
-        network = load_feature_net(weights).to(device)
-    return Embedder(network, int(meta["resolution"]), int(meta["dim"]), device)

@@ -42,10 +42,8 @@ pairs it flags too (the false-positive rate).
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,19 +55,17 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from sklearn.metrics import roc_auc_score
 
+from unpersonal.artifacts.reid import cosine_to_score
 from unpersonal.config import Config, ReidConfig, ViewAugmentation
-from unpersonal.data.canonical import CanonicalDataset, load_canonical
+from unpersonal.data.canonical import CanonicalDataset
 from unpersonal.errors import UserError
 from unpersonal.models.reid import ReidNet
-from unpersonal.privacy.reid import cosine_to_score
-from unpersonal.progress import LiveBar, console
-from unpersonal.rundir import RunDir, sha256_json, write_atomic
-from unpersonal.torch_utils import batch_indices, pick_device, step_generator, step_seed
-from unpersonal.training.common import cpu_state, interrupted, load_state, out_of_time, save_state
+from unpersonal.rundir import write_atomic
+from unpersonal.torch_utils import step_seed
+from unpersonal.training.common import cosine_lr
+from unpersonal.training.loop import BestSoFar, SeededBatches, TrainingLoop, write_log
 from unpersonal.training.views import random_views
 
-STAGE = "fit-reid"
-LOG_EVERY = 10
 LOG_FIELDS = ("step", "loss", "val_auc")
 MAX_SAME_PAIRS = 5000
 NEAR_COPY_CORRELATION = 0.99
@@ -246,37 +242,6 @@ def calibrate_cosine(same_patient_cosines: np.ndarray, sensitivity: float) -> fl
     return float(ordered[misses_allowed])
 
 
-def stage_key(config: Config, run: RunDir) -> str:
-    inputs = {"prepare": run.require("prepare")}
-    return sha256_json({"config": config.section_dump(("reid", "data")), "inputs": inputs})
-
-
-def run_fit_reid(config: Config, run: RunDir, force: bool = False,
-                 stage: str = STAGE) -> bool:
-    """Train (or resume, or skip when up to date). Returns False when skipped.
-
-    `stage` names the output folder: the audit trains its own models under other names."""
-    key = stage_key(config, run)
-    if run.up_to_date(stage, key, force):
-        return False
-    work = run.resumable_work_dir(stage, key, force)
-    dataset = load_canonical(run.stage_path("prepare"))
-    no_ids = config.data.no_patient_ids
-    data = training_data(dataset.subset("train"), no_ids)
-    pairs = {split: held_out_pairs(dataset.subset(split), no_ids, config.seed, split)
-             for split in ("val", "test")}
-    if pairs["val"].same.sum() == 0 or (~pairs["val"].same).sum() == 0:
-        raise UserError("the validation split has no two images of one patient (or only one "
-                        "patient): the re-ID network cannot be validated or calibrated; use more "
-                        "data, larger data.split_fractions for val, or --no-patient-ids")
-    device = pick_device()
-    result = train(config, data, pairs["val"], work / "checkpoint.pt", device)
-    with run.build_stage(stage, key, config if stage == STAGE else None) as folder:
-        publish(folder, result, pairs, config, data, device)
-    run.clear_work(stage)
-    return True
-
-
 @dataclass
 class TrainingData:
     """The training split as the loop needs it: pixels and who is the same patient."""
@@ -298,16 +263,17 @@ def training_data(train: CanonicalDataset, no_patient_ids: bool) -> TrainingData
                         "views" if no_patient_ids else "patients")
 
 
-def draw_batch(data: TrainingData, seed: int, step: int, patients: int,
-               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two different images (or one image twice) of each of `patients` patients.
+def draw_batch(data: TrainingData, patients: torch.Tensor, generator: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two different images (or one image twice) of each of these patients (group indices, in
+    seeded epochs: each is drawn once before any is drawn again).
 
-    Returns row indices [2P] and patient labels [2P]. Patients come in seeded epochs, so each is
-    drawn once before any is drawn again.
+    Returns row indices [2P] and patient labels [2P].
     """
-    chosen = batch_indices(seed, step, 0, patients, 1, len(data.groups)).numpy()
+    chosen = patients.numpy()
+    count = len(chosen)
     counts = data.groups.counts[chosen]
-    u = torch.rand(2, patients, generator=generator, device=generator.device).cpu().double().numpy()
+    u = torch.rand(2, count, generator=generator, device=generator.device).cpu().double().numpy()
     first = np.floor(u[0] * counts).astype(np.int64)
     second = (first + 1 + np.floor(u[1] * (counts - 1)).astype(np.int64)) % counts
     starts = data.groups.starts[chosen]
@@ -384,11 +350,6 @@ def make_optimizer(net: ReidNet, settings: ReidConfig) -> torch.optim.AdamW:
         lr=settings.lr)
 
 
-def learning_rate(step: int, settings: ReidConfig) -> float:
-    """Cosine decay from `lr` to zero over the step budget (early stopping may end sooner)."""
-    return settings.lr * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
-
-
 @dataclass
 class TrainingResult:
     best: dict[str, torch.Tensor]
@@ -402,84 +363,55 @@ class TrainingResult:
 
 
 def train(config: Config, data: TrainingData, val_pairs: PairSet, checkpoint: Path,
-          device: torch.device) -> TrainingResult:
-    """The loop. Saves `checkpoint` every `checkpoint_every` steps and on Ctrl-C / SIGTERM."""
+          device: torch.device, stage: str) -> TrainingResult:
+    """The loop. Saves `checkpoint` every `checkpoint_every` steps and on Ctrl-C / SIGTERM;
+    `stage` is the name messages give it (fit-reid, or the audit's audit-reid)."""
     settings = config.reid
-    patients = settings.batch_size // 2
     torch.manual_seed(config.seed)
     net = build_net(settings).to(device)
     optimizer = make_optimizer(net, settings)
-    state = load_state(checkpoint)
-    if state is not None:
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        console.print(f"fit-reid: resuming at step {state['step']} of {settings.steps}")
-    step = state["step"] if state else 0
-    log: list[dict[str, Any]] = state["log"] if state else []
-    elapsed_before = state["elapsed_s"] if state else 0.0
-    started = time.perf_counter()
+    best = BestSoFar()  # by validation AUC, with clean BatchNorm statistics
+    loop = TrainingLoop(stage, checkpoint, settings.steps,
+                        checkpoint_every=settings.checkpoint_every,
+                        max_minutes=settings.max_minutes)
 
-    def validate() -> tuple[float, ReidNet]:
+    def validate(steps_done: int) -> float:
+        """The validation AUC now; the weights are kept when it is the best yet."""
         clean = with_clean_batch_norm(net, data, config.seed, device)
-        cosine = pair_cosines(clean, val_pairs, settings.augment, config.seed, device)
-        return verification_auc(val_pairs.same, cosine), clean
+        auc = verification_auc(val_pairs.same,
+                               pair_cosines(clean, val_pairs, settings.augment, config.seed,
+                                            device))
+        best.offer(auc, steps_done, clean)
+        return auc
 
-    if state is None:
-        untrained, clean = validate()
-        best = {"weights": cpu_state(clean), "step": 0, "auc": untrained, "stale": 0,
-                "untrained": untrained, "validated_at": 0, "last": untrained}
-        log.append({"step": 0, "loss": "", "val_auc": untrained})
-    else:
-        best = state["best"]
-
-    def save() -> None:
-        save_state(checkpoint, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                                "step": step, "log": log, "best": best, "window": window,
-                                "elapsed_s": elapsed_before + time.perf_counter() - started})
-
-    def finished() -> bool:
-        return (step >= settings.steps or best["stale"] >= settings.patience
-                or out_of_time(settings.max_minutes, elapsed_before, started))
-
-    window: list[float] = state["window"] if state else []
+    if not loop.resume(model=net, optimizer=optimizer, best=best):
+        loop.log_row(val_auc=validate(0))  # the untrained network's AUC, the first row
+    batches = SeededBatches(config.seed, len(data.groups), settings.batch_size // 2, device)
     net.train()
-    try:
-        with LiveBar("training re-ID", settings.steps, start=step, log_every=LOG_EVERY * 10) as bar:
-            while not finished():
-                generator = step_generator(config.seed, step, device)
-                rows, labels = draw_batch(data, config.seed, step, patients, generator)
-                images = data.images[rows].to(device, torch.float32) / data.max_value
-                images = random_views(images, settings.augment, generator)
-                loss = training_loss(net, net.embed(images), labels, settings, generator)
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step, settings) * group["lr_multiplier"]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                window.append(loss.item())
-                row: dict[str, Any] = {}
-                if step % settings.validate_every == 0 or step == settings.steps:
-                    row["val_auc"] = _record_validation(best, *validate(), step)
-                if step % LOG_EVERY == 0 or row:
-                    log.append({"step": step, "loss": float(np.mean(window)),
-                                "val_auc": row.get("val_auc", "")})
-                    window = []
-                    bar.update(0, loss=log[-1]["loss"], val_auc=best["last"])
-                bar.update(1)
-                if step % settings.checkpoint_every == 0:
-                    save()
-            if best["validated_at"] != step:  # stopped by the clock between validations
-                auc = _record_validation(best, *validate(), step)
-                log.append({"step": step, "loss": float(np.mean(window)) if window else "",
-                            "val_auc": auc})
-    except KeyboardInterrupt:
-        save()
-        raise interrupted(STAGE, step, settings.steps) from None
-    save()
-    seconds = elapsed_before + time.perf_counter() - started
-    return TrainingResult(best["weights"], best["step"], best["auc"], best["untrained"], log,
-                          step, step < settings.steps, seconds)
+    with loop.running("training re-ID"):
+        for step in loop.steps(stop=lambda: best.stale >= settings.patience):
+            patients, generator = batches.draw(step)
+            rows, labels = draw_batch(data, patients, generator)
+            images = data.images[rows].to(device, torch.float32) / data.max_value
+            images = random_views(images, settings.augment, generator)
+            loss = training_loss(net, net.embed(images), labels, settings, generator)
+            for group in optimizer.param_groups:
+                group["lr"] = (cosine_lr(step, settings.steps, settings.lr)
+                               * group["lr_multiplier"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            due = (step + 1) % settings.validate_every == 0 or step + 1 == settings.steps
+            loop.record(loss.item(), row=due, val_auc=validate(step + 1) if due else "")
+        if not _validated_now(loop):  # stopped by the clock between validations
+            loop.log_row(val_auc=validate(loop.step))
+    return TrainingResult(best.weights, best.at, best.score, loop.log[0]["val_auc"], loop.log,
+                          loop.step, loop.step < settings.steps, loop.elapsed())
+
+
+def _validated_now(loop: TrainingLoop) -> bool:
+    """Whether the last log row is a validation at the current step."""
+    return loop.log[-1]["step"] == loop.step and loop.log[-1]["val_auc"] != ""
 
 
 @torch.no_grad()
@@ -506,18 +438,9 @@ def with_clean_batch_norm(net: ReidNet, data: TrainingData, seed: int, device: t
     return clean.eval()
 
 
-def _record_validation(best: dict[str, Any], auc: float, net: ReidNet, step: int) -> float:
-    """Keep the weights when the validation AUC improves; count validations since it last did."""
-    best["validated_at"], best["last"] = step, auc
-    if auc > best["auc"]:
-        best.update(weights=cpu_state(net), step=step, auc=auc, stale=0)
-    else:
-        best["stale"] += 1
-    return auc
-
-
 def publish(folder: Path, result: TrainingResult, pairs: dict[str, PairSet], config: Config,
-            data: TrainingData, device: torch.device) -> None:
+            data: TrainingData, device: torch.device) -> dict[str, Any]:
+    """The best weights, reid.json (returned) and the training log."""
     settings = config.reid
     net = build_net(settings).to(device)
     net.load_state_dict(result.best)
@@ -537,10 +460,8 @@ def publish(folder: Path, result: TrainingResult, pairs: dict[str, PairSet], con
     }
     save_file(result.best, str(folder / "reid.safetensors"))
     write_atomic(folder / "reid.json", json.dumps(meta, indent=2) + "\n")
-    with open(folder / "training_log.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
-        writer.writeheader()
-        writer.writerows(result.log)
+    write_log(folder / "training_log.csv", result.log, LOG_FIELDS)
+    return meta
 
 
 def held_out_report(net: ReidNet, pairs: dict[str, PairSet], config: Config,
@@ -551,7 +472,7 @@ def held_out_report(net: ReidNet, pairs: dict[str, PairSet], config: Config,
                for split, pair_set in pairs.items()}
     same = {split: pair_set.same for split, pair_set in pairs.items()}
     threshold_cosine = calibrate_cosine(cosines["val"][same["val"]], settings.sensitivity)
-    score = cosine_to_score(np.array(threshold_cosine), float(net.log_scale.detach().exp()),
+    score = cosine_to_score(threshold_cosine, float(net.log_scale.detach().exp()),
                             float(net.bias.detach()))
     flagged = {split: cosines[split] >= threshold_cosine for split in pairs}
     return {

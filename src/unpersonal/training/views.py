@@ -83,3 +83,36 @@ def _random_blur(images: Tensor, max_sigma: float, generator: torch.Generator) -
     x = F.conv2d(x, kernels[:, None, None, :], groups=batch)
     x = F.conv2d(x, kernels[:, None, :, None], groups=batch)
     return x.transpose(0, 1)
+
+
+def shift_and_jitter(images: Tensor, shift: int, intensity: float, generator: torch.Generator,
+                     value_range: tuple[float, float], flip: bool = False) -> Tensor:
+    """Whole-pixel shifts of up to `shift` (edge pixels repeated, never wrapped), contrast and
+    brightness changes of up to `intensity`, and with `flip` left-right flips.
+
+    The light augmentation of the diffusion model and the classifier, which must keep what an
+    image shows where it is: a finding can be a small patch near the edge, which a heavy crop or
+    rotation (`random_views`) could move out while the label stays. images: float [B, 1, R, R]
+    in `value_range` ([-1, 1] or [0, 1]); brightness moves by a share of that range.
+    """
+    batch, size, device = len(images), images.shape[-1], images.device
+    if shift:
+        padded = F.pad(images, (shift, shift, shift, shift), mode="replicate")
+        offsets = torch.randint(0, 2 * shift + 1, (batch, 2), generator=generator, device=device)
+        pixels = torch.arange(size, device=device)
+        rows = (offsets[:, 0, None] + pixels)[:, :, None]  # [B, R, 1]
+        cols = (offsets[:, 1, None] + pixels)[:, None, :]  # [B, 1, R]
+        images = padded[torch.arange(batch, device=device)[:, None, None], 0, rows, cols]
+        images = images.unsqueeze(1)
+    if intensity:
+        low, high = value_range
+        contrast = 1 + intensity * (2 * torch.rand(batch, 1, 1, 1, generator=generator,
+                                                   device=device) - 1)
+        brightness = intensity * (2 * torch.rand(batch, 1, 1, 1, generator=generator,
+                                                 device=device) - 1)
+        mean = images.mean(dim=(1, 2, 3), keepdim=True)
+        images = ((images - mean) * contrast + mean + (high - low) * brightness).clamp(low, high)
+    if flip:
+        flipped = torch.rand(batch, generator=generator, device=device) < 0.5
+        images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
+    return images

@@ -1,4 +1,9 @@
-"""A folder of PNG/JPEG/TIFF/BMP images with a label CSV."""
+"""A folder of PNG/JPEG/TIFF/BMP images with a label CSV.
+
+One file holds one image: a multi-page TIFF or an animated GIF/PNG is refused rather than read
+as its first frame. Images past Pillow's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`) are
+refused too, naming the file.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,9 @@ from unpersonal.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# JPEG files with several frames (MPO: a camera's stereo pair or its embedded previews) hold one
+# picture whose first frame is the image itself; every other multi-frame format is refused.
+_FIRST_FRAME_IS_THE_IMAGE = ("MPO",)
 
 
 def read_image_folder(folder: Path, config: DataConfig) -> Source:
@@ -33,15 +41,27 @@ def read_image_folder(folder: Path, config: DataConfig) -> Source:
 
 
 def _bit_depth(row: CsvRow) -> int:
-    """Open the header only (cheap) so a non-image file is refused before any pixel work."""
+    """Open the header only (cheap) so a non-image, multi-frame or oversized file is refused
+    before any pixel work."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(row.path) as image:
                 mode = image.mode
+                _check_single_frame(image, row)
+    except Image.DecompressionBombError as error:
+        raise UserError(f"{row.ref}: {_reason(error, row)}") from None
     except (UnidentifiedImageError, OSError) as error:
         raise UserError(f"{row.ref}: not a readable image ({_reason(error, row)})") from None
     return 16 if mode in _SIXTEEN_BIT_MODES else 8
+
+
+def _check_single_frame(image: Image.Image, row: CsvRow) -> None:
+    """Refuse a file of several images: which frame is meant is the user's call, not ours."""
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1 and image.format not in _FIRST_FRAME_IS_THE_IMAGE:
+        raise UserError(f"{row.ref}: holds {frames} frames ({image.format}); one image per file: "
+                        "save each frame as its own file and list each in the CSV")
 
 
 def load_image_file(row: CsvRow) -> np.ndarray:
@@ -50,6 +70,8 @@ def load_image_file(row: CsvRow) -> np.ndarray:
         with Image.open(row.path) as image:
             image.load()
             return pil_to_float(image)
+    except Image.DecompressionBombError as error:
+        raise UserError(f"{row.ref}: {_reason(error, row)}") from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise UserError(f"{row.ref}: cannot decode image ({_reason(error, row)})") from None
 
@@ -68,4 +90,10 @@ def pil_to_float(image: Image.Image) -> np.ndarray:
 def _reason(error: Exception, row: CsvRow) -> str:
     if isinstance(error, UnidentifiedImageError):
         return "not a format Pillow can identify"
+    if isinstance(error, Image.DecompressionBombError):
+        # Pillow's text ("Image size (N pixels) exceeds limit of M pixels, could be
+        # decompression bomb DOS attack.") keeps its first clause; then what to do about it.
+        size = str(error).split(",")[0]
+        return (f"{size}, which Pillow refuses as a possible decompression bomb; downsample the "
+                "image (prepare resizes it to data.resolution anyway)")
     return one_line_reason(error, row)

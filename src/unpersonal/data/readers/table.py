@@ -101,6 +101,8 @@ def _parse_row(csv_path: Path, root: Path, line: int, record: dict[str, str | No
     path = (root / relative).resolve()
     if not path.is_relative_to(root):
         raise UserError(f"{where}: path {relative!r} escapes the dataset folder {root}")
+    if path.is_dir():
+        raise UserError(f"{where}: path {relative!r} is a folder, not an image file")
     if not path.is_file():
         raise UserError(f"{where}: file {relative!r} does not exist")
     values = [_number(where, name, record.get(name)) for name in label_names]

@@ -1,0 +1,120 @@
+"""The sampler: a trained denoiser and the conditions of the training images, ready to draw.
+
+    sampler = load_sampler(run.stage_path("fit-diffusion"), train, config.sampling,
+                           guidance=w, device=device)
+    batch = sampler.draw(rows, seeds, guidance=w)   # images [M, R, R] at the data's bit depth
+
+The models are loaded once and kept apart from what is drawn with them (as diffusers keeps its
+models apart from its schedulers): which training row conditions an image, its noise seed and
+its guidance weight are the caller's (`schedule`), the solver is `solvers.sample`. `unpersonal
+sample` and `unpersonal generate` both draw through here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from unpersonal.artifacts.denoiser import load_denoiser
+from unpersonal.config import SamplingConfig
+from unpersonal.data.canonical import CanonicalDataset
+from unpersonal.data.pixels import quantize
+from unpersonal.errors import UserError
+from unpersonal.models.conditioning import Conditioner, label_code
+from unpersonal.models.edm import Denoiser
+from unpersonal.sampling.solvers import sample
+
+
+@dataclass(frozen=True)
+class SampleBatch:
+    """Images drawn in one `Sampler.draw` call and what they cost."""
+
+    images: np.ndarray
+    """[M, R, R] grey levels at the data's bit depth."""
+    evaluations: int
+    """Network forward passes, summed over the images (guidance included)."""
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A denoiser (and its autoguidance guide) with the condition of every training image."""
+
+    denoiser: Denoiser
+    guide: Denoiser | None
+    conditioner: Conditioner
+    codes: torch.Tensor
+    """Label codes of the training images [N, L]."""
+    pseudo: torch.Tensor
+    """Pseudo-conditions (embeddings) of the training images [N, D]; D = 0 without them."""
+    settings: SamplingConfig
+    bit_depth: int
+    meta: dict[str, Any]
+    """The model's model.json."""
+    device: torch.device
+
+    @property
+    def n_rows(self) -> int:
+        """How many training images it can condition on."""
+        return len(self.codes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.meta["channels"], self.meta["resolution"], self.meta["resolution"])
+
+    def draw(self, rows: np.ndarray, seeds: Sequence[int], guidance: float) -> SampleBatch:
+        """One image per (training row, seed) at guidance weight `guidance`, in batches of
+        `sampling.batch_size`; each image depends on its seed and its row's condition only."""
+        settings, size = self.settings, self.settings.batch_size
+        images, evaluations = [], 0
+        for start in range(0, len(rows), size):
+            batch = rows[start:start + size]
+            result = sample(self.denoiser, self.conditioner.build(self.codes[batch],
+                                                                  self.pseudo[batch]),
+                            [int(seed) for seed in seeds[start:start + size]],
+                            solver=settings.solver, num_steps=settings.steps, guidance=guidance,
+                            guide=self.guide, image_shape=self.image_shape,
+                            sigma_min=settings.sigma_min, sigma_max=settings.sigma_max,
+                            rho=settings.rho, device=self.device, null=self.null(batch))
+            images.append(to_stored(result.images, self.bit_depth))
+            evaluations += result.nfe_per_sample * len(batch)
+        return SampleBatch(np.concatenate(images), evaluations)
+
+    def null(self, rows: np.ndarray) -> torch.Tensor | None:
+        """What classifier-free guidance pushes away from: None (the empty condition) or the
+        labels alone."""
+        return self.conditioner.null(self.codes[rows], self.pseudo[rows],
+                                     self.settings.guidance_against)
+
+
+def load_sampler(model_folder: Path, train: CanonicalDataset, settings: SamplingConfig,
+                 guidance: float, device: torch.device) -> Sampler:
+    """The published denoiser of `fit-diffusion`, conditioned on the training images of `train`.
+
+    The guide network is loaded only when autoguidance is asked for and `guidance`, the weight
+    drawing starts at, is not 1 (at w = 1 the guide is never evaluated).
+    """
+    denoiser, meta = load_denoiser(model_folder)
+    guide = None
+    if settings.guide == "autoguidance" and guidance != 1:
+        guide, _ = load_denoiser(model_folder, "guide")
+        guide.to(device)
+    if meta["resolution"] != train.resolution:
+        raise UserError(f"{model_folder} was trained at {meta['resolution']} px but the "
+                        f"prepared data is {train.resolution} px; rerun fit-diffusion")
+    conditioner = Conditioner(**meta["conditioner"])
+    pseudo = (torch.from_numpy(np.load(model_folder / "pseudo_features.npy"))
+              if conditioner.uses_pseudo else torch.zeros(len(train), 0))
+    return Sampler(denoiser.to(device), guide, conditioner,
+                   torch.from_numpy(label_code(train.labels, train.label_kind)), pseudo,
+                   settings, train.bit_depth, meta, device)
+
+
+def to_stored(images: torch.Tensor, bit_depth: int) -> np.ndarray:
+    """Model output in [-1, 1] -> grey levels at the data's bit depth, [N, R, R]."""
+    unit = ((images[:, 0].clamp(-1, 1) + 1) / 2).cpu().numpy()
+    return quantize(unit, bit_depth)
