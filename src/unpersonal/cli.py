@@ -169,7 +169,8 @@ def run(out: OutOption = None, data: DataOption = None, preset: PresetOption = N
     """Run every stage in order, skipping those already up to date; rerun to resume."""
     resolved, run_dir = resolve_run(out, data, preset, config, set_, no_patient_ids, csv)
     run_stages(pipeline(), resolved, run_dir, pipeline() if force else [])
-    console.print(f"report (internal, shows real images): {run_dir.stage_path('report') / 'index.html'}")
+    report = run_dir.stage_path("report") / "index.html"
+    console.print(f"report (internal, shows real images): {report}")
     console.print(f"release (shareable): {run_dir.stage_path('export')}")
 
 

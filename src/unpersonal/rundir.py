@@ -91,8 +91,8 @@ class RunDir:
             manifest = json.loads(self.manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise UserError(damaged.format("not JSON")) from None
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict) or not all(
-                _is_stage_record(record) for record in manifest["stages"].values()):
+        stages = manifest.get("stages") if isinstance(manifest, dict) else None
+        if not isinstance(stages, dict) or not all(map(_is_stage_record, stages.values())):
             raise UserError(damaged.format("not a manifest"))
         if manifest.get("format") != MANIFEST_FORMAT:
             raise UserError(f"{self.manifest_path} has format {manifest.get('format')}, "

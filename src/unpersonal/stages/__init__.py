@@ -20,7 +20,7 @@ import importlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +166,23 @@ def _line(name: str) -> Callable[[dict[str, Any], Path], Lines]:
 # the release.
 SPEED_ONLY = ("sampling.batch_size",)
 
+FIT_EMBEDDER = Stage(
+    "fit-embedder", "fit-embedder",
+    "Train the self-supervised embedder on the training split; Ctrl-C saves, rerunning "
+    "resumes.\n\nWith --set embedder.extractor=FILE (TorchScript, or .safetensors in the format "
+    "of unpersonal.training.embedder) nothing is trained: that file's features are used instead.",
+    build="unpersonal.stages.fit_embedder:build_fit_embedder", reads=("prepare",),
+    sections=("embedder", "data"), key_inputs=_extractor_inputs, line=_line("fit_embedder"),
+    summary_file="embedder.json")
+
+FIT_REID = Stage(
+    "fit-reid", "fit-reid",
+    "Train the patient re-identification network; validate and calibrate it on held-out "
+    "patients.\n\nCtrl-C saves, rerunning resumes. Prints the held-out verification AUC and the "
+    "threshold.",
+    build="unpersonal.stages.fit_reid:build_fit_reid", reads=("prepare",),
+    sections=("reid", "data"), line=_line("fit_reid"), summary_file="reid.json")
+
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", "prepare",
           "Read a dataset into the run directory's canonical form, with a patient-level split.\n\n"
@@ -174,20 +191,8 @@ STAGES: tuple[Stage, ...] = (
           build="unpersonal.stages.prepare:build_prepare",
           key_config=_prepare_key_config, key_inputs=_prepare_inputs,
           line=_line("prepare"), summary_file="dataset.json", extra_options=("data_format",)),
-    Stage("fit-embedder", "fit-embedder",
-          "Train the self-supervised embedder on the training split; Ctrl-C saves, rerunning "
-          "resumes.\n\nWith --set embedder.extractor=FILE (TorchScript, or .safetensors in the "
-          "format of unpersonal.training.embedder) nothing is trained: that file's features are "
-          "used instead.",
-          build="unpersonal.stages.fit_embedder:build_fit_embedder", reads=("prepare",),
-          sections=("embedder", "data"), key_inputs=_extractor_inputs,
-          line=_line("fit_embedder"), summary_file="embedder.json"),
-    Stage("fit-reid", "fit-reid",
-          "Train the patient re-identification network; validate and calibrate it on held-out "
-          "patients.\n\nCtrl-C saves, rerunning resumes. Prints the held-out verification AUC "
-          "and the threshold.",
-          build="unpersonal.stages.fit_reid:build_fit_reid", reads=("prepare",),
-          sections=("reid", "data"), line=_line("fit_reid"), summary_file="reid.json"),
+    FIT_EMBEDDER,
+    FIT_REID,
     Stage("calibrate", "calibrate",
           "Calibrate the privacy filter's distance floors on held-out (validation) patients.\n\n"
           "Needs fit-embedder and fit-reid. The floors are a low quantile "
@@ -233,18 +238,12 @@ STAGES: tuple[Stage, ...] = (
           sections=("sampling", "generate", "privacy"),
           key_excludes=(*SPEED_ONLY, "sampling.count"),
           line=_line("generate"), summary_file="generate.json"),
-    Stage("audit-embedder", "audit",
-          "The audit's own embedder: trained like fit-embedder's, with another seed and width, "
-          "never the user's extractor.",
-          build="unpersonal.stages.fit_embedder:build_fit_embedder", reads=("prepare",),
-          sections=("embedder", "data"), derive_config=audit_config,
-          line=_line("fit_embedder"), summary_file="embedder.json"),
-    Stage("audit-reid", "audit",
-          "The audit's own re-identification network: trained like fit-reid's, with another "
-          "seed and width.",
-          build="unpersonal.stages.fit_reid:build_fit_reid", reads=("prepare",),
-          sections=("reid", "data"), derive_config=audit_config,
-          line=_line("fit_reid"), summary_file="reid.json"),
+    replace(FIT_EMBEDDER, name="audit-embedder", command="audit", derive_config=audit_config,
+            help="The audit's own embedder: trained like fit-embedder's, with another seed and "
+                 "width, never the user's extractor."),
+    replace(FIT_REID, name="audit-reid", command="audit", derive_config=audit_config,
+            help="The audit's own re-identification network: trained like fit-reid's, with "
+                 "another seed and width."),
     Stage("audit", "audit",
           "Privacy audit of the released set, with held-out real images as the baseline.\n\n"
           "Trains the audit's own embedder and re-ID network first (another seed and width than "

@@ -51,7 +51,8 @@ def summary_tables(summary: dict[str, Any], label_names: list[str]) -> tuple[Tab
     for split in splits:
         balance.add_column(split, justify="right")
     for name in label_names:
-        cells = [f"{row['positives'][name]:,} ({100 * row['positives'][name] / max(row['images'], 1):.0f}%)"
+        cells = [f"{row['positives'][name]:,} "
+                 f"({100 * row['positives'][name] / max(row['images'], 1):.0f}%)"
                  for row in splits.values()]
         balance.add_row(name, *cells)
     return people, balance
@@ -78,22 +79,27 @@ def fit_embedder(meta: dict[str, Any], folder: Path) -> Lines:
 
 
 def fit_reid(meta: dict[str, Any], folder: Path) -> Lines:
-    auc, fpr, caught = meta["auc"], meta["false_positive_rate"], meta["sensitivity_measured"]
-    return [f"re-ID held-out AUC: val {_number(auc['val'])}, test {_number(auc['test'])}, "
-            f"val+test {_number(auc['val+test'])}; threshold {meta['threshold']:.4g} flags "
-            f"same-patient pairs {_share(caught['val'])} val / {_share(caught['test'])} test, "
-            f"different-patient pairs (false positives) {_share(fpr['val'])} val / "
-            f"{_share(fpr['test'])} test; {meta['steps_done']} steps (best {meta['best_step']}) "
-            f"in {meta['seconds']:.0f} s -> {folder}"]
+    def per_split(shares: dict[str, float | None]) -> str:
+        return f"{_share(shares['val'])} val / {_share(shares['test'])} test"
+
+    auc = ", ".join(f"{split} {_number(meta['auc'][split])}" for split in ("val", "test", "val+test"))
+    return ["; ".join([
+        f"re-ID held-out AUC: {auc}",
+        f"threshold {meta['threshold']:.4g} flags same-patient pairs "
+        f"{per_split(meta['sensitivity_measured'])}, different-patient pairs (false positives) "
+        f"{per_split(meta['false_positive_rate'])}",
+        f"{meta['steps_done']} steps (best {meta['best_step']}) in {meta['seconds']:.0f} s "
+        f"-> {folder}"])]
 
 
 def calibrate(summary: dict[str, Any], folder: Path) -> Lines:
-    floors = summary["floors"]
-    return [f"calibrated on {summary['n_heldout']} validation images: embedding floor "
-            f"{floors['embedding']['value']:.4f} (cosine distance), pixel floor "
-            f"{floors['pixel']['value']:.4f} (1 - correlation at the best shift), re-ID threshold "
-            f"{summary['reid_threshold']:.4f} against the source and "
-            f"{summary['reid_neighbour_threshold']:.4f} against any training patient -> {folder}"]
+    meaning = {"embedding": "cosine distance", "pixel": "1 - correlation at the best shift"}
+    floors = ", ".join(f"{space} floor {floor['value']:.4f} ({meaning[space]})"
+                       for space, floor in summary["floors"].items())
+    thresholds = (f"re-ID threshold {summary['reid_threshold']:.4f} against the source and "
+                  f"{summary['reid_neighbour_threshold']:.4f} against any training patient")
+    return [f"calibrated on {summary['n_heldout']} validation images: {floors}, {thresholds} "
+            f"-> {folder}"]
 
 
 def fit_classifier(meta: dict[str, Any], folder: Path) -> Lines:
