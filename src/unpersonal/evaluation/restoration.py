@@ -13,7 +13,7 @@ Two tasks:
                (the network's input); VDSR-style network that predicts the missing detail.
 
 Every random draw is seeded: the initial weights from `seed`, the batch and the degradation of
-training step t from (seed, t) as in the other trainers (`training/common.py`), and the test
+training step t from (seed, t) as in the trainers (`unpersonal.torch_utils`), and the test
 degradation from `seed`; so the same inputs and seed give the same figures (on the CPU).
 """
 
@@ -125,11 +125,6 @@ def add_noise(images: np.ndarray, sigma: float, seed: int) -> np.ndarray:
 def downsample_x2(images: np.ndarray) -> np.ndarray:
     """[N, H, W] -> [N, H/2, W/2] by 2x2 average pooling (float32); H and W must be even."""
     return _downsample(_tensor(images, even=True)).numpy()
-
-
-def upsample_x2(images: np.ndarray) -> np.ndarray:
-    """[N, h, w] -> [N, 2h, 2w] by bicubic interpolation, clipped to [0, 1] (float32)."""
-    return _upsample(_tensor(images)).numpy()
 
 
 def sr_input(images: np.ndarray) -> np.ndarray:

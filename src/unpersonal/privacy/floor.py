@@ -57,9 +57,10 @@ class DistanceFloor:
 def floor_from_distances(nearest: np.ndarray, quantile: float, metric: Metric) -> DistanceFloor:
     """The floor from held-out images' distances to their nearest training image.
 
-    Use this directly when a training index already exists (search the held-out vectors with
-    k=1 and pass column 0). Quantile 0 gives the held-out minimum; since flagging is strict (<),
-    no held-out image is then flagged.
+    `calibrate` searches the held-out vectors in an index of the training vectors and passes each
+    one's nearest distance. An approximate index can miss the true nearest image, which only
+    lengthens held-out distances: the floor then errs on the strict side. Quantile 0 gives the
+    held-out minimum; since flagging is strict (<), no held-out image is then flagged.
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -77,23 +78,6 @@ def floor_from_distances(nearest: np.ndarray, quantile: float, metric: Metric) -
     return DistanceFloor(metric=metric, quantile=float(quantile),
                          value=float(np.quantile(nearest, quantile)), n_heldout=len(nearest),
                          heldout_summary=summary)
-
-
-def calibrate_floor(train_vectors: np.ndarray, heldout_vectors: np.ndarray, quantile: float,
-                    metric: Metric, *, exact_max: int = 50_000, lists: int | None = None,
-                    probe: int = 16, seed: int = 0) -> DistanceFloor:
-    """Index the training vectors, find each held-out vector's nearest one, take the quantile.
-
-    An approximate index (above `exact_max` training vectors) can miss the true nearest image,
-    which only lengthens held-out distances: the floor then errs on the strict side.
-    """
-    if len(heldout_vectors) == 0:
-        raise UserError("the distance floor needs held-out images (a validation or test split) "
-                        "to calibrate against; this dataset has none")
-    index = NeighbourIndex(metric, exact_max=exact_max, lists=lists, probe=probe,
-                           seed=seed).fit(train_vectors)
-    distances, _ = index.search(heldout_vectors, k=1)
-    return floor_from_distances(distances[:, 0], quantile, metric)
 
 
 @dataclass(frozen=True)
