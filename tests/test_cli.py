@@ -87,8 +87,10 @@ def test_prepare_prints_the_summary(cli, tmp_path: Path) -> None:
 
 def test_no_patient_ids_flag(cli, tmp_path: Path) -> None:
     data = tmp_path / "m.npz"
-    np.savez(data, train_images=np.random.default_rng(0).integers(0, 255, (6, 8, 8), np.uint8),
-             train_labels=np.array([[0], [1]] * 3))
+    images = np.random.default_rng(0).integers(0, 255, (6, 8, 8), np.uint8)
+    np.savez(data, train_images=images[:4], train_labels=np.array([[0], [1]] * 2),
+             val_images=images[4:5], val_labels=np.array([[0]]),
+             test_images=images[5:], test_labels=np.array([[1]]))
     run = tmp_path / "run"
     _assert_refused(cli("prepare", "--data", data, "--out", run), "no patient ID", run)
     assert cli("prepare", "--data", data, "--out", run, "--no-patient-ids").code == 0

@@ -29,17 +29,17 @@ def test_folder_with_csv_reads_labels_patients_and_pixels(tmp_path: Path) -> Non
 
 
 def test_multilabel_columns_and_given_split(tmp_path: Path) -> None:
-    rows = [f"img/{i:03d}.png,{i % 2},{(i // 2) % 2},P{i:02d},{'train' if i < 8 else 'test'}"
-            for i in range(12)]
+    splits = ["train"] * 8 + ["val"] * 2 + ["test"] * 2
+    rows = [f"img/{i:03d}.png,{i % 2},{(i // 2) % 2},P{i:02d},{splits[i]}" for i in range(12)]
     folder = write_image_folder(tmp_path / "ds", header="path,a,b,patient_id,split", rows=rows)
     data = _prepare(folder)
     assert data.label_kind == "multilabel" and data.label_names == ["a", "b"]
     assert data.labels[:4].tolist() == [[0, 0], [1, 0], [0, 1], [1, 1]]
-    assert (data.split == "train").sum() == 8 and (data.split == "test").sum() == 4
+    assert (data.split == "train").sum() == 8 and (data.split == "test").sum() == 2
 
 
 def test_sixteen_bit_png_is_kept_at_sixteen_bits(tmp_path: Path) -> None:
-    folder = write_image_folder(tmp_path / "ds", count=4)
+    folder = write_image_folder(tmp_path / "ds", count=6)  # 3 patients: one per split
     deep = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 250)
     Image.fromarray(deep).save(folder / "img" / "000.png")
     data = _prepare(folder)
@@ -58,15 +58,15 @@ def test_mixed_colour_and_grey_images_are_converted_with_a_note(tmp_path: Path) 
 
 
 def test_small_images_are_upsampled_with_a_warning(tmp_path: Path) -> None:
-    folder = write_image_folder(tmp_path / "ds", count=4, size=8)
+    folder = write_image_folder(tmp_path / "ds", count=6, size=8)
     data = _prepare(folder)
-    assert data.images.shape == (4, 16, 16)
-    assert "4 images are smaller than 16 px" in data.meta["warnings"][0]
+    assert data.images.shape == (6, 16, 16)
+    assert "6 images are smaller than 16 px" in data.meta["warnings"][0]
 
 
 @pytest.mark.parametrize("fit", ["crop", "pad", "stretch"])
 def test_non_square_images_follow_the_fit_option(tmp_path: Path, fit: str) -> None:
-    folder = write_image_folder(tmp_path / "ds", count=2)
+    folder = write_image_folder(tmp_path / "ds", count=6)
     wide = np.zeros((16, 32), np.uint8)
     wide[:, 8:24] = 200  # a bright centre square
     Image.fromarray(wide).save(folder / "img" / "000.png")

@@ -51,11 +51,13 @@ def test_medmnist_multilabel_rgb_is_greyed_with_a_note(tmp_path: Path) -> None:
     np.savez(tmp_path / "c.npz",
              train_images=rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8),
              train_labels=rng.integers(0, 2, (12, 3)),
+             val_images=rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8),
+             val_labels=rng.integers(0, 2, (4, 3)),
              test_images=rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8),
              test_labels=rng.integers(0, 2, (4, 3)))
     data = _prepare(tmp_path / "c.npz", "data.no_patient_ids=true")
-    assert data.label_kind == "multilabel" and data.labels.shape == (16, 3)
-    assert data.images.shape == (16, 16, 16)
+    assert data.label_kind == "multilabel" and data.labels.shape == (20, 3)
+    assert data.images.shape == (20, 16, 16)
     assert any("converted to grey" in note for note in data.meta["notes"])
 
 
