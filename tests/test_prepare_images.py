@@ -13,8 +13,8 @@ from tests.conftest import write_image_folder
 
 
 def _prepare(source: Path, *overrides: str):
-    return build_canonical(load_config("cpu", None, ["data.resolution=16", *overrides],
-                                       data_source=source))
+    config = load_config("cpu", None, ["data.resolution=16", *overrides], data_source=source)
+    return build_canonical(config.data, config.phantoms, config.seed)
 
 
 def test_folder_with_csv_reads_labels_patients_and_pixels(tmp_path: Path) -> None:

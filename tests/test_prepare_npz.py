@@ -12,8 +12,8 @@ from tests.conftest import random_images, write_flat_npz
 
 
 def _prepare(path: Path, *overrides: str):
-    return build_canonical(load_config("cpu", None, ["data.resolution=16", *overrides],
-                                       data_source=path))
+    config = load_config("cpu", None, ["data.resolution=16", *overrides], data_source=path)
+    return build_canonical(config.data, config.phantoms, config.seed)
 
 
 def test_flat_npz_keeps_given_split_patients_and_labels(tmp_path: Path) -> None:

@@ -50,7 +50,8 @@ def test_prepare_without_split_makes_one_by_patient(tmp_path: Path) -> None:
     images[7] = images[90]  # one image filed under two patients: must not straddle splits
     path = write_flat_npz(tmp_path / "d.npz", count=120, images=images,
                           patients=[f"P{i // 3:03d}" for i in range(120)])
-    data = build_canonical(load_config("cpu", None, ["data.resolution=16"], data_source=path))
+    config = load_config("cpu", None, ["data.resolution=16"], data_source=path)
+    data = build_canonical(config.data, config.phantoms, config.seed)
     assert data.meta["summary"]["shared_patients"] == 0
     assert data.split[7] == data.split[90]
     counts = [int((data.split == name).sum()) for name in ("train", "val", "test")]

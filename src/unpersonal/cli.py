@@ -151,7 +151,8 @@ def demo_data(
     if layout not in ("npz", "folder"):
         raise UserError(f"--layout {layout!r}: choose npz or folder")
     resolved = load_config(preset, config, set_ or [])
-    console.print(write_demo_data(resolved, out, layout))
+    console.print(write_demo_data(resolved.phantoms, resolved.data.resolution, resolved.seed, out,
+                                  layout))
 
 
 @app.command("config")

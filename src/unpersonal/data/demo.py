@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from unpersonal.config import Config, PhantomConfig
+from unpersonal.config import PhantomConfig
 from unpersonal.data.phantoms import PhantomSet, generate_phantoms
 from unpersonal.data.source import Source
 from unpersonal.errors import UserError
@@ -31,19 +31,20 @@ def _generate(phantoms: PhantomConfig, resolution: int, seed: int) -> PhantomSet
         raise UserError(f"demo phantoms: {error}") from None
 
 
-def phantom_source(config: Config) -> Source:
-    made = _generate(config.phantoms, config.data.resolution, config.seed)
+def phantom_source(settings: PhantomConfig, resolution: int, seed: int) -> Source:
+    made = _generate(settings, resolution, seed)
     return Source(
         refs=[f"phantom row {i}" for i in range(len(made.images))],
         labels=made.label, label_names=list(LABEL_NAMES),
         patient_ids=made.patient_id.tolist(), splits=[None] * len(made.images),
         load=lambda i: made.images[i].astype(np.float32) / 255.0, bit_depth=8,
-        description=(f"{len(made.images)} phantom scans of {config.phantoms.n_patients} patients "
-                     f"(seed {config.seed})"),
+        description=(f"{len(made.images)} phantom scans of {settings.n_patients} patients "
+                     f"(seed {seed})"),
     )
 
 
-def write_demo_data(config: Config, out: Path, layout: str) -> str:
+def write_demo_data(settings: PhantomConfig, resolution: int, seed: int, out: Path,
+                    layout: str) -> str:
     """Write phantoms as a user would bring data: one `.npz`, or a PNG folder with `labels.csv`.
 
     Refuses an `out` that exists (a file or folder the user may still need); builds the file or
@@ -52,7 +53,7 @@ def write_demo_data(config: Config, out: Path, layout: str) -> str:
     was written, for the CLI to print.
     """
     _check_target(out)
-    made = _generate(config.phantoms, config.data.resolution, config.seed)
+    made = _generate(settings, resolution, seed)
     partial = out.with_name(f".{out.name}.partial")
     created: Path | None = None
     finished = False

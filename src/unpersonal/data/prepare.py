@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from unpersonal.config import Config
+from unpersonal.config import DataConfig, PhantomConfig
 from unpersonal.data.canonical import CanonicalDataset
 from unpersonal.data.pixels import fit_square, quantize, resize, to_grey
 from unpersonal.data.source import SPLITS, Source, interpret_labels
@@ -41,32 +41,32 @@ def fingerprint(source: Path | None) -> str:
     return sha256_json(listing)
 
 
-def build_canonical(config: Config) -> CanonicalDataset:
+def build_canonical(settings: DataConfig, phantoms: PhantomConfig, seed: int) -> CanonicalDataset:
     """Read, check, resize and split; raises UserError before anything is written."""
-    source = _read(config)
+    source = _read(settings, phantoms, seed)
     if len(source) == 0:
-        raise UserError(f"{config.data.source}: the dataset is empty")
+        raise UserError(f"{settings.source}: the dataset is empty")
     labels, names, kind = interpret_labels(source.labels, source.label_names,
-                                           config.data.label_kind, source.refs)
+                                           settings.label_kind, source.refs)
     if len(labels) != len(source):
         raise UserError(f"{source.description}: {len(labels)} labels for {len(source)} images")
-    patients = _patient_ids(source, config.data.no_patient_ids)
+    patients = _patient_ids(source, settings.no_patient_ids)
     given_split = _given_split(source)
     if given_split is not None:
         check_patients_in_one_split(patients, given_split, source.refs)
         check_given_split_filled(given_split, source.description)
-    depth = source.bit_depth if config.data.bit_depth == "auto" else int(config.data.bit_depth)
-    images, digests = _canonical_pixels(source, config, depth)
+    depth = source.bit_depth if settings.bit_depth == "auto" else int(settings.bit_depth)
+    images, digests = _canonical_pixels(source, settings, depth)
     if given_split is not None:
         check_duplicates_across_splits(digests, given_split, source.refs)
         split, split_origin = given_split, "given with the data"
     else:
         groups = patient_groups(patients, digests)
-        split = split_patients(groups, labels, config.data.split_fractions, config.seed)
-        check_made_split_filled(split, config.data.split_fractions, len(groups),
+        split = split_patients(groups, labels, settings.split_fractions, seed)
+        check_made_split_filled(split, settings.split_fractions, len(groups),
                                 source.description)
         split_origin = (f"made by unpersonal: by patient, stratified by label, fractions "
-                        f"{list(config.data.split_fractions)}, seed {config.seed}")
+                        f"{list(settings.split_fractions)}, seed {seed}")
     _note_duplicates_within_splits(source, digests, patients)
     data = CanonicalDataset(images, labels, patients, split, np.array(source.refs), names, kind,
                             depth)
@@ -76,12 +76,13 @@ def build_canonical(config: Config) -> CanonicalDataset:
     return data
 
 
-def _read(config: Config) -> Source:
-    if config.data.source is None:
+def _read(settings: DataConfig, phantoms: PhantomConfig, seed: int) -> Source:
+    """The data named by `settings.source`, or without one the phantoms."""
+    if settings.source is None:
         from unpersonal.data.demo import phantom_source
-        return phantom_source(config)
+        return phantom_source(phantoms, settings.resolution, seed)
     from unpersonal.data.readers import read_source
-    return read_source(config.data)
+    return read_source(settings)
 
 
 def _patient_ids(source: Source, no_patient_ids: bool) -> np.ndarray:
@@ -146,9 +147,10 @@ def _note_duplicates_within_splits(source: Source, digests: list[str], patients:
                             f"({shared} of them under two or more patient IDs)")
 
 
-def _canonical_pixels(source: Source, config: Config, depth: int) -> tuple[np.ndarray, list[str]]:
+def _canonical_pixels(source: Source, settings: DataConfig, depth: int
+                      ) -> tuple[np.ndarray, list[str]]:
     """Load every image once: check values, grey, square, resize, quantise, hash."""
-    resolution = config.data.resolution
+    resolution = settings.resolution
     out = np.empty((len(source), resolution, resolution), dtype=np.uint8 if depth == 8 else np.uint16)
     digests: list[str] = []
     colour: list[int] = []
@@ -158,7 +160,7 @@ def _canonical_pixels(source: Source, config: Config, depth: int) -> tuple[np.nd
         grey, was_colour = to_grey(pixels)
         if was_colour:
             colour.append(row)
-        square = fit_square(grey, config.data.fit)
+        square = fit_square(grey, settings.fit)
         if min(square.shape) < resolution:
             small.append(row)
         out[row] = quantize(resize(square, resolution), depth)

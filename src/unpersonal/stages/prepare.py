@@ -11,6 +11,7 @@ from unpersonal.stages import StageTask
 
 def build_prepare(task: StageTask) -> dict[str, Any]:
     """Read, check, resize and split, then publish; returns dataset.json's content."""
-    data = build_canonical(task.config)
+    config = task.config
+    data = build_canonical(config.data, config.phantoms, config.seed)
     with task.output() as folder:
         return save_canonical(folder, data)
