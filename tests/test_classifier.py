@@ -19,6 +19,8 @@ from unpersonal.errors import Interrupted, UserError
 from unpersonal.metrics.auc import bootstrap_auc_ci, roc_auc_per_class
 from unpersonal.training import classifier as trainer
 from unpersonal.training.classifier import fit_classifier
+from unpersonal.training.common import cosine_lr
+from unpersonal.training.loop import TrainingLoop
 from tests.conftest import TINY
 
 SIZE = 16
@@ -146,6 +148,20 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path: Path,
     resumed = fit(checkpoint)
     np.testing.assert_array_equal(resumed.predict_proba(val_images), straight)
     assert [row["epoch"] for row in resumed.history["log"]] == [1, 2, 3]
+
+
+def test_the_clock_ends_a_cut_short_epoch_and_logs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """max_minutes spent within epoch 2 (the clock stubbed: 3 steps, then out of time)."""
+    images, labels = blob_data("binary", 64, seed=8)
+    val_images, val_labels = blob_data("binary", 32, seed=9)
+    settings = FAST.model_copy(update={"epochs": 3, "max_minutes": 1.0})  # 2 steps per epoch
+    clock = iter([False, False, False] + [True] * 10)
+    monkeypatch.setattr(TrainingLoop, "out_of_time", lambda self: next(clock))
+    model = fit_classifier(images, labels, "binary", settings, seed=0, val_images=val_images,
+                           val_labels=val_labels, progress=None)
+    log = model.history["log"]
+    assert model.history["stopped_by"] == "max_minutes" and [row["epoch"] for row in log] == [1, 2]
+    assert log[1]["lr"] == cosine_lr(2, 6, settings.lr)  # the rate of the epoch's one step
 
 
 def test_early_stopping_keeps_the_best_validation_epoch() -> None:

@@ -130,8 +130,9 @@ def fit_classifier(images: np.ndarray, labels: np.ndarray, label_kind: str,
             loop.record(loss.item())
             if (step + 1) % steps_per_epoch == 0:
                 _end_epoch(loop, best, classifier, lr, validation)
-        if loop.window:  # stopped by the clock within an epoch
-            _end_epoch(loop, best, classifier, lr, validation)
+        if loop.window:  # stopped by the clock within an epoch (its last step's rate)
+            _end_epoch(loop, best, classifier, cosine_lr(loop.step - 1, total_steps, settings.lr),
+                       validation)
     if best.weights is not None:
         net.load_state_dict(best.weights)
     net.eval().requires_grad_(False)
