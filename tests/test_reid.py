@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY
+from tests.conftest import TINY, write_flat_npz
 from unpersonal.artifacts.reid import load_reid
 from unpersonal.data.canonical import load_canonical
 from unpersonal.models.reid import ReidNet
@@ -221,7 +221,10 @@ def test_refuses_to_train_without_prepare_or_validation_patients(cli, tmp_path: 
     run = tmp_path / "run"
     result = cli("fit-reid", "--out", run, *SMALL_NET)
     assert result.code == 2 and "no finished 'prepare' stage" in result.stderr
-    everyone_trains = ("--set", "data.split_fractions=[1.0,0.0,0.0]")
-    assert cli("prepare", "--out", run, *TINY, *everyone_trains).code == 0
+    # Training patients with two scans each; validation and test patients with one scan only.
+    patients = [f"T{i // 2}" for i in range(16)] + [f"V{i}" for i in range(8)]
+    data = write_flat_npz(tmp_path / "data.npz", count=24, patients=patients,
+                          splits=["train"] * 16 + ["val"] * 4 + ["test"] * 4)
+    assert cli("prepare", "--out", run, "--data", data).code == 0
     result = cli("fit-reid", "--out", run, *SMALL_NET, "--set", "reid.steps=5")
     assert result.code == 2 and "validation split" in result.stderr

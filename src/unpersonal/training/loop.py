@@ -16,7 +16,10 @@ A trainer reads top to bottom (nanoGPT style):
 
 Everything random of step t comes from (seed, t, rank) (`SeededBatches`), and the checkpoint holds
 the weights, the optimiser, the step, the log and the losses since its last row, so a resumed run
-repeats an uninterrupted one bit for bit without saving any RNG state.
+repeats an uninterrupted one bit for bit without saving any RNG state. (Not quite after a Ctrl-C
+that lands after a step's forward pass: what the forward pass changes in place, BatchNorm
+statistics or EDM2's weight normalisation, is saved half-done and done again on resuming, which
+moves the last bits.)
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
-"""Random views of grey medical images, batched on the images' device.
+"""Random views of grey medical images, and the light augmentation, batched on the images' device.
 
-Used by the self-supervised embedder (two views of one image are a positive pair) and by the
-re-identification network (its positives without patient IDs, and robustness to acquisition
-changes with them). Everything is one affine resampling plus a few pointwise operations, so a
-batch of views costs about as much as one convolution layer.
+`random_views` serves the self-supervised embedder (two views of one image are a positive pair)
+and the re-identification network (its positives without patient IDs, and robustness to
+acquisition changes with them). Everything is one affine resampling plus a few pointwise
+operations, so a batch of views costs about as much as one convolution layer.
+
+`shift_and_jitter` is the light, label-keeping augmentation of the diffusion model and the
+classifier.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def _random_blur(images: Tensor, max_sigma: float, generator: torch.Generator) -
 def shift_and_jitter(images: Tensor, shift: int, intensity: float, generator: torch.Generator,
                      value_range: tuple[float, float], flip: bool = False) -> Tensor:
     """Whole-pixel shifts of up to `shift` (edge pixels repeated, never wrapped), contrast and
-    brightness changes of up to `intensity`, and with `flip` left-right flips.
+    brightness changes of up to `intensity`, and with `flip` left-right flips (off by default:
+    anatomy is lateral).
 
     The light augmentation of the diffusion model and the classifier, which must keep what an
     image shows where it is: a finding can be a small patch near the edge, which a heavy crop or
