@@ -103,19 +103,17 @@ class CandidateDrawer:
                           zip(requests.positions, requests.attempts, requests.candidates)],
                          dtype=np.uint64)
         weights = np.array([self.guidance(int(a)) for a in requests.attempts])
-        images: np.ndarray | None = None
-        evaluations = 0
-        for attempt in np.unique(requests.attempts):
-            chosen = np.flatnonzero(requests.attempts == attempt)
-            batch = self.sampler.draw(rows[chosen], seeds[chosen], self.guidance(int(attempt)))
-            if images is None:
-                images = np.empty((len(rows), *batch.images.shape[1:]), batch.images.dtype)
-            images[chosen] = batch.images
-            evaluations += batch.evaluations
+        groups = [np.flatnonzero(requests.attempts == a) for a in np.unique(requests.attempts)]
+        batches = [self.sampler.draw(rows[group], seeds[group], float(weights[group[0]]))
+                   for group in groups]
+        drawn = np.concatenate([batch.images for batch in batches])
+        images = np.empty_like(drawn)
+        images[np.concatenate(groups)] = drawn  # back in the requested order
         sampling, uses_pseudo = self.sampler.settings, self.sampler.conditioner.uses_pseudo
         from_source = np.array([drawn_from_source(uses_pseudo, sampling.guide, float(w))
                                 for w in weights], dtype=bool)
-        return Candidates(images, seeds, rows, weights, from_source, evaluations)
+        return Candidates(images, seeds, rows, weights, from_source,
+                          sum(batch.evaluations for batch in batches))
 
     def guidance(self, attempt: int) -> float:
         return guidance_at(self.settings, self.sampler.settings, attempt)

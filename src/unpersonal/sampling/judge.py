@@ -11,7 +11,7 @@ the classifier does not see in it survives.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -58,11 +58,7 @@ def to_unit(images: np.ndarray, bit_depth: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class CandidateJudge:
-    """The `Judge` of `search`: privacy filter and label divergence.
-
-    The classifier's opinion of each source is computed once per block (`for_sources`), for
-    the block's sources in order, so that it depends on the block alone.
-    """
+    """The privacy filter and the label check, before it knows its sources (`for_sources`)."""
 
     privacy_filter: PrivacyFilter
     policy: FilterPolicy
@@ -71,26 +67,20 @@ class CandidateJudge:
     rule: str
     """The divergence (`generate.selection`)."""
     bit_depth: int
-    positions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    """The positions of the sources it judges for, ascending."""
-    source_probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
-    """The classifier's output on each of those sources' images."""
 
-    def for_sources(self, positions: np.ndarray, images: np.ndarray) -> CandidateJudge:
-        """This judge for the sources at `positions` (ascending), whose images (float, in
-        [0, 1]) are `images`."""
-        return replace(self, positions=positions,
-                       source_probs=self.classifier.predict_proba(images))
+    def for_sources(self, positions: np.ndarray, images: np.ndarray) -> SourceJudge:
+        """The `Judge` of the sources at `positions` (ascending), whose images (float, in
+        [0, 1]) are `images`: the classifier's opinion of each is computed here, once per block
+        and for the block's sources in order, so that it depends on the block alone."""
+        return SourceJudge(self, positions, self.classifier.predict_proba(images))
 
-    def __call__(self, requests: Requests, candidates: Candidates) -> Judgement:
-        unit = to_unit(candidates.images, self.bit_depth)
-        checked = self.privacy_filter.check(unit, candidates.source_rows, self.policy,
-                                            candidates.from_source)
-        source_probs = self.source_probs[np.searchsorted(self.positions, requests.positions)]
-        divergence = label_divergence(self.classifier.predict_proba(unit), source_probs,
-                                      self.label_kind, self.rule)
-        return Judgement([checked.reason(j) for j in range(len(checked))], divergence,
-                         self.scores(checked))
+    def reid_thresholds(self) -> tuple[float, float]:
+        """The re-ID thresholds candidates are held to: against their source (the pair
+        threshold) and against any training patient; the policy's fixed one replaces both."""
+        fixed = self.policy.reid_threshold
+        if fixed is not None:
+            return fixed, fixed
+        return self.privacy_filter.reid.scorer.threshold, self.privacy_filter.any_patient_threshold
 
     def scores(self, checked: FilterResult) -> dict[str, np.ndarray]:
         """The decision log's columns of the filter: each score beside the threshold or floor
@@ -108,10 +98,24 @@ class CandidateJudge:
                 "pixel_floor": np.full(count, floors["pixel"].value),
                 "strictly_rejected": checked.strictly_rejected}
 
-    def reid_thresholds(self) -> tuple[float, float]:
-        """The re-ID thresholds candidates are held to: against their source (the pair
-        threshold) and against any training patient; the policy's fixed one replaces both."""
-        fixed = self.policy.reid_threshold
-        if fixed is not None:
-            return fixed, fixed
-        return self.privacy_filter.reid.scorer.threshold, self.privacy_filter.any_patient_threshold
+
+@dataclass(frozen=True)
+class SourceJudge:
+    """The `Judge` of `search` for one block's sources: privacy filter and label divergence."""
+
+    judge: CandidateJudge
+    positions: np.ndarray
+    """The positions of the sources it judges for, ascending."""
+    source_probs: np.ndarray
+    """The classifier's output on each of those sources' images."""
+
+    def __call__(self, requests: Requests, candidates: Candidates) -> Judgement:
+        judge = self.judge
+        unit = to_unit(candidates.images, judge.bit_depth)
+        checked = judge.privacy_filter.check(unit, candidates.source_rows, judge.policy,
+                                             candidates.from_source)
+        source_probs = self.source_probs[np.searchsorted(self.positions, requests.positions)]
+        divergence = label_divergence(judge.classifier.predict_proba(unit), source_probs,
+                                      judge.label_kind, judge.rule)
+        return Judgement([checked.reason(j) for j in range(len(checked))], divergence,
+                         judge.scores(checked))
