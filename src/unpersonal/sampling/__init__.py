@@ -12,7 +12,7 @@
 
 from unpersonal.sampling.solvers import (
     SOLVERS,
-    Denoiser,
+    DenoiserProtocol,
     DenoiseFn,
     GuidedDenoiser,
     SampleResult,
@@ -26,7 +26,7 @@ from unpersonal.sampling.solvers import (
 
 __all__ = [
     "SOLVERS",
-    "Denoiser",
+    "DenoiserProtocol",
     "DenoiseFn",
     "GuidedDenoiser",
     "SampleResult",

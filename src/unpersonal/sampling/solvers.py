@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-Denoiser = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+DenoiserProtocol = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 """denoiser(x [B,C,H,W], sigma [B], cond [B, cond_dim] | None) -> D(x; sigma), float32.
 cond None or an all-zero row is the null (unconditional) condition."""
 
@@ -188,8 +188,8 @@ class GuidedDenoiser:
     output is cast back to the state's dtype before guidance is mixed in.
     """
 
-    def __init__(self, denoiser: Denoiser, cond: Tensor | None, weight: float = 1.0,
-                 guide: Denoiser | None = None, null: Tensor | None = None) -> None:
+    def __init__(self, denoiser: DenoiserProtocol, cond: Tensor | None, weight: float = 1.0,
+                 guide: DenoiserProtocol | None = None, null: Tensor | None = None) -> None:
         if not math.isfinite(weight):
             raise ValueError(f"guidance weight must be finite, got {weight}")
         if guide is None and cond is None and weight != 1.0:
@@ -231,7 +231,7 @@ class GuidedDenoiser:
         weak = self._evaluate(self.guide, x, sigma, self.cond)
         return weak + self.weight * (main - weak)
 
-    def _evaluate(self, network: Denoiser, x: Tensor, sigma: float, cond: Tensor | None,
+    def _evaluate(self, network: DenoiserProtocol, x: Tensor, sigma: float, cond: Tensor | None,
                   per_sample: int = 1) -> Tensor:
         """One forward pass in the network's dtype; `per_sample` is how many of the counted
         evaluations it stands for (2 for a cond+null batch of twice the samples)."""
@@ -272,9 +272,9 @@ class SampleResult:
     sigmas: Tensor        # the schedule used (float64, trailing 0)
 
 
-def sample(denoiser: Denoiser, cond: Tensor | None, seeds: Sequence[int], *,
+def sample(denoiser: DenoiserProtocol, cond: Tensor | None, seeds: Sequence[int], *,
            solver: str = "dpmpp2m", num_steps: int, guidance: float = 1.0,
-           guide: Denoiser | None = None, image_shape: tuple[int, ...],
+           guide: DenoiserProtocol | None = None, image_shape: tuple[int, ...],
            sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
            device: torch.device | str | None = None,
            null: Tensor | None = None) -> SampleResult:
@@ -309,7 +309,7 @@ def _state_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _device_of(denoiser: Denoiser, cond: Tensor | None) -> torch.device:
+def _device_of(denoiser: DenoiserProtocol, cond: Tensor | None) -> torch.device:
     if isinstance(denoiser, nn.Module):
         parameter = next(denoiser.parameters(), None)
         if parameter is not None:
@@ -318,7 +318,7 @@ def _device_of(denoiser: Denoiser, cond: Tensor | None) -> torch.device:
 
 
 @contextmanager
-def _eval_mode(*networks: Denoiser | None) -> Iterator[None]:
+def _eval_mode(*networks: DenoiserProtocol | None) -> Iterator[None]:
     """Put every `nn.Module` among `networks` in eval mode, then give each submodule back the
     mode it had (a model may be training with some parts deliberately frozen in eval)."""
     saved = [(module, module.training) for network in networks if isinstance(network, nn.Module)
