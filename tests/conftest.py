@@ -124,9 +124,18 @@ def invoke_cli(*args: str | Path) -> None:
 def generated_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A phantom run through `generate` (about 15 s), shared by the tests that read it; tests
     that run stages again work on a copy."""
+    import torch
+
     root = tmp_path_factory.mktemp("generate") / "run"
-    for stage in GENERATE_STAGES:
-        invoke_cli(stage, "--out", root, *GENERATE_SETTINGS)
+    # One thread, as in the subprocesses the generate tests compare it with (OMP_NUM_THREADS=1):
+    # float32 sums over another number of threads round differently in the last bit.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for stage in GENERATE_STAGES:
+            invoke_cli(stage, "--out", root, *GENERATE_SETTINGS)
+    finally:
+        torch.set_num_threads(threads)
     return root
 
 
