@@ -48,6 +48,17 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
     return invoke
 
 
+def assert_refused(result: CliResult, *parts: str) -> str:
+    """One `error:` line holding every part, exit code 2: how a user's mistake is reported.
+    Returns the line."""
+    assert result.code == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for part in parts:
+        assert part in lines[0], lines[0]
+    return lines[0]
+
+
 def random_images(count: int, size: int = 16, seed: int = 0) -> np.ndarray:
     """Distinct uint8 images (no two identical), so duplicate checks only fire when meant to."""
     return np.random.default_rng(seed).integers(0, 256, (count, size, size), dtype=np.uint8)

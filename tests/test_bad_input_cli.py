@@ -8,22 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY
+from tests.conftest import TINY, assert_refused
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
     """Every file under a folder with its content, to show a refusal changed nothing."""
     return {str(path.relative_to(folder)): path.read_bytes()
             for path in sorted(folder.rglob("*")) if path.is_file()}
-
-
-def _refused(result, *patterns: str) -> str:
-    assert result.code == 2, result
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    for pattern in patterns:
-        assert pattern in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +31,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_audit_and_evaluate_without_generate_refuse_before_training_anything(
         cli, prepared: Path, command: str) -> None:
     before = _tree(prepared)
-    _refused(cli(command, "--out", prepared), "no finished 'generate' stage",
+    assert_refused(cli(command, "--out", prepared), "no finished 'generate' stage",
              f"`unpersonal generate --out {prepared}`")
     assert _tree(prepared) == before
     assert not (prepared / "audit-embedder").exists() and not (prepared / ".work").exists()
@@ -56,25 +47,25 @@ def test_a_damaged_manifest_is_named_and_force_does_not_promise_a_fix(
     (run / "manifest.json").write_text(content)
     before = _tree(run)
     for force in ([], ["--force"]):
-        line = _refused(cli("fit-embedder", "--out", run, *force), str(run / "manifest.json"),
+        line = assert_refused(cli("fit-embedder", "--out", run, *force), str(run / "manifest.json"),
                         "damaged")
         assert "--force" not in line
     assert _tree(run) == before
 
 
-def test_out_that_is_a_file_or_under_a_file_is_refused(cli, tmp_path: Path) -> None:
+def test_out_that_is_a_file_or_under_a_file_isassert_refused(cli, tmp_path: Path) -> None:
     afile = tmp_path / "notes.txt"
     afile.write_text("keep me")
-    _refused(cli("prepare", "--out", afile, *TINY), f"--out {afile}", "is a file")
-    _refused(cli("prepare", "--out", afile / "run", *TINY), f"{afile} is a file")
+    assert_refused(cli("prepare", "--out", afile, *TINY), f"--out {afile}", "is a file")
+    assert_refused(cli("prepare", "--out", afile / "run", *TINY), f"{afile} is a file")
     assert afile.read_text() == "keep me" and list(tmp_path.iterdir()) == [afile]
 
 
-def test_out_empty_or_the_working_folder_is_refused(cli, tmp_path: Path,
+def test_out_empty_or_the_working_folder_isassert_refused(cli, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    _refused(cli("prepare", "--out", "", *TINY), "--out", "not the working folder")
-    _refused(cli("prepare", "--out", ".", *TINY), "not the working folder")
+    assert_refused(cli("prepare", "--out", "", *TINY), "--out", "not the working folder")
+    assert_refused(cli("prepare", "--out", ".", *TINY), "not the working folder")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -84,7 +75,7 @@ def test_a_run_directory_may_be_the_working_folder(cli, prepared: Path,
     assert cli("prepare", "--out", ".").code == 0
 
 
-def test_out_that_is_not_writable_is_refused(cli, tmp_path: Path,
+def test_out_that_is_not_writable_isassert_refused(cli, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
@@ -93,7 +84,7 @@ def test_out_that_is_not_writable_is_refused(cli, tmp_path: Path,
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: (Path(path) != locked
                                                           and real_access(path, mode)))
-    _refused(cli("prepare", "--out", locked / "run", *TINY), f"{locked} is not writable")
+    assert_refused(cli("prepare", "--out", locked / "run", *TINY), f"{locked} is not writable")
     assert list(locked.iterdir()) == []
 
 
@@ -104,4 +95,4 @@ def test_a_damaged_manifest_record_names_the_file(cli, prepared: Path, tmp_path:
     manifest = json.loads((run / "manifest.json").read_text())
     del manifest["stages"]["prepare"]["outputs"]
     (run / "manifest.json").write_text(json.dumps(manifest))
-    _refused(cli("prepare", "--out", run), "manifest.json is damaged")
+    assert_refused(cli("prepare", "--out", run), "manifest.json is damaged")

@@ -11,25 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import random_images, write_flat_npz, write_image_folder
+from tests.conftest import assert_refused, random_images, write_flat_npz, write_image_folder
 
 SMALL_DEMO = ("--set", "phantoms.n_patients=12", "--set", "data.resolution=16")
-
-
-def _assert_refused(result, *parts: str) -> str:
-    """One `error:` line holding every part, exit code 2; returns the line."""
-    assert result.code == 2, result
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    for part in parts:
-        assert part in lines[0], lines[0]
-    return lines[0]
 
 
 def _prepare_refused(cli, data: Path, tmp_path: Path, *parts: str, options: tuple = ()) -> None:
     """`prepare` on `data` is refused and leaves no run directory."""
     run = tmp_path / "run"
-    _assert_refused(cli("prepare", "--data", data, "--out", run, "--set", "data.resolution=16",
+    assert_refused(cli("prepare", "--data", data, "--out", run, "--set", "data.resolution=16",
                         *options), *parts)
     assert not run.exists(), "a refused prepare must leave no run directory"
 
@@ -188,7 +178,7 @@ def test_demo_data_refuses_an_existing_target(cli, tmp_path: Path, layout: str) 
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     before = _listing(tmp_path)
     for target, kind in ((tmp_path / "mine.npz", "file"), (tmp_path / "mine", "folder")):
-        _assert_refused(cli("demo-data", "--out", target, "--layout", layout, *SMALL_DEMO),
+        assert_refused(cli("demo-data", "--out", target, "--layout", layout, *SMALL_DEMO),
                         f"--out {target}: a {kind} of that name already exists")
     assert _listing(tmp_path) == before
     assert (tmp_path / "mine.npz").read_bytes() == b"the user's own file"
@@ -199,7 +189,7 @@ def test_demo_data_refuses_a_target_under_a_file(cli, tmp_path: Path, layout: st
     (tmp_path / "somefile.txt").write_text("x")
     before = _listing(tmp_path)
     for target in (tmp_path / "somefile.txt" / "out.npz", tmp_path / "somefile.txt" / "a" / "b"):
-        _assert_refused(cli("demo-data", "--out", target, "--layout", layout, *SMALL_DEMO),
+        assert_refused(cli("demo-data", "--out", target, "--layout", layout, *SMALL_DEMO),
                         f"--out {target}: {tmp_path / 'somefile.txt'} is a file, not a folder")
     assert _listing(tmp_path) == before
 
@@ -223,6 +213,6 @@ def test_failed_demo_data_leaves_nothing_behind(cli, tmp_path: Path, layout: str
 
         monkeypatch.setattr(Image.Image, "save", save_three)
     target = tmp_path / "new" / "deeper" / "demo"
-    _assert_refused(cli("demo-data", "--out", target, "--layout", layout, *SMALL_DEMO),
+    assert_refused(cli("demo-data", "--out", target, "--layout", layout, *SMALL_DEMO),
                     f"--out {target}: cannot write there (No space left on device)")
     assert _listing(tmp_path) == []
