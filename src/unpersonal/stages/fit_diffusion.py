@@ -27,11 +27,12 @@ def build_fit_diffusion(task: StageTask) -> dict[str, Any] | None:
     embedder = task.input("fit-embedder") if run.stage_record("fit-embedder") else None
     data = load_training_data(load_canonical(task.input("prepare")), config.diffusion,
                               pseudo_source(config.diffusion, embedder))
-    result = train(config, data, work / "checkpoint.pt", accelerator, task.name)
+    result = train(config.diffusion, config.seed, data, work / "checkpoint.pt", accelerator,
+                   task.name)
     meta = None
     if accelerator.is_main_process:
         with task.output() as folder:
-            meta = publish(folder, result, data, config)
+            meta = publish(folder, result, data, config.diffusion)
         run.clear_work(task.name)
     accelerator.wait_for_everyone()
     return meta

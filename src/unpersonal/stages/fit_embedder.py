@@ -24,8 +24,8 @@ def build_fit_embedder(task: StageTask) -> dict[str, Any]:
         log: list[dict[str, float]] = []
     else:
         work = task.work_dir()
-        result = train(config, dataset.subset("train"), work / "checkpoint.pt", device,
-                       task.name)
+        result = train(config.embedder, config.seed, dataset.subset("train"),
+                       work / "checkpoint.pt", device, task.name)
         embedder = Embedder(result.network, dataset.resolution, config.embedder.dim, device)
         meta, log = trained_meta(config.embedder, result), result.log
     features = embed_dataset(embedder, dataset)

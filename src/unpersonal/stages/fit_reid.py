@@ -26,9 +26,9 @@ def build_fit_reid(task: StageTask) -> dict[str, Any]:
                         "patient): the re-ID network cannot be validated or calibrated; use more "
                         "data, larger data.split_fractions for val, or --no-patient-ids")
     device = pick_device()
-    result = train(config, data, pairs["val"], task.work_dir() / "checkpoint.pt", device,
-                   task.name)
+    result = train(config.reid, config.seed, data, pairs["val"], task.work_dir() / "checkpoint.pt",
+                   device, task.name)
     with task.output() as folder:
-        meta = publish(folder, result, pairs, config, data, device)
+        meta = publish(folder, result, pairs, config.reid, config.seed, data, device)
     task.run.clear_work(task.name)
     return meta

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from unpersonal.artifacts.denoiser import build_denoiser
-from unpersonal.config import Config, DiffusionConfig
+from unpersonal.config import DiffusionConfig
 from unpersonal.data.canonical import CanonicalDataset
 from unpersonal.errors import UserError
 from unpersonal.models.conditioning import Conditioner, label_code
@@ -115,16 +115,15 @@ class TrainingResult:
     world_size: int
 
 
-def train(config: Config, data: TrainingData, checkpoint: Path, accelerator: Any, stage: str
-          ) -> TrainingResult:
+def train(settings: DiffusionConfig, seed: int, data: TrainingData, checkpoint: Path,
+          accelerator: Any, stage: str) -> TrainingResult:
     """The loop. Saves `checkpoint` every `checkpoint_every` steps and on Ctrl-C / SIGTERM;
     `stage` is the name messages give it."""
-    settings = config.diffusion
     world, rank = accelerator.num_processes, accelerator.process_index
     if settings.batch_size % world:
         raise UserError(f"diffusion.batch_size {settings.batch_size} is not divisible by the "
                         f"{world} processes")
-    torch.manual_seed(config.seed)  # the same initial weights in every process
+    torch.manual_seed(seed)  # the same initial weights in every process
     conditioner = conditioner_for(settings, data)
     denoiser = build_denoiser(settings, data.images.shape[-1], conditioner)
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
@@ -143,7 +142,7 @@ def train(config: Config, data: TrainingData, checkpoint: Path, accelerator: Any
     loss_fn = EDM2Loss(settings.p_mean, settings.p_std, settings.sigma_data)
     ema_exponent = _ema_exponent(settings.ema_std)
     guide_step = _guide_step(settings)
-    batches = SeededBatches(config.seed, len(data.images), settings.batch_size // world,
+    batches = SeededBatches(seed, len(data.images), settings.batch_size // world,
                             accelerator.device, rank, world)
     with loop.running("training diffusion"):
         for step in loop.steps():
@@ -201,11 +200,10 @@ def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, exponen
         averaged.copy_(current)
 
 
-def publish(folder: Path, result: TrainingResult, data: TrainingData, config: Config
-            ) -> dict[str, Any]:
+def publish(folder: Path, result: TrainingResult, data: TrainingData,
+            settings: DiffusionConfig) -> dict[str, Any]:
     """The weights, the pseudo-conditions they were trained with, model.json (returned) and
     the training log."""
-    settings = config.diffusion
     save_file(result.ema, str(folder / "ema.safetensors"))
     save_file(result.guide, str(folder / "guide.safetensors"))
     if result.conditioner.uses_pseudo:

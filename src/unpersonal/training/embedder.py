@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from unpersonal.artifacts.embedder import WEIGHTS_FORMAT, Embedder, load_network
-from unpersonal.config import Config, EmbedderConfig
+from unpersonal.config import EmbedderConfig
 from unpersonal.data.canonical import CanonicalDataset
 from unpersonal.errors import UserError, first_line
 from unpersonal.metrics.probe import linear_probe_auc
@@ -122,18 +122,17 @@ class TrainingResult:
     seconds: float
 
 
-def train(config: Config, train_split: CanonicalDataset, checkpoint: Path, device: torch.device,
-          stage: str) -> TrainingResult:
+def train(settings: EmbedderConfig, seed: int, train_split: CanonicalDataset, checkpoint: Path,
+          device: torch.device, stage: str) -> TrainingResult:
     """The loop. Saves `checkpoint` every `checkpoint_every` steps and on Ctrl-C / SIGTERM;
     `stage` is the name messages give it (fit-embedder, or the audit's audit-embedder)."""
-    settings = config.embedder
     n = len(train_split)
     if n < 2:
         raise UserError(f"the training split has {n} image(s): self-supervised training of the "
                         "embedder needs at least 2")
     # A batch larger than the split would hold copies of one image, negatives of each other.
     batch = min(settings.batch_size, n)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(seed)
     network = FeatureNet(settings.width, settings.dim).to(device)
     model = nn.ModuleDict({"features": network, "projector": projector(settings.dim)}).to(device)
     decay = [p for p in model.parameters() if p.ndim >= 2]  # no weight decay on norms, biases
@@ -144,7 +143,7 @@ def train(config: Config, train_split: CanonicalDataset, checkpoint: Path, devic
                         checkpoint_every=settings.checkpoint_every,
                         max_minutes=settings.max_minutes, images_per_step=batch)
     loop.resume(model=model, optimizer=optimizer)
-    batches = SeededBatches(config.seed, n, batch, device)
+    batches = SeededBatches(seed, n, batch, device)
     warmup = max(1, round(WARMUP_SHARE * settings.steps))
     model.train()
     with loop.running(f"training embedder ({settings.method})"):

@@ -56,7 +56,7 @@ from safetensors.torch import save_file
 from sklearn.metrics import roc_auc_score
 
 from unpersonal.artifacts.reid import cosine_to_score
-from unpersonal.config import Config, ReidConfig, ViewAugmentation
+from unpersonal.config import ReidConfig, ViewAugmentation
 from unpersonal.data.canonical import CanonicalDataset
 from unpersonal.errors import UserError
 from unpersonal.models.reid import ReidNet
@@ -362,12 +362,11 @@ class TrainingResult:
     seconds: float
 
 
-def train(config: Config, data: TrainingData, val_pairs: PairSet, checkpoint: Path,
-          device: torch.device, stage: str) -> TrainingResult:
+def train(settings: ReidConfig, seed: int, data: TrainingData, val_pairs: PairSet,
+          checkpoint: Path, device: torch.device, stage: str) -> TrainingResult:
     """The loop. Saves `checkpoint` every `checkpoint_every` steps and on Ctrl-C / SIGTERM;
     `stage` is the name messages give it (fit-reid, or the audit's audit-reid)."""
-    settings = config.reid
-    torch.manual_seed(config.seed)
+    torch.manual_seed(seed)
     net = build_net(settings).to(device)
     optimizer = make_optimizer(net, settings)
     best = BestSoFar()  # by validation AUC, with clean BatchNorm statistics
@@ -377,16 +376,16 @@ def train(config: Config, data: TrainingData, val_pairs: PairSet, checkpoint: Pa
 
     def validate(steps_done: int) -> float:
         """The validation AUC now; the weights are kept when it is the best yet."""
-        clean = with_clean_batch_norm(net, data, config.seed, device)
+        clean = with_clean_batch_norm(net, data, seed, device)
         auc = verification_auc(val_pairs.same,
-                               pair_cosines(clean, val_pairs, settings.augment, config.seed,
+                               pair_cosines(clean, val_pairs, settings.augment, seed,
                                             device))
         best.offer(auc, steps_done, clean)
         return auc
 
     if not loop.resume(model=net, optimizer=optimizer, best=best):
         loop.log_row(val_auc=validate(0))  # the untrained network's AUC, the first row
-    batches = SeededBatches(config.seed, len(data.groups), settings.batch_size // 2, device)
+    batches = SeededBatches(seed, len(data.groups), settings.batch_size // 2, device)
     net.train()
     with loop.running("training re-ID"):
         for step in loop.steps(stop=lambda: best.stale >= settings.patience):
@@ -438,10 +437,9 @@ def with_clean_batch_norm(net: ReidNet, data: TrainingData, seed: int, device: t
     return clean.eval()
 
 
-def publish(folder: Path, result: TrainingResult, pairs: dict[str, PairSet], config: Config,
-            data: TrainingData, device: torch.device) -> dict[str, Any]:
+def publish(folder: Path, result: TrainingResult, pairs: dict[str, PairSet], settings: ReidConfig,
+            seed: int, data: TrainingData, device: torch.device) -> dict[str, Any]:
     """The best weights, reid.json (returned) and the training log."""
-    settings = config.reid
     net = build_net(settings).to(device)
     net.load_state_dict(result.best)
     meta = {
@@ -451,7 +449,7 @@ def publish(folder: Path, result: TrainingResult, pairs: dict[str, PairSet], con
                          "resolution": int(data.images.shape[-1]), "channels": 1},
         "score": "sigmoid(scale * cosine + bias)",
         "scale": float(net.log_scale.detach().exp()), "bias": float(net.bias.detach()),
-        **held_out_report(net, pairs, config, device),
+        **held_out_report(net, pairs, settings, seed, device),
         "auc_untrained_val": result.untrained_auc,
         "positives": data.positives, "training_patients": len(data.groups),
         "loss": settings.loss, "steps_planned": settings.steps, "steps_done": result.steps_done,
@@ -464,11 +462,10 @@ def publish(folder: Path, result: TrainingResult, pairs: dict[str, PairSet], con
     return meta
 
 
-def held_out_report(net: ReidNet, pairs: dict[str, PairSet], config: Config,
+def held_out_report(net: ReidNet, pairs: dict[str, PairSet], settings: ReidConfig, seed: int,
                     device: torch.device) -> dict[str, Any]:
     """Calibrate the threshold on the validation pairs; AUCs and flag rates on val and test."""
-    settings = config.reid
-    cosines = {split: pair_cosines(net, pair_set, settings.augment, config.seed, device)
+    cosines = {split: pair_cosines(net, pair_set, settings.augment, seed, device)
                for split, pair_set in pairs.items()}
     same = {split: pair_set.same for split, pair_set in pairs.items()}
     threshold_cosine = calibrate_cosine(cosines["val"][same["val"]], settings.sensitivity)
