@@ -166,7 +166,7 @@ def copy_run_without(run: Path, target: Path, stage: str = "generate") -> Path:
 # The stages after generate, with models small enough for seconds.
 RELEASE_SETTINGS = (
     "--set", "audit.embedder_width=8", "--set", "audit.reid_width=12",
-    "--set", "audit.pso_repeats=10", "--set", "audit.planted=20",
+    "--set", "audit.planted=20",
     "--set", "evaluate.classifier_seeds=2", "--set", "evaluate.kid_subsets=5",
     "--set", "evaluate.bootstrap=50", "--set", "evaluate.restoration_steps=5",
     "--set", "evaluate.restoration_width=8")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from unpersonal.config import load_config
@@ -24,7 +23,9 @@ def test_audit_reports_every_figure_beside_its_held_out_baseline(released_run: P
     released = len(list((released_run / "generate" / "synthetic").glob("*.png")))
     dataset = load_canonical(released_run / "prepare")
     assert figures["images"] == released
-    assert figures["heldout_images"] == int((dataset.split == "test").sum())
+    # The held-out population of every figure: the validation split, drawn as training was.
+    assert figures["heldout_split"] == "val"
+    assert figures["heldout_images"] == int((dataset.split == "val").sum())
     assert figures["models"]["reid"] == "audit-reid"
     assert set(figures["reid_rate"]) >= {"synthetic", "heldout"}
     for space in ("embedding", "pixel"):
@@ -50,6 +51,14 @@ def test_audit_reports_every_figure_beside_its_held_out_baseline(released_run: P
         assert planted["by_perturbation"][name]["pixel_dcr"] == 1.0, planted
     assert planted["caught_all"] > figures["reid_rate"]["heldout"], planted
     assert Image.open(released_run / "audit" / "dcr.png").size[0] > 300
+    tests = figures["tests"]
+    assert tests["alpha"] == 0.05 and set(tests["by_figure"]) == {
+        "reid_rate", "dcr_embedding_q01", "dcr_embedding_min", "dcr_pixel_q01", "dcr_pixel_min",
+        "mia_distance", "mia_density_ratio", "singling_out"}
+    for test in tests["by_figure"].values():
+        assert 0 < test["p_value"] <= test["p_adjusted"] <= 1
+    # The phantom generator copies nothing: its release passes every test.
+    assert tests["passed"], tests
 
 
 def test_the_audit_models_are_not_the_filters(released_run: Path) -> None:
@@ -72,3 +81,8 @@ def test_the_training_set_released_as_is_fails_the_audit(released_run: Path) -> 
     assert figures["dcr"]["embedding"]["synthetic_share_below"] == 1.0
     assert figures["dcr"]["pixel"]["synthetic_share_below"] == 1.0
     assert figures["membership_inference"]["distance"]["auc"] > 0.9
+    tests = figures["tests"]
+    assert not tests["passed"]
+    for name in ("reid_rate", "dcr_embedding_q01", "dcr_embedding_min", "dcr_pixel_q01",
+                 "dcr_pixel_min"):
+        assert tests["by_figure"][name]["rejected"], (name, tests["by_figure"][name])

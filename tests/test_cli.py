@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import TINY, write_flat_npz, write_image_folder
+from tests.conftest import write_flat_npz, write_image_folder
 
 COMMANDS = ["prepare", "fit-diffusion", "sample", "demo-data", "config", "run"]
 SMALL_DEMO = ("--set", "phantoms.n_patients=12", "--set", "data.resolution=16")

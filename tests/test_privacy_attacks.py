@@ -85,16 +85,17 @@ def test_distance_to_closest_record_known_answer() -> None:
 
 
 def test_dcr_summary_known_answer() -> None:
-    heldout = np.linspace(0.01, 1.0, 100)  # 1st percentile: 0.01 + 0.99 * 0.01 = 0.0199
+    # 199 held-out distances 0.005, 0.010, ..., 0.995: the 1st percentile is the 2nd closest
+    # (2 / 200 = 0.01 of new images fall below it), 0.010.
+    heldout = np.arange(1, 200) / 200
     summary = dcr_summary(np.array([0.0, 0.005, 0.5, 0.9]), heldout)
-    assert summary["heldout_q01"] == pytest.approx(0.0199)
+    assert summary["heldout_q01"] == pytest.approx(0.010)
     assert summary["synthetic_share_below"] == 0.5
-    assert summary["heldout_share_below"] == 0.01  # only 0.01 itself lies below
+    assert summary["heldout_share_below"] == 0.01
     assert summary["synthetic"]["median"] == pytest.approx(0.2525)
-    assert summary["heldout"]["median"] == pytest.approx(0.505)
-    on_the_cutoff = dcr_summary(np.array([0.01, 0.0099]), np.arange(101) / 100)  # q01 = 0.01
+    assert summary["heldout"]["median"] == pytest.approx(0.5)
+    on_the_cutoff = dcr_summary(np.array([0.010, 0.0099]), heldout)
     assert on_the_cutoff["synthetic_share_below"] == 0.5  # "closer than", not "as close as"
-    assert on_the_cutoff["heldout_share_below"] == 1 / 101
 
 
 def test_membership_of_exact_copies_is_certain() -> None:

@@ -333,8 +333,8 @@ class AuditConfig(Section):
 
     The audit must not restate the filter. Its embedder and re-ID network are trained apart from
     the filter's, with another seed and another width, on the same training patients, so a
-    filtered set is judged by models it was not selected against. Held-out images are the test
-    split's: patients no model was trained, validated or calibrated on.
+    filtered set is judged by models it was not selected against. Held-out images are the
+    validation split's (the test split's when validation has fewer than two patients).
     """
 
     seed_offset: int = Field(1, ge=1, description="the audit models train with seed + this")
@@ -347,8 +347,13 @@ class AuditConfig(Section):
     pso_thresholds: tuple[float, ...] = Field(
         (0.5, 0.8, 0.9, 0.95, 0.99), description="re-ID score thresholds t of the singling-out "
         "predicates 'score with s >= t'; the calibrated threshold is always added")
-    pso_repeats: int = Field(20, ge=2, description="subsamples of the training patients for "
-                                                   "the singling-out baseline and its interval")
+    pso_repeats: int = Field(200, ge=2, description="subsamples of the training patients for "
+                             "the singling-out baseline and its permutation p-value, whose "
+                             "smallest value is 1 / (repeats + 1): 200 lets it pass the Holm "
+                             "correction over the audit's eight tests")
+    alpha: float = Field(0.05, gt=0.0, lt=0.5, description="family-wise error of the privacy "
+                         "verdicts together: an honest release fails any of them with at most "
+                         "this probability (Holm's correction)")
     planted: int = Field(200, ge=0, description="training images mixed in as near-copies to "
                                                 "check that the audit catches them")
 

@@ -1,37 +1,42 @@
 """`unpersonal audit`: does the released set single out, re-identify or reveal a training patient?
 
     run/audit/
-        privacy.json   every figure below, each beside its held-out baseline
+        privacy.json   every figure below, each beside its held-out baseline, and the verdicts
         dcr.png        distance-to-closest-record histograms, released vs held-out
 
 Judged by the audit's own embedder and re-ID network (`evaluation.sets`), never the filter's.
-The held-out population is the test split: real images of patients no model was trained,
-validated or calibrated on. What an honest image of a new patient gets is the baseline of every
-figure:
+The held-out population is the validation split (the test split when validation has fewer than
+two patients): real images of patients no model was trained on, drawn the way the training
+patients were. What an honest image of a new patient gets is the baseline of every figure, and
+every verdict is a one-sided test against that baseline (`privacy.significance`), corrected
+together (Holm) so that an honest release fails any of them with probability at most
+`audit.alpha`:
 
-* re-identification rate: share of released images the audit's re-ID network links to some
-  training patient (its k nearest in re-ID space), vs held-out images. Linked means a score
-  above what held-out patients' real images reach against their nearest training image: the
-  threshold is the `privacy.reid_heldout_quantile` quantile of the validation images' best
-  scores (never below the network's pair threshold), so the test images' rate is near
-  1 - that quantile by construction and a release should match it;
+* re-identification: share of released images the audit's re-ID network links to some
+  training patient (its k nearest in re-ID space) beyond what held-out images reach: linked
+  means a best score above the held-out images' `privacy.reid_heldout_quantile` quantile, so
+  held-out images are linked at about 1 - that quantile by construction. Test: the count of
+  linked released images, exact beta-binomial;
 * distance to closest record (DCR), in the audit embedder's space and in pixels: quantiles, and
-  the share closer than the held-out images' 1st percentile (about 0.01 when private);
+  the share closer than the held-out images' 1st percentile (about 0.01 when private). Tests:
+  the count below the held-out 1st percentile, and the count below the closest held-out image
+  (which a few exact copies already fail), beta-binomial;
 * membership inference: ROC-AUC of a distance attack and a density-ratio attack telling training
-  from held-out images with the released set in hand (0.5: the set reveals no membership). Its
-  non-members are the validation split when it has two patients or more: the attack needs
-  non-members drawn the way the members were, and a test split collected apart (Kermany's
-  official one) differs in kind, which the density attack measures instead of membership (AUC
-  0.63 for a set that scores 0.50 against validation, BENCHMARKS.md). No model generates from
-  validation images; they only set thresholds and stop training;
+  from held-out images with the released set in hand (0.5: the set reveals no membership), with
+  patient-level permutation p-values and bootstrap intervals. Its non-members are the held-out
+  split's: a test split collected apart (Kermany's official one) differs in kind, which the
+  density attack measures instead of membership (AUC 0.63 for a set that scores 0.50 against
+  validation, BENCHMARKS.md);
 * predicate singling-out: how often "re-ID score with s >= t" isolates exactly one training
-  patient, minus the same rate on the held-out population, with a permutation interval;
+  patient, minus the same rate on the held-out population, with a permutation p-value;
 * planted copies: training images perturbed slightly (`privacy.planted`): the share the audit
-  flags (re-ID link, or a DCR below the held-out 1st percentile in either space).
+  flags (re-ID link, or a DCR below the held-out 1st percentile in either space). A check of the
+  audit, not of the release: it is not one of the corrected tests.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +53,37 @@ from unpersonal.privacy.attacks import (dcr_summary, distance_to_closest_record,
 from unpersonal.privacy.floor import AlignedPixels
 from unpersonal.privacy.knn import NeighbourIndex
 from unpersonal.privacy.planted import plant_copies
+from unpersonal.privacy.significance import exceedance_test, holm
 from unpersonal.progress import console
 
-SCHEMA = 1
+SCHEMA = 2
+SPACES = ("embedding", "pixel")
+
+
+@dataclass(frozen=True)
+class SetVectors:
+    """What the audit needs of each image of a set, computed once: its re-ID embedding, its
+    audit-embedder features, and its aligned-pixel distance to the closest training image.
+
+    The benchmarks build many releases from the same images (`privacy.leaks`); they describe
+    each image once and assemble the releases from these rows."""
+
+    reid: np.ndarray
+    features: np.ndarray
+    pixel_dcr: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.reid)
+
+    def take(self, rows: np.ndarray) -> SetVectors:
+        return SetVectors(self.reid[rows], self.features[rows], self.pixel_dcr[rows])
+
+    def replaced(self, positions: np.ndarray, other: SetVectors) -> SetVectors:
+        """These rows with `positions` (bool or indices) taken from `other`, in order."""
+        reid, features, pixel = self.reid.copy(), self.features.copy(), self.pixel_dcr.copy()
+        reid[positions], features[positions], pixel[positions] = (other.reid, other.features,
+                                                                  other.pixel_dcr)
+        return SetVectors(reid, features, pixel)
 
 
 class AuditModels:
@@ -60,35 +93,43 @@ class AuditModels:
                  quantile: float = 0.98, neighbours: int = 16,
                  pixels: AlignedPixels = AlignedPixels()) -> None:
         """`embedder` and `reid`: the folders of the audit's own models (audit-embedder and
-        audit-reid); `quantile` of validation images' best re-ID scores sets the any-patient
+        audit-reid); `quantile` of held-out images' best re-ID scores sets the any-patient
         threshold, over their `neighbours` nearest training images."""
         self.embedder = load_embedder(embedder)
         self.reid = load_reid(reid)
-        features = np.load(embedder / "features.npy")
-        is_train, is_test = dataset.split == "train", dataset.split == "test"
-        images = dataset.images_float()
-        self.train, self.test = dataset.subset("train"), dataset.subset("test")
-        self.val = dataset.subset("val")
-        self.features = {"train": features[is_train], "test": features[is_test],
-                         "val": features[dataset.split == "val"]}
-        self.reid_vectors = {"train": self.reid.embed(images[is_train]),
-                             "test": self.reid.embed(images[is_test])}
         self.pixels = pixels
+        self.neighbours = neighbours
+        self.quantile = quantile
+        features = np.load(embedder / "features.npy")
+        is_train = dataset.split == "train"
+        self.train = dataset.subset("train")
+        self.heldout_split = ("val" if len(np.unique(dataset.subset("val").patient_id)) >= 2
+                              else "test")
+        is_heldout = dataset.split == self.heldout_split
+        self.heldout = dataset.subset(self.heldout_split)
+        self.features = {"train": features[is_train], "heldout": features[is_heldout]}
+        images = dataset.images_float()
+        self.reid_vectors = {"train": self.reid.embed(images[is_train])}
         self.pixel_index = NeighbourIndex("cosine").fit(pixels.reference(images[is_train]))
-        self.pixel_heldout = pixels.nearest(self.pixel_index, images[is_test])[0]
+        self.heldout_vectors = SetVectors(self.reid.embed(images[is_heldout]),
+                                          self.features["heldout"],
+                                          pixels.nearest(self.pixel_index, images[is_heldout])[0])
+        self.reid_vectors["heldout"] = self.heldout_vectors.reid
+        self.heldout_best = self.best_reid_scores(self.heldout_vectors.reid)
         pair = self.reid.scorer
-        self.scorer = ReidScorer(pair.scale, pair.bias, self._any_patient_threshold(
-            pair, images[dataset.split == "val"], quantile, neighbours))
+        cutoff = exceedance_test(self.heldout_best[:1], self.heldout_best, 1 - quantile,
+                                 "above")["cutoff"]
+        self.scorer = ReidScorer(pair.scale, pair.bias, float(cutoff))
 
-    def _any_patient_threshold(self, pair: ReidScorer, val_images: np.ndarray, quantile: float,
-                               neighbours: int) -> float:
-        """What held-out (validation) patients' images reach against their best training
-        match; the pair threshold when there are no validation images."""
-        if len(val_images) == 0:
-            return pair.threshold
-        best = reid_rate(self.reid.embed(val_images), self.reid_vectors["train"], pair,
-                         neighbours)["max_score"]
-        return max(pair.threshold, float(np.quantile(best, quantile)))
+    def best_reid_scores(self, reid_vectors: np.ndarray) -> np.ndarray:
+        """Each image's highest re-ID score against its nearest training images."""
+        return reid_rate(reid_vectors, self.reid_vectors["train"], self.reid.scorer,
+                         self.neighbours)["max_score"]
+
+    def describe(self, images: np.ndarray) -> SetVectors:
+        """The audit's view of a set of images (float [N, R, R] in [0, 1])."""
+        return SetVectors(self.reid.embed(images), self.embedder.embed(images),
+                          self.pixels.nearest(self.pixel_index, images)[0])
 
 
 def audit_set(models: AuditModels, images: np.ndarray, settings: AuditConfig, seed: int
@@ -98,69 +139,88 @@ def audit_set(models: AuditModels, images: np.ndarray, settings: AuditConfig, se
     Also used by the benchmarks on sets that are not released (the training set itself, an
     unfiltered sample). Returns the figures and the DCRs for the plot.
     """
-    if len(models.test) < 2:
-        raise ValueError("the audit needs held-out (test split) images as its baseline")
-    console.print(f"audit: {len(images):,} images against {len(models.train):,} training images "
-                  f"of {len(np.unique(models.train.patient_id)):,} patients")
-    reid_vectors = models.reid.embed(images)
-    features = models.embedder.embed(images)
-    k = settings.reid_neighbours
-    linked = reid_rate(reid_vectors, models.reid_vectors["train"], models.scorer, k)
-    linked_heldout = reid_rate(models.reid_vectors["test"], models.reid_vectors["train"],
-                               models.scorer, k)
+    return audit_vectors(models, models.describe(images), settings, seed)
+
+
+def audit_vectors(models: AuditModels, release: SetVectors, settings: AuditConfig, seed: int
+                  ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    """`audit_set` from the set's `SetVectors`."""
+    if len(models.heldout) < 2:
+        raise ValueError("the audit needs held-out (validation or test split) images as its "
+                         "baseline")
+    console.print(f"audit: {len(release):,} images against {len(models.train):,} training "
+                  f"images of {len(np.unique(models.train.patient_id)):,} patients")
+    heldout = models.heldout_vectors
+    best = models.best_reid_scores(release.reid)
     distances = {
         "embedding": {
-            "synthetic": distance_to_closest_record(features, models.features["train"], "cosine"),
-            "heldout": distance_to_closest_record(models.features["test"],
-                                                  models.features["train"], "cosine")},
-        "pixel": {"synthetic": models.pixels.nearest(models.pixel_index, images)[0],
-                  "heldout": models.pixel_heldout}}
+            "synthetic": distance_to_closest_record(release.features, models.features["train"],
+                                                    "cosine"),
+            "heldout": distance_to_closest_record(heldout.features, models.features["train"],
+                                                  "cosine")},
+        "pixel": {"synthetic": release.pixel_dcr, "heldout": heldout.pixel_dcr}}
+    tests = {"reid_rate": exceedance_test(best, models.heldout_best, 1 - models.quantile,
+                                          "above")}
+    for space in SPACES:
+        d = distances[space]
+        tests[f"dcr_{space}_q01"] = exceedance_test(d["synthetic"], d["heldout"], 0.01, "below")
+        tests[f"dcr_{space}_min"] = exceedance_test(d["synthetic"], d["heldout"], 0.0, "below")
     thresholds = sorted({*settings.pso_thresholds, round(models.scorer.threshold, 6)})
-    pso = singling_out(reid_vectors, models.reid_vectors["train"], models.train.patient_id,
-                       models.reid_vectors["test"], models.test.patient_id, models.scorer,
-                       thresholds, repeats=settings.pso_repeats, seed=seed)
-    nonmember_split = "val" if len(np.unique(models.val.patient_id)) >= 2 else "test"
-    nonmembers = models.val if nonmember_split == "val" else models.test
-    mia = membership_inference(models.features["train"], models.features[nonmember_split],
-                               features, heldout_patient=nonmembers.patient_id, seed=seed)
-    mia["nonmember_split"] = nonmember_split
+    pso = singling_out(release.reid, models.reid_vectors["train"], models.train.patient_id,
+                       heldout.reid, models.heldout.patient_id, models.scorer, thresholds,
+                       repeats=settings.pso_repeats, seed=seed)
+    mia = membership_inference(models.features["train"], heldout.features, release.features,
+                               heldout_patient=models.heldout.patient_id, seed=seed,
+                               member_patient=models.train.patient_id)
+    mia["nonmember_split"] = models.heldout_split
+    p_values = {name: test["p_value"] for name, test in tests.items()}
+    p_values.update({f"mia_{attack}": mia[attack]["p_value"]
+                     for attack in ("distance", "density_ratio")})
+    p_values["singling_out"] = pso["p_value"]
+    verdicts = holm(p_values, settings.alpha)
     figures = {
-        "schema": SCHEMA, "images": len(images), "heldout_images": len(models.test),
-        "training_images": len(models.train),
+        "schema": SCHEMA, "images": len(release), "heldout_split": models.heldout_split,
+        "heldout_images": len(models.heldout), "training_images": len(models.train),
         "models": {"embedder": AUDIT_EMBEDDER, "reid": AUDIT_REID,
                    "reid_threshold": models.scorer.threshold,
                    "reid_pair_threshold": models.reid.scorer.threshold,
                    "reid_auc": models.reid.meta.get("auc")},
-        "reid_rate": {"synthetic": linked["rate"], "heldout": linked_heldout["rate"],
-                      "neighbours": k},
+        "reid_rate": {"synthetic": tests["reid_rate"]["share"],
+                      "heldout": tests["reid_rate"]["expected_share"],
+                      "neighbours": models.neighbours},
         "dcr": {space: dcr_summary(d["synthetic"], d["heldout"])
                 for space, d in distances.items()},
         "membership_inference": _json(mia),
         "singling_out": _json(pso),
-        "planted_copies": (planted_copy_check(models, distances, settings, seed)
+        "tests": {"alpha": settings.alpha, "correction": "Holm",
+                  "by_figure": {name: {**tests.get(name, {}), **verdicts[name]}
+                                for name in p_values},
+                  "passed": not any(v["rejected"] for v in verdicts.values())},
+        "planted_copies": (planted_copy_check(models, tests, settings, seed)
                            if settings.planted else None),
     }
     return figures, distances
 
 
-def planted_copy_check(models: AuditModels, distances: dict[str, dict[str, np.ndarray]],
+def planted_copy_check(models: AuditModels, tests: dict[str, dict[str, Any]],
                        settings: AuditConfig, seed: int) -> dict[str, Any]:
     """Near-copies of training images mixed in: the share the audit flags, per perturbation.
 
     Flagged: linked by re-ID, or closer to a training image than the held-out 1st percentile
-    in either space. An audit that misses these could not vouch for anything.
+    in either space (the cutoffs of `tests`). An audit that misses these could not vouch for
+    anything.
     """
     rng = np.random.default_rng([seed, 5])
     count = min(settings.planted, len(models.train))
     rows = rng.choice(len(models.train), count, replace=False)
-    cutoffs = {space: float(np.quantile(d["heldout"], 0.01)) for space, d in distances.items()}
     caught = {}
     for name, copies in plant_copies(models.train.images_float()[rows], seed=seed).items():
-        linked = reid_rate(models.reid.embed(copies), models.reid_vectors["train"], models.scorer,
-                           settings.reid_neighbours)["linked"]
+        vectors = models.describe(copies)
+        linked = models.best_reid_scores(vectors.reid) > models.scorer.threshold
         close_embedding = distance_to_closest_record(
-            models.embedder.embed(copies), models.features["train"], "cosine") < cutoffs["embedding"]
-        close_pixels = models.pixels.nearest(models.pixel_index, copies)[0] < cutoffs["pixel"]
+            vectors.features, models.features["train"], "cosine"
+        ) < tests["dcr_embedding_q01"]["cutoff"]
+        close_pixels = vectors.pixel_dcr < tests["dcr_pixel_q01"]["cutoff"]
         flagged = linked | close_embedding | close_pixels
         caught[name] = {"caught": float(flagged.mean()), "reid": float(linked.mean()),
                         "embedding_dcr": float(close_embedding.mean()),

@@ -7,7 +7,6 @@ keeps the layer widths in one place. The three models differ only in their heads
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -25,6 +25,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from unpersonal.artifacts.reid import ReidScorer
 from unpersonal.privacy.knn import METRICS, Metric, NeighbourIndex
+from unpersonal.privacy.significance import auc_test, order_statistic_rank
 
 UNIT_TOLERANCE = 1e-3  # embeddings are stored as float32: their norms are 1 to ~1e-7
 DCR_QUANTILES = {"q01": 0.01, "q05": 0.05, "q25": 0.25, "median": 0.5}
@@ -78,18 +79,21 @@ def dcr_summary(synthetic_dcr: np.ndarray, heldout_dcr: np.ndarray) -> dict:
     """Quantiles of both distance sets, and how many fall below the held-out 1st percentile.
 
     Held-out images are real images of patients not trained on, so their distances show how
-    close a new patient naturally comes to the training set. A private synthetic set has about
-    1% of its images below the held-out 1st percentile, as the held-out images themselves do
-    ("heldout_share_below" is that reference: 0.01 within one image, the percentile being
-    interpolated between two of them); a set that copies training images has many more.
+    close a new patient naturally comes to the training set. The held-out 1st percentile is the
+    j-th closest held-out image with j / (n + 1) nearest 0.01 (`significance.order_statistic_rank`),
+    the cutoff `significance.exceedance_test` tests against: a new patient's image falls below it
+    with probability j / (n + 1) ("heldout_share_below", the reference), so a private synthetic
+    set has about that share of its images below it, and a set that copies training images has
+    many more.
     """
     synthetic = _finite_vector(synthetic_dcr, "synthetic distances")
     heldout = _finite_vector(heldout_dcr, "held-out distances")
-    cutoff = float(np.quantile(heldout, 0.01))
+    rank = order_statistic_rank(len(heldout), 0.01)
+    cutoff = float(np.sort(heldout)[rank - 1])
     return {"synthetic": _quantiles(synthetic), "heldout": _quantiles(heldout),
             "heldout_q01": cutoff,
             "synthetic_share_below": float(np.mean(synthetic < cutoff)),
-            "heldout_share_below": float(np.mean(heldout < cutoff)),
+            "heldout_share_below": rank / (len(heldout) + 1),
             "n_synthetic": len(synthetic), "n_heldout": len(heldout)}
 
 
@@ -103,7 +107,8 @@ def membership_inference(train_members: np.ndarray, heldout_nonmembers: np.ndarr
                          synthetic: np.ndarray, reference: np.ndarray | None = None,
                          heldout_patient: np.ndarray | None = None, k: int = 1,
                          metric: Metric = "cosine", seed: int = 0,
-                         exact_max: int = 50_000) -> dict:
+                         exact_max: int = 50_000, member_patient: np.ndarray | None = None
+                         ) -> dict:
     """How well an attacker holding the synthetic set tells training images from held-out ones.
 
     Two attacks score each candidate x (higher = "member"):
@@ -129,7 +134,11 @@ def membership_inference(train_members: np.ndarray, heldout_nonmembers: np.ndarr
     The AUC does not depend on D or on the metric chosen for unit vectors (cosine distance is
     half the squared euclidean one): both only rescale the log distance ratio. Members and
     non-members are subsampled (seeded) to equal counts. 0.5 is ideal; "tpr_at_fpr" is the
-    share of members caught while 1% of non-members are wrongly accused.
+    share of members caught while 1% of non-members are wrongly accused, "tpr_at_fpr_0.001"
+    while 0.1% are (read off the ROC curve between non-members when there are fewer than 1,000).
+
+    With both `member_patient` and `heldout_patient`, each attack's AUC is also tested against
+    0.5 (`significance.auc_test`: a patient-level permutation p-value and bootstrap interval).
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -137,8 +146,12 @@ def membership_inference(train_members: np.ndarray, heldout_nonmembers: np.ndarr
     heldout = _unit_rows(heldout_nonmembers, "non-members")
     synthetic = _unit_rows(synthetic, "synthetic embeddings")
     rng = np.random.default_rng(seed)
+    nonmember_patient = heldout_patient
     if reference is None:
-        nonmembers, reference, reference_kind = _split_reference(heldout, heldout_patient, rng)
+        scored, reference_kind = _split_reference(heldout, heldout_patient, rng)
+        nonmembers, reference = heldout[scored], heldout[~scored]
+        if heldout_patient is not None:
+            nonmember_patient = np.asarray(heldout_patient)[scored]
     else:
         nonmembers, reference_kind = heldout, "given"
         reference = _unit_rows(reference, "reference embeddings")
@@ -147,7 +160,8 @@ def membership_inference(train_members: np.ndarray, heldout_nonmembers: np.ndarr
     if min(len(synthetic), len(reference)) < k:
         raise ValueError(f"the density attack needs at least k={k} synthetic and reference "
                          f"images, got {len(synthetic)} and {len(reference)}")
-    members, nonmembers = _equal_sizes(members, nonmembers, rng)
+    chosen_members, chosen_nonmembers = _equal_sizes(len(members), len(nonmembers), rng)
+    members, nonmembers = members[chosen_members], nonmembers[chosen_nonmembers]
     candidates = np.concatenate([members, nonmembers])
     truth = np.r_[np.ones(len(members)), np.zeros(len(nonmembers))]
 
@@ -156,15 +170,25 @@ def membership_inference(train_members: np.ndarray, heldout_nonmembers: np.ndarr
     dim = members.shape[1]
     log_ratio = (np.log(len(reference) / len(synthetic))
                  + dim * (_log_distance(to_reference[:, -1]) - _log_distance(to_synthetic[:, -1])))
-    return {"distance": _attack_result(truth, -to_synthetic[:, 0]),
-            "density_ratio": _attack_result(truth, log_ratio),
-            "n_members": len(members), "n_nonmembers": len(nonmembers),
-            "n_reference": len(reference), "reference": reference_kind, "k": k}
+    result = {"distance": _attack_result(truth, -to_synthetic[:, 0]),
+              "density_ratio": _attack_result(truth, log_ratio),
+              "n_members": len(members), "n_nonmembers": len(nonmembers),
+              "n_reference": len(reference), "reference": reference_kind, "k": k}
+    if member_patient is not None and nonmember_patient is not None:
+        # Tagged so that a member and a non-member with the same id stay two patients.
+        patient = np.concatenate([
+            [f"m{value}" for value in np.asarray(member_patient)[chosen_members]],
+            [f"n{value}" for value in np.asarray(nonmember_patient)[chosen_nonmembers]]])
+        for attack, scores in (("distance", -to_synthetic[:, 0]), ("density_ratio", log_ratio)):
+            tested = auc_test(scores, truth.astype(bool), patient, seed=seed)
+            result[attack].update(p_value=tested["p_value"], auc_ci=tested["ci"])
+    return result
 
 
 def _split_reference(heldout: np.ndarray, patients: np.ndarray | None, rng: np.random.Generator
-                     ) -> tuple[np.ndarray, np.ndarray, str]:
-    """Held-out images -> (scored non-members, reference), halves by patient when ids exist."""
+                     ) -> tuple[np.ndarray, str]:
+    """Which held-out images are scored as non-members (the rest are the reference), halves
+    by patient when ids exist."""
     if patients is None:
         in_reference = np.zeros(len(heldout), bool)
         in_reference[rng.permutation(len(heldout))[:len(heldout) // 2]] = True
@@ -178,21 +202,21 @@ def _split_reference(heldout: np.ndarray, patients: np.ndarray | None, rng: np.r
         kind = "held-out half (by patient)"
     if in_reference.all() or not in_reference.any():
         raise ValueError("too few held-out images to split into non-members and a reference")
-    return heldout[~in_reference], heldout[in_reference], kind
+    return ~in_reference, kind
 
 
-def _equal_sizes(a: np.ndarray, b: np.ndarray, rng: np.random.Generator
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Both sets subsampled (seeded) to the smaller count: the AUC itself would not need it, but
-    the share caught at 1% false positives and any interval on it are read per side."""
-    count = min(len(a), len(b))
+def _equal_sizes(a: int, b: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of both sets subsampled (seeded) to the smaller count: the AUC itself would not
+    need it, but the share caught at 1% false positives and any interval on it are read per
+    side."""
+    count = min(a, b)
     return _subsample(a, count, rng), _subsample(b, count, rng)
 
 
-def _subsample(rows: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    if len(rows) == count:
-        return rows
-    return rows[np.sort(rng.choice(len(rows), count, replace=False))]
+def _subsample(rows: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    if rows == count:
+        return np.arange(rows)
+    return np.sort(rng.choice(rows, count, replace=False))
 
 
 def _kth_distances(base: np.ndarray, queries: np.ndarray, k: int, metric: Metric,
@@ -209,7 +233,8 @@ def _attack_result(truth: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     false_positive, true_positive, _ = roc_curve(truth, scores)
     return {"auc": float(roc_auc_score(truth, scores)),
             "tpr_at_fpr": float(np.interp(MIA_FALSE_POSITIVE_RATE, false_positive,
-                                          true_positive))}
+                                          true_positive)),
+            "tpr_at_fpr_0.001": float(np.interp(0.001, false_positive, true_positive))}
 
 
 # ---- predicate singling out ----

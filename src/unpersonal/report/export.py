@@ -144,7 +144,8 @@ def datasheet(dataset: CanonicalDataset, images: int, metrics: dict[str, Any],
                     "singling_out_excess": privacy["singling_out"]["max_excess"],
                     "singling_out_excess_ci95": privacy["singling_out"]["max_ci"],
                     "planted_copies_caught": (privacy.get("planted_copies") or {}).get(
-                        "caught_all")},
+                        "caught_all"),
+                    "tests": privacy["tests"]},
         "utility": {"classification_auc": {name: classification[name]["mean"] for name in
                                            ("real", "synthetic", "real+synthetic")
                                            if name in classification},

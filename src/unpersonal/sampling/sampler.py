@@ -84,6 +84,25 @@ class Sampler:
             evaluations += result.nfe_per_sample * len(batch)
         return SampleBatch(np.concatenate(images), evaluations)
 
+    def renoise(self, rows: np.ndarray, images: np.ndarray, sigma: float, seeds: Sequence[int]
+                ) -> np.ndarray:
+        """Training images [N, R, R] in [0, 1] noised to `sigma` and denoised back by the model,
+        each conditioned on its own training row, without guidance: the near-copies a generator
+        that memorised them would make (`privacy.leaks`). Float [N, R, R] in [0, 1]."""
+        settings, size, out = self.settings, self.settings.batch_size, []
+        for start in range(0, len(rows), size):
+            batch = rows[start:start + size]
+            clean = torch.from_numpy(np.asarray(images[start:start + size], np.float32)) * 2 - 1
+            result = sample(self.denoiser, self.conditioner.build(self.codes[batch],
+                                                                  self.pseudo[batch]),
+                            [int(seed) for seed in seeds[start:start + size]],
+                            solver=settings.solver, num_steps=settings.steps,
+                            image_shape=self.image_shape, sigma_min=settings.sigma_min,
+                            sigma_max=sigma, rho=settings.rho, device=self.device,
+                            start=clean[:, None])
+            out.append(((result.images[:, 0].clamp(-1, 1) + 1) / 2).cpu().numpy())
+        return np.concatenate(out)
+
     def null(self, rows: np.ndarray) -> torch.Tensor | None:
         """What classifier-free guidance pushes away from: None (the empty condition) or the
         labels alone."""

@@ -277,7 +277,7 @@ def sample(denoiser: DenoiserProtocol, cond: Tensor | None, seeds: Sequence[int]
            guide: DenoiserProtocol | None = None, image_shape: tuple[int, ...],
            sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
            device: torch.device | str | None = None,
-           null: Tensor | None = None) -> SampleResult:
+           null: Tensor | None = None, start: Tensor | None = None) -> SampleResult:
     """Draw one image per seed (row i of `cond` conditions seed i) with the named solver.
 
     `guidance` is the weight w: classifier-free against the all-zero condition, or autoguidance
@@ -285,6 +285,10 @@ def sample(denoiser: DenoiserProtocol, cond: Tensor | None, seeds: Sequence[int]
     denoiser's (its first parameter's when it is an `nn.Module`), else the CPU. Runs without
     autograd and with the denoiser and guide in eval mode, restoring their modes afterwards.
     The images are returned as the ODE ends them: clipping to the data range is the caller's.
+
+    `start` [B, C, H, W] (in the model's [-1, 1] units) starts each row from that image noised
+    to `sigma_max` instead of from pure noise (SDEdit, Meng et al. 2022): the model's rendition
+    of an image it is shown half-erased, which is how a memorising generator returns it.
     """
     _check_solver(solver)
     if len(seeds) == 0:
@@ -293,6 +297,11 @@ def sample(denoiser: DenoiserProtocol, cond: Tensor | None, seeds: Sequence[int]
         raise ValueError(f"{len(cond)} condition rows for {len(seeds)} seeds")
     device = torch.device(device) if device is not None else _device_of(denoiser, cond)
     noise = initial_noise(seeds, image_shape, device, _state_dtype(device))
+    if start is not None:
+        if tuple(start.shape) != tuple(noise.shape):
+            raise ValueError(f"start must be [{len(seeds)}, *image_shape], got "
+                             f"{tuple(start.shape)}")
+        noise = noise + start.to(noise) / sigma_max  # the solver starts at noise * sigma_max
     sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho)
     if null is not None and (cond is None or null.shape != cond.shape):
         raise ValueError("the null condition must have the condition's shape")

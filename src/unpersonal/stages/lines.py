@@ -139,27 +139,39 @@ def audit(figures: dict[str, Any], folder: Path) -> Lines:
 
 
 def privacy_table(figures: dict[str, Any]) -> Table:
-    """Each privacy figure beside what held-out real images of new patients get."""
-    table = Table(title=f"privacy audit of {figures['images']:,} released images",
-                  title_justify="left")
-    for column in ("figure", "released", "held-out baseline"):
+    """Each privacy figure beside what held-out real images of new patients get, with its
+    test's p-value after Holm's correction."""
+    tests = figures["tests"]
+    verdict = "passes" if tests["passed"] else "FAILS"
+    table = Table(title=f"privacy audit of {figures['images']:,} released images: {verdict} "
+                        f"(family-wise alpha {tests['alpha']:g})", title_justify="left")
+    for column in ("figure", "released", "held-out baseline", "p (adjusted)"):
         table.add_column(column, justify="left" if column == "figure" else "right")
+    by_figure = tests["by_figure"]
+
+    def adjusted(*names: str) -> str:
+        worst = min(by_figure[name]["p_adjusted"] for name in names)
+        return f"{worst:.2g}" + (" fail" if worst <= tests["alpha"] else "")
+
     reid = figures["reid_rate"]
     table.add_row("re-identified (linked to a training patient)", f"{reid['synthetic']:.1%}",
-                  f"{reid['heldout']:.1%}")
+                  f"{reid['heldout']:.1%}", adjusted("reid_rate"))
     for space, dcr in figures["dcr"].items():
         table.add_row(f"closer than held-out 1st percentile ({space})",
-                      f"{dcr['synthetic_share_below']:.1%}", f"{dcr['heldout_share_below']:.1%}")
+                      f"{dcr['synthetic_share_below']:.1%}", f"{dcr['heldout_share_below']:.1%}",
+                      adjusted(f"dcr_{space}_q01", f"dcr_{space}_min"))
     mia = figures["membership_inference"]
     table.add_row("membership inference AUC (distance / density)",
-                  f"{mia['distance']['auc']:.3f} / {mia['density_ratio']['auc']:.3f}", "0.500")
+                  f"{mia['distance']['auc']:.3f} / {mia['density_ratio']['auc']:.3f}", "0.500",
+                  adjusted("mia_distance", "mia_density_ratio"))
     pso = figures["singling_out"]
     low, high = pso["max_ci"]
     table.add_row("singling-out excess (max over t)",
-                  f"{pso['max_excess']:+.3f} ({low:+.3f} to {high:+.3f})", "0")
+                  f"{pso['max_excess']:+.3f} ({low:+.3f} to {high:+.3f})", "0",
+                  adjusted("singling_out"))
     planted = figures.get("planted_copies")
     if planted:
-        table.add_row("planted near-copies caught", f"{planted['caught_all']:.1%}", "100%")
+        table.add_row("planted near-copies caught", f"{planted['caught_all']:.1%}", "100%", "")
     return table
 
 
