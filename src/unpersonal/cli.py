@@ -51,6 +51,11 @@ NoPatientIdsOption = Annotated[bool, typer.Option(
     "--no-patient-ids", help="the data has no patient IDs: count each image as its own patient")]
 CsvOption = Annotated[Optional[Path], typer.Option(
     "--csv", help="label CSV of an image/DICOM/NIfTI folder (default: the only *.csv in it)")]
+ReleaseOption = Annotated[Optional[Path], typer.Option(
+    "--release", help="audit this folder of images (with an optional labels.csv) instead of the "
+    "run's released set: any generator's output, against the run's private data")]
+ToOption = Annotated[Optional[Path], typer.Option(
+    "--to", help="where --release's audit is written (default: RUN/audit-release/FOLDER_NAME)")]
 
 
 def resolve_run(out: Path | None, data: Path | None, preset: str | None,
@@ -112,8 +117,22 @@ def _stage_command(command: str, chain: list[Stage]) -> None:
                            set_: SetOption = None, force: ForceOption = False) -> None:
         run_chain(out, data, preset, config, set_, force)
 
+    def run_chain_or_audit_a_folder(out: OutOption = None, preset: PresetOption = None,
+                                    config: ConfigOption = None, set_: SetOption = None,
+                                    force: ForceOption = False, release: ReleaseOption = None,
+                                    to: ToOption = None) -> None:
+        if release is None:
+            if to is not None:
+                raise UserError("--to is where the audit of --release goes: give --release too")
+            run_chain(out, None, preset, config, set_, force)
+            return
+        resolved, run_dir = resolve_run(out, None, preset, config, set_)
+        audit_folder(chain, resolved, run_dir, release, to)
+
     reads_data = any("data_format" in entry.extra_options for entry in chain)
-    declared = run_chain if reads_data else run_chain_on_a_run
+    audits_folders = "release" in chain[-1].extra_options
+    declared = (run_chain if reads_data else
+                run_chain_or_audit_a_folder if audits_folders else run_chain_on_a_run)
     declared.__doc__ = chain[-1].help
     app.command(command)(declared)
 
@@ -128,6 +147,23 @@ def run_stages(chain: list[Stage], config: Config, run: RunDir, redo: list[Stage
         outcome = execute(entry, config, run, entry in redo)
         for line in outcome_lines(outcome, run):
             console.print(line, soft_wrap=True)
+
+
+def audit_folder(chain: list[Stage], config: Config, run: RunDir, release: Path,
+                 to: Path | None) -> None:
+    """`audit --release DIR`: read and check the folder, bring the audit's models (the chain
+    before its last stage) up to date, audit the folder and print its table."""
+    from unpersonal.stages.audit import audit_release, read_release
+    from unpersonal.stages.lines import privacy_table
+
+    released = read_release(config, run, release)
+    for note in released.notes:
+        console.print(f"note: {note}")
+    run_stages(chain[:-1], config, run, [])
+    out = to if to is not None else run.root / "audit-release" / release.resolve().name
+    figures = audit_release(config, run, released, release, out)
+    console.print(privacy_table(figures))
+    console.print(f"-> {out / 'AUDIT.md'}")
 
 
 for _command, _chain in commands().items():

@@ -166,15 +166,22 @@ def leak_count(release_size: int, share: float) -> int:
     return max(1, int(round(share * release_size)))
 
 
+def leak_positions(release_size: int, count: int, seed: int) -> np.ndarray:
+    """Which `count` of a release's images leaks replace (bool [release_size]), seeded; the
+    positions of a smaller count are a subset of those of a larger one."""
+    if count > release_size:
+        raise ValueError(f"{count} leaks for a release of {release_size} images")
+    order = np.random.default_rng([seed, 11]).permutation(release_size)
+    leaked = np.zeros(release_size, bool)
+    leaked[order[:count]] = True
+    return leaked
+
+
 def leaked_release(release: np.ndarray, leaks: np.ndarray, seed: int
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """The release with `len(leaks)` of its images, at random places (seeded), replaced by the
-    leaks; returns the new release and the positions that now hold a leak (bool [N])."""
-    if len(leaks) > len(release):
-        raise ValueError(f"{len(leaks)} leaks for a release of {len(release)} images")
-    positions = np.random.default_rng([seed, 11]).choice(len(release), len(leaks), replace=False)
+    """The release with `len(leaks)` of its images, at `leak_positions`, replaced by the leaks;
+    returns the new release and those positions (bool [N])."""
+    leaked = leak_positions(len(release), len(leaks), seed)
     out = release.copy()
-    out[positions] = leaks
-    leaked = np.zeros(len(release), bool)
-    leaked[positions] = True
+    out[leaked] = leaks
     return out, leaked

@@ -32,7 +32,7 @@ from unpersonal.errors import UserError
 from unpersonal.privacy.filter import PrivacyFilter
 from unpersonal.progress import track
 from unpersonal.release import read_pixels
-from unpersonal.report.summary import release_verdicts
+from unpersonal.report.summary import release_verdicts, verdict_table
 
 DATASHEET_SCHEMA = 1
 
@@ -187,10 +187,7 @@ def datasheet_markdown(sheet: dict[str, Any]) -> str:
         f"{how['sources_skipped']} were skipped.", "",
         "## Privacy audit (judged by models the filter did not use; baseline: real images of "
         "patients never trained on)", "",
-        "| test | released set | baseline | verdict |", "|---|---:|---:|---|"]
-    for verdict in sheet["privacy"]["verdicts"]:
-        mark = "-" if verdict["passed"] is None else ("pass" if verdict["passed"] else "not met")
-        lines.append(f"| {verdict['figure']} | {verdict['value']} | {verdict['baseline']} | {mark} |")
+        *verdict_table(sheet["privacy"]["verdicts"])]
     lines += ["", "## Utility", "",
               f"Classifier test ROC-AUC (real test images, mean over {utility['classifier_seeds']} "
               "training seeds):", ""]

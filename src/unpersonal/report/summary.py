@@ -36,11 +36,17 @@ def release_verdicts(metrics: dict[str, Any], privacy: dict[str, Any]) -> list[V
     classes = metrics["utility"]["classification"]
     real, synthetic = classes["real"], classes["synthetic"]
     low, high = classes["gap_pp_ci95"]
-    out = [Verdict(
+    return [Verdict(
         "classifier trained on synthetic, test ROC-AUC",
         f"{synthetic['mean']:.3f} (gap {classes['gap_pp']:+.1f} pp, 95% CI {low:+.1f} to {high:+.1f})",
         f"{real['mean']:.3f} trained on real", classes["gap_pp"] >= -1.0,
-        "within 1 point of the real-data classifier, tested on the same real test images")]
+        "within 1 point of the real-data classifier, tested on the same real test images"),
+        *privacy_verdicts(privacy)]
+
+
+def privacy_verdicts(privacy: dict[str, Any]) -> list[Verdict]:
+    """Each privacy test of an audit (`privacy.json`) against its baseline."""
+    out: list[Verdict] = []
     tests = privacy["tests"]["by_figure"]
 
     def p_text(*names: str) -> str:
@@ -93,6 +99,16 @@ def release_verdicts(metrics: dict[str, Any], privacy: dict[str, Any]) -> list[V
             planted["caught_all"] >= PLANTED_CAUGHT_LIMIT,
             "the audit is able to see a leak when one is there"))
     return out
+
+
+def verdict_table(verdicts: list[dict[str, Any]]) -> list[str]:
+    """The verdicts as the lines of a Markdown table (the datasheet, an audit's AUDIT.md)."""
+    lines = ["| test | released set | baseline | verdict |", "|---|---:|---:|---|"]
+    for verdict in verdicts:
+        mark = "-" if verdict["passed"] is None else ("pass" if verdict["passed"] else "not met")
+        lines.append(f"| {verdict['figure']} | {verdict['value']} | {verdict['baseline']} | "
+                     f"{mark} |")
+    return lines
 
 
 def _p(value: float) -> str:

@@ -68,7 +68,8 @@ class Stage:
     in_run: bool = True
     """Whether `unpersonal run` makes it."""
     extra_options: tuple[str, ...] = field(default=())
-    """CLI options beyond the run options: "data_format" for the dataset-reading ones."""
+    """CLI options beyond the run options: "data_format" for the dataset-reading ones,
+    "release" for the audit's --release (audit any folder of images instead)."""
 
 
 @dataclass
@@ -249,11 +250,13 @@ STAGES: tuple[Stage, ...] = (
           "Trains the audit's own embedder and re-ID network first (another seed and width than "
           "the filter's): re-identification rate, distance to closest record, membership "
           "inference, predicate singling-out, planted copies. Writes audit/privacy.json and "
-          "audit/dcr.png.",
+          "audit/dcr.png.\n\nWith --release DIR, audits that folder of images instead (any "
+          "generator's; labels.csv optional) against the run's private data, and writes "
+          "privacy.json, dcr.png and AUDIT.md to --to (default RUN/audit-release/DIR_NAME).",
           build="unpersonal.stages.audit:build_audit",
           reads=("prepare", "generate", "audit-embedder", "audit-reid"),
           sections=("audit", "privacy"), builds_first=("audit-embedder", "audit-reid"),
-          line=_line("audit"), summary_file="privacy.json"),
+          line=_line("audit"), summary_file="privacy.json", extra_options=("release",)),
     Stage("eval", "evaluate",
           "Fidelity, diversity and utility of the released set, each beside its real "
           "baseline.\n\nTrains the audit's own embedder if needed (the feature space), "
