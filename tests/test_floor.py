@@ -126,22 +126,6 @@ def test_aligned_pixels_find_shifted_and_re_exposed_copies_at_distance_near_zero
     assert unshifted[:, 0].max() > 5 * distances.max()  # without alignment they look far apart
 
 
-def test_aligned_pixels_among_candidates_agree_with_the_full_search() -> None:
-    """The filter compares each candidate with a few training rows only: where those include
-    the nearest, the answer is the full search's; rows marked -1 are ignored."""
-    space = AlignedPixels()
-    train, queries = smooth_images(30, 32, seed=3), smooth_images(6, 32, seed=4)
-    reference = space.reference(train)
-    full, full_rows = space.nearest(NeighbourIndex("cosine").fit(reference), queries)
-    others = (full_rows[:, None] + np.arange(1, 4)) % len(train)
-    candidates = np.concatenate([others, full_rows[:, None], np.full((6, 2), -1)], axis=1)
-    among, rows = space.nearest_among(queries, reference, candidates, chunk=4)
-    np.testing.assert_array_equal(rows, full_rows)
-    np.testing.assert_allclose(among, full, atol=1e-5)
-    without, _ = space.nearest_among(queries, reference, others)
-    assert (without >= among - 1e-6).all()
-
-
 def test_aligned_pixels_take_any_layout_and_survive_flat_images() -> None:
     space = AlignedPixels()
     images = smooth_images(4, 32, seed=2)

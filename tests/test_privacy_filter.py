@@ -134,3 +134,22 @@ def test_the_pair_check_against_the_source_holds_candidates_drawn_from_it(
     assert np.array_equal(labels_only.flags["reid"], to_anyone)
     rows = np.arange(min(8, len(train)))
     assert privacy_filter.check(train[rows], rows, drawn_from_source=False).rejected.all()
+
+
+def test_the_pixel_floor_holds_against_every_training_image(calibrated_run: Path) -> None:
+    """Each candidate's pixel distance is its distance to the nearest of ALL training images
+    at every shift (brute force here), whatever the networks think of it: a copy the embedder
+    and the re-ID network do not place near its original is still caught."""
+    from unpersonal.privacy.floor import AlignedPixels
+
+    config = load_config(config_file=calibrated_run / "config.yaml")
+    privacy_filter = load_filter(config, RunDir(calibrated_run))
+    dataset = load_canonical(calibrated_run / "prepare")
+    train = dataset.subset("train").images_float()
+    queries = np.concatenate([dataset.subset("test").images_float(), train[::-1][:5, :, ::-1]])
+    checked = privacy_filter.check(queries, drawn_from_source=False)
+    space = AlignedPixels.from_settings(config.privacy)
+    reference = space.reference(train)
+    brute = np.min([1 - (shifted @ reference.T).max(axis=1) for shifted in space.shifted(queries)],
+                   axis=0)
+    np.testing.assert_allclose(checked.pixel_distance, np.maximum(brute, 0), atol=1e-5)

@@ -268,9 +268,8 @@ class PrivacyConfig(Section):
         0.7, ge=0.0, description="pixel-space check: Gaussian smoothing (px) before comparing, so "
         "that noise does not hide a copy")
     pixel_neighbours: int = Field(
-        16, ge=1, description="pixel-space check in the filter: each candidate is compared with "
-        "this many training images nearest in embedding space, as many in re-ID space, and its "
-        "source (the audit compares with every training image)")
+        16, ge=1, description="not read: the pixel-space check compares every candidate with "
+        "every training image; kept so that configs that set it still load")
     pixel_resolution: int = Field(
         32, ge=16, description="pixel-space check: larger images are compared at this size, so "
         "the check costs the same at every resolution")

@@ -98,8 +98,8 @@ class AlignedPixels:
     A query is compared at every shift of its crop window (`shifted`), and its distance is the
     smallest over shifts: 1 - the best Pearson correlation, 0 for a shifted copy, 0.03 to 0.2
     between two patients' chest films at 32 px. `nearest` compares with every indexed training
-    image (the audit: 49 shifts x all images, about 20 ms per query on 2 cores at 32 px);
-    `nearest_among` with a few given ones (the filter, per generated candidate).
+    image (49 shifts x all images, about 20 ms per query on 2 cores at 32 px), in the filter,
+    its calibration and the audit alike.
     """
 
     max_shift: int = 3
@@ -135,27 +135,6 @@ class AlignedPixels:
         for queries in self.shifted(images):
             distances, indices = index.search(queries, k=1)
             best, rows = _keep_nearer(best, rows, distances[:, 0], indices[:, 0])
-        return np.maximum(best, 0.0), rows
-
-    def nearest_among(self, images: np.ndarray, reference: np.ndarray, candidates: np.ndarray,
-                      chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
-        """Like `nearest`, but each image is compared only with its own candidate training rows
-        (int [M, C] into `reference`; -1 = none): a few dozen instead of every training image,
-        which makes the check affordable per generated candidate."""
-        candidates = np.asarray(candidates, dtype=np.int64)
-        best = np.full(len(images), np.inf)
-        rows = np.full(len(images), -1, dtype=np.int64)
-        for start in range(0, len(images), chunk):
-            part = slice(start, start + chunk)
-            chosen = candidates[part]
-            against = reference[np.maximum(chosen, 0)]  # [m, C, D]
-            for queries in self.shifted(images[part]):
-                distance = 1.0 - np.einsum("md,mcd->mc", queries, against)
-                distance[chosen < 0] = np.inf
-                column = distance.argmin(axis=1)
-                picked = np.arange(len(column)), column
-                best[part], rows[part] = _keep_nearer(best[part], rows[part], distance[picked],
-                                                      chosen[picked])
         return np.maximum(best, 0.0), rows
 
     def _prepare(self, images: np.ndarray) -> np.ndarray:
