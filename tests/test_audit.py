@@ -59,6 +59,12 @@ def test_audit_reports_every_figure_beside_its_held_out_baseline(released_run: P
         assert 0 < test["p_value"] <= test["p_adjusted"] <= 1
     # The phantom generator copies nothing: its release passes every test.
     assert tests["passed"], tests
+    probes = figures["identity_probes"]
+    assert probes["images"] == int((dataset.split == "probe").sum()) > 0
+    for share in ("linked", "linked_to_own_patient", "heldout_linked"):
+        assert 0 <= probes[share] <= 1
+    assert probes["linked_to_own_patient"] <= probes["linked"]
+    assert 0 < probes["p_value"] <= 1 and 0 <= probes["auc_vs_heldout"] <= 1
 
 
 def test_the_audit_models_are_not_the_filters(released_run: Path) -> None:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from unpersonal.privacy.leaks import (SINGLE_IMAGE, TRANSFORMS, leak_count, leak_kinds,
-                                      leaked_release, make_leaks)
+from unpersonal.privacy.leaks import (IDENTITY_PROBE, SINGLE_IMAGE, TRANSFORMS, leak_count,
+                                      leak_kinds, leaked_release, make_leaks)
 from unpersonal.sampling.solvers import sample
 
 
@@ -114,3 +114,14 @@ def test_leaked_release_replaces_the_share_asked_for() -> None:
     assert (release == 0).all()  # the clean release is left as it was
     with pytest.raises(ValueError, match="in \\(0, 1\\]"):
         leak_count(200, 0.0)
+
+
+def test_identity_probe_leaks_are_the_runs_probes(train: tuple) -> None:
+    images, patients = train
+    probes = images[:6] * 0.5
+    leaks = make_leaks(IDENTITY_PROBE, images, patients, 4, seed=0, probes=probes)
+    np.testing.assert_array_equal(leaks.images, probes[leaks.rows])
+    assert len(set(leaks.rows)) == 4
+    with pytest.raises(ValueError, match="has 0 identity probes"):
+        make_leaks(IDENTITY_PROBE, images, patients, 1, seed=0)
+    assert IDENTITY_PROBE in leak_kinds()

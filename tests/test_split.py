@@ -6,7 +6,7 @@ import numpy as np
 
 from unpersonal.config import load_config
 from unpersonal.data.prepare import build_canonical
-from unpersonal.data.split import patient_groups, split_patients
+from unpersonal.data.split import PROBE, hold_out_identity_probes, patient_groups, split_patients
 from tests.conftest import random_images, write_flat_npz
 
 
@@ -57,3 +57,30 @@ def test_prepare_without_split_makes_one_by_patient(tmp_path: Path) -> None:
     counts = [int((data.split == name).sum()) for name in ("train", "val", "test")]
     assert 88 <= counts[0] <= 102 and counts[1] >= 6 and counts[2] >= 6
     assert "made by unpersonal" in data.meta["split"]
+
+
+def test_identity_probes_are_one_unseen_image_of_some_multi_image_training_patients() -> None:
+    patients, labels = _patients_and_labels(600)
+    digests = [str(i) for i in range(len(patients))]
+    digests[5] = digests[700]  # an image with a twin is never a probe
+    split = split_patients(patient_groups(patients, digests), labels, (0.8, 0.1, 0.1), seed=0)
+    probed = hold_out_identity_probes(split, patients, digests, 0.05, seed=3)
+    probes = np.flatnonzero(probed == PROBE)
+    train_before = int((split == "train").sum())
+    assert len(probes) == round(0.05 * (train_before - np.sum(split[[5, 700]] == "train")))
+    assert (split[probes] == "train").all() and 5 not in probes and 700 not in probes
+    assert len(set(patients[probes])) == len(probes)  # one per patient
+    for patient in patients[probes]:  # each keeps two training images or more
+        assert np.sum((patients == patient) & (probed == "train")) >= 2
+    unchanged = probed != PROBE
+    assert np.array_equal(probed[unchanged], split[unchanged])
+    assert np.array_equal(probed, hold_out_identity_probes(split, patients, digests, 0.05, 3))
+    assert not np.array_equal(probed, hold_out_identity_probes(split, patients, digests, 0.05, 4))
+    assert np.array_equal(hold_out_identity_probes(split, patients, digests, 0.0, 3), split)
+
+
+def test_identity_probes_are_capped_by_the_patients_that_can_spare_one() -> None:
+    patients = np.repeat(["A", "B", "C"], [3, 2, 5])
+    split = np.array(["train"] * 10, dtype="<U5")
+    probed = hold_out_identity_probes(split, patients, [str(i) for i in range(10)], 0.45, 0)
+    assert sorted(patients[probed == PROBE]) == ["A", "C"]  # B has two images only

@@ -59,6 +59,10 @@ class DataConfig(Section):
     split_fractions: tuple[float, float, float] = Field(
         (0.8, 0.1, 0.1), description="train/val/test shares of the patient-level split made when "
         "the data has none")
+    identity_probe_share: float = Field(
+        0.05, ge=0.0, lt=0.5, description="share of the training images held back as identity "
+        "probes: one image each of training patients with 3 or more, never trained on, that "
+        "every audit shows its re-ID network linking to their patient (0: none)")
 
     @field_validator("split_fractions")
     @classmethod

@@ -19,8 +19,8 @@ from unpersonal.config import DataConfig, PhantomConfig
 from unpersonal.data.canonical import CanonicalDataset
 from unpersonal.data.pixels import fit_square, quantize, resize, to_grey
 from unpersonal.data.source import SPLITS, Source, interpret_labels
-from unpersonal.data.split import (check_given_split_filled, check_made_split_filled,
-                                   patient_groups, split_patients)
+from unpersonal.data.split import (PROBE, check_given_split_filled, check_made_split_filled,
+                                   hold_out_identity_probes, patient_groups, split_patients)
 from unpersonal.errors import UserError
 from unpersonal.progress import track
 from unpersonal.rundir import sha256_file, sha256_json
@@ -67,6 +67,8 @@ def build_canonical(settings: DataConfig, phantoms: PhantomConfig, seed: int) ->
                                 source.description)
         split_origin = (f"made by unpersonal: by patient, stratified by label, fractions "
                         f"{list(settings.split_fractions)}, seed {seed}")
+    split = hold_out_identity_probes(split, patients, digests, settings.identity_probe_share,
+                                     seed)
     _note_duplicates_within_splits(source, digests, patients)
     data = CanonicalDataset(images, labels, patients, split, np.array(source.refs), names, kind,
                             depth)
@@ -209,6 +211,9 @@ def summarize(data: CanonicalDataset) -> dict[str, Any]:
             "positives": {label: int(data.labels[keep, k].sum())
                           for k, label in enumerate(data.label_names)},
         }
+    probes = data.split == PROBE
+    summary["identity_probes"] = {"images": int(probes.sum()),
+                                  "patients": len(np.unique(data.patient_id[probes]))}
     summary["shared_patients"] = len((members["train"] & members["val"])
                                      | (members["train"] & members["test"])
                                      | (members["val"] & members["test"]))

@@ -7,11 +7,17 @@ together too, since the image itself would otherwise leak across splits.
 Every later stage needs train, val and test images, so each split with a share gets at least one
 patient even on a small dataset, and `prepare` refuses a split (given or made) that leaves one
 empty.
+
+Identity probes (split "probe") are the one exception to whole patients: one image each of some
+training patients with three images or more, held back from every model. They are what a
+release must not contain and a re-ID network exists to catch, an unseen image of a training
+patient; every audit shows how its models treat them (`evaluation.audit`), and the leak kit
+leaks them (`privacy.leaks`).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 
@@ -21,6 +27,34 @@ from unpersonal.errors import UserError
 # Why an empty split is refused at prepare rather than by the later stage that trips over it:
 # models are early-stopped and calibrated on val and scored on test.
 _NEEDS_ALL = "every later stage needs train, val and test images"
+
+
+PROBE = "probe"
+PROBE_MIN_IMAGES = 3  # a probed patient keeps two training images: a pair to learn identity from
+
+
+def hold_out_identity_probes(split: np.ndarray, patients: np.ndarray, image_hashes: list[str],
+                             share: float, seed: int) -> np.ndarray:
+    """`split` with one training image of each of some training patients moved to "probe".
+
+    round(share x training images) probes at most, from distinct patients with at least
+    PROBE_MIN_IMAGES training images, patients and images drawn at random (seeded). An image
+    with an identical twin anywhere in the data is never a probe: it would not be unseen."""
+    repeated = {digest for digest, count in Counter(image_hashes).items() if count > 1}
+    unique = np.array([digest not in repeated for digest in image_hashes])
+    train = np.flatnonzero((split == "train") & unique)
+    wanted = int(round(share * len(train)))
+    if wanted == 0:
+        return split
+    _, inverse, counts = np.unique(patients[train], return_inverse=True, return_counts=True)
+    eligible = np.flatnonzero(counts >= PROBE_MIN_IMAGES)
+    rng = np.random.default_rng([seed, 41])
+    chosen = np.sort(rng.choice(eligible, min(wanted, len(eligible)), replace=False))
+    out = split.copy()
+    for patient in chosen:
+        rows = train[inverse == patient]
+        out[rows[rng.integers(len(rows))]] = PROBE
+    return out
 
 
 def patient_groups(patients: np.ndarray, image_hashes: list[str]) -> list[np.ndarray]:

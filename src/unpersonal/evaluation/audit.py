@@ -31,7 +31,11 @@ together (Holm) so that an honest release fails any of them with probability at 
   patient, minus the same rate on the held-out population, with a permutation p-value;
 * planted copies: training images perturbed slightly (`privacy.planted`): the share the audit
   flags (re-ID link, or a DCR below the held-out 1st percentile in either space). A check of the
-  audit, not of the release: it is not one of the corrected tests.
+  audit, not of the release: it is not one of the corrected tests;
+* identity probes: unseen images of training patients that `prepare` held back from every model
+  (`data.split`): how often the audit's re-ID network links them, and to their own patient,
+  beside held-out patients' images. The leak a re-ID network exists for, on this very dataset:
+  it shows whether, and how well, this audit sees identity. Also a check of the audit.
 """
 
 from __future__ import annotations
@@ -41,11 +45,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from unpersonal.artifacts.embedder import load_embedder
 from unpersonal.artifacts.reid import ReidScorer, load_reid
 from unpersonal.config import AuditConfig
 from unpersonal.data.canonical import CanonicalDataset
+from unpersonal.data.split import PROBE
 from unpersonal.evaluation.plots import png_bytes, pyplot
 from unpersonal.evaluation.sets import AUDIT_EMBEDDER, AUDIT_REID
 from unpersonal.privacy.attacks import (dcr_summary, distance_to_closest_record,
@@ -107,6 +113,7 @@ class AuditModels:
                               else "test")
         is_heldout = dataset.split == self.heldout_split
         self.heldout = dataset.subset(self.heldout_split)
+        self.probes = dataset.subset(PROBE) if (dataset.split == PROBE).any() else None
         self.features = {"train": features[is_train], "heldout": features[is_heldout]}
         images = dataset.images_float()
         self.reid_vectors = {"train": self.reid.embed(images[is_train])}
@@ -198,8 +205,31 @@ def audit_vectors(models: AuditModels, release: SetVectors, settings: AuditConfi
                   "passed": not any(v["rejected"] for v in verdicts.values())},
         "planted_copies": (planted_copy_check(models, tests, settings, seed)
                            if settings.planted else None),
+        "identity_probes": identity_probe_check(models),
     }
     return figures, distances
+
+
+def identity_probe_check(models: AuditModels) -> dict[str, Any] | None:
+    """How the audit's re-ID network treats unseen images of training patients, beside
+    held-out patients' images: linked (above the audit's threshold), linked to their own
+    patient, the ROC-AUC of the best score between the two, and the exceedance test's p-value
+    (small: the audit sees identity here). None when the run has no probes."""
+    probes = models.probes
+    if probes is None or len(probes) == 0:
+        return None
+    found = reid_rate(models.reid.embed(probes.images_float()), models.reid_vectors["train"],
+                      models.reid.scorer, models.neighbours)
+    linked = found["max_score"] > models.scorer.threshold
+    own = models.train.patient_id[found["best_row"]] == probes.patient_id
+    heldout = models.heldout_best
+    test = exceedance_test(found["max_score"], heldout, 1 - models.quantile, "above")
+    truth = np.r_[np.ones(len(probes)), np.zeros(len(heldout))]
+    return {"images": len(probes), "linked": float(linked.mean()),
+            "linked_to_own_patient": float((linked & own).mean()),
+            "best_match_own_patient": float(own.mean()),
+            "heldout_linked": test["expected_share"], "p_value": test["p_value"],
+            "auc_vs_heldout": float(roc_auc_score(truth, np.r_[found["max_score"], heldout]))}
 
 
 def planted_copy_check(models: AuditModels, tests: dict[str, dict[str, Any]],

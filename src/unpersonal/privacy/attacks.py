@@ -46,7 +46,8 @@ def reid_rate(queries: np.ndarray, train: np.ndarray, scorer: ReidScorer, k: int
     Run it on the synthetic set for the figure and on held-out real images for the reference:
     the rate an honest image of a new patient gets.
 
-    Returns {"rate", "linked" bool [M], "max_score" float64 [M], "threshold"}.
+    Returns {"rate", "linked" bool [M], "max_score" float64 [M], "best_row" (the training row
+    of each query's highest score) int [M], "threshold"}.
     """
     queries, train = _unit_rows(queries, "queries"), _unit_rows(train, "training embeddings")
     _same_dim(queries, train)
@@ -58,8 +59,9 @@ def reid_rate(queries: np.ndarray, train: np.ndarray, scorer: ReidScorer, k: int
     scores = np.where(found, scorer.score(cosine), -np.inf)
     max_score = scores.max(axis=1)
     linked = max_score >= scorer.threshold
+    best_row = nearest[np.arange(len(nearest)), scores.argmax(axis=1)]
     return {"rate": float(linked.mean()), "linked": linked, "max_score": max_score,
-            "threshold": float(scorer.threshold)}
+            "best_row": best_row, "threshold": float(scorer.threshold)}
 
 
 # ---- distance to the closest record ----

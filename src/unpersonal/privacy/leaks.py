@@ -19,6 +19,8 @@ Kinds (images float [N, R, R] in [0, 1] throughout):
     resample         halved in size, then brought back (a blurred, blocky copy)
     single-image     a copy of a patient with only one training image: no re-ID network can
                      learn such a patient from pairs
+    identity-probe   an unseen image of a training patient (`prepare`'s identity probes, never
+                     trained on): the leak a re-ID filter exists for
     model-<sigma>    a near-copy the run's own diffusion model makes: the training image noised
                      to `sigma` (in the model's [-1, 1] units) and denoised back, conditioned on
                      its own training row, as a memorising generator returns it
@@ -89,11 +91,13 @@ TRANSFORMS: dict[str, Perturbation] = {
     "flip": flip, "crop": crop, "rotate": rotate, "gamma": gamma, "resample": resample,
 }
 SINGLE_IMAGE = "single-image"
+IDENTITY_PROBE = "identity-probe"
 
 
 def leak_kinds(model_sigmas: tuple[float, ...] = DEFAULT_MODEL_SIGMAS) -> list[str]:
     """Every kind `make_leaks` can make, the model's near-copies at `model_sigmas`."""
-    return [*TRANSFORMS, SINGLE_IMAGE, *(f"{MODEL_PREFIX}{sigma:g}" for sigma in model_sigmas)]
+    return [*TRANSFORMS, SINGLE_IMAGE, IDENTITY_PROBE,
+            *(f"{MODEL_PREFIX}{sigma:g}" for sigma in model_sigmas)]
 
 
 @dataclass(frozen=True)
@@ -104,16 +108,25 @@ class Leaks:
     images: np.ndarray
     """float32 [N, R, R] in [0, 1]"""
     rows: np.ndarray
-    """the training row each one copies"""
+    """the training row each one copies (identity-probe: the probe's row among the probes)"""
 
 
 def make_leaks(kind: str, train_images: np.ndarray, train_patients: np.ndarray, count: int,
-               seed: int, renoise: Renoise | None = None) -> Leaks:
+               seed: int, renoise: Renoise | None = None, probes: np.ndarray | None = None
+               ) -> Leaks:
     """`count` leaked images of `kind` from distinct training images drawn at random (seeded).
 
     `train_images` float [N, R, R] in [0, 1] and their patients; `renoise` is needed for the
-    model's near-copies only.
+    model's near-copies only, `probes` (the identity probes' images) for identity-probe only.
     """
+    if kind == IDENTITY_PROBE:
+        available = 0 if probes is None else len(probes)
+        if count > available:
+            raise ValueError(f"{count} leaks of kind {kind!r} asked for, but the run has "
+                             f"{available} identity probes")
+        rows = np.sort(np.random.default_rng([seed, *kind.encode()]).choice(
+            available, count, replace=False))
+        return Leaks(kind, np.asarray(probes[rows], np.float32), rows)
     if len(train_patients) != len(train_images):
         raise ValueError(f"one patient id per image needed: {len(train_images)} images, "
                          f"{len(train_patients)} ids")

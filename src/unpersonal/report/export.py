@@ -145,6 +145,7 @@ def datasheet(dataset: CanonicalDataset, images: int, metrics: dict[str, Any],
                     "singling_out_excess_ci95": privacy["singling_out"]["max_ci"],
                     "planted_copies_caught": (privacy.get("planted_copies") or {}).get(
                         "caught_all"),
+                    "identity_probes": privacy.get("identity_probes"),
                     "tests": privacy["tests"]},
         "utility": {"classification_auc": {name: classification[name]["mean"] for name in
                                            ("real", "synthetic", "real+synthetic")

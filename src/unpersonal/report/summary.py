@@ -98,6 +98,16 @@ def privacy_verdicts(privacy: dict[str, Any]) -> list[Verdict]:
             f"{planted['caught_all']:.1%}", f"at least {PLANTED_CAUGHT_LIMIT:.0%}",
             planted["caught_all"] >= PLANTED_CAUGHT_LIMIT,
             "the audit is able to see a leak when one is there"))
+    probes = privacy.get("identity_probes")
+    if probes:
+        out.append(Verdict(
+            "identity probes (unseen images of training patients) linked by the audit",
+            f"{probes['linked']:.1%} ({probes['linked_to_own_patient']:.1%} to their own "
+            f"patient; ROC-AUC {probes['auc_vs_heldout']:.3f} against new patients)",
+            f"{probes['heldout_linked']:.1%} of new patients' images",
+            probes["p_value"] <= privacy["tests"]["alpha"],
+            "the audit sees identity on this dataset: it links unseen images of training "
+            "patients more often than new patients' images"))
     return out
 
 

@@ -38,8 +38,11 @@ def prepare(meta: dict[str, Any], folder: Path) -> Lines:
 def summary_tables(summary: dict[str, Any], label_names: list[str]) -> tuple[Table, Table]:
     """Patients per split, and positive images per label and split."""
     splits = summary["splits"]
+    probes = summary.get("identity_probes", {"images": 0})
     people = Table(title="prepared dataset", title_justify="left",
-                   caption=f"patients shared between splits: {summary['shared_patients']}")
+                   caption=f"patients shared between splits: {summary['shared_patients']}; "
+                           f"identity probes held back from training: {probes['images']:,} "
+                           "(one image each of as many training patients)")
     for column in ("split", "images", "patients", "per patient", "max", "2+ images"):
         people.add_column(column, justify="left" if column == "split" else "right")
     for split, row in splits.items():
@@ -172,6 +175,11 @@ def privacy_table(figures: dict[str, Any]) -> Table:
     planted = figures.get("planted_copies")
     if planted:
         table.add_row("planted near-copies caught", f"{planted['caught_all']:.1%}", "100%", "")
+    probes = figures.get("identity_probes")
+    if probes:
+        table.add_row("identity probes linked (unseen images of training patients)",
+                      f"{probes['linked']:.1%}", f"{probes['heldout_linked']:.1%}",
+                      f"{probes['p_value']:.2g}")
     return table
 
 
