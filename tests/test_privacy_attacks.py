@@ -108,24 +108,29 @@ def test_membership_of_exact_copies_is_certain() -> None:
 
 
 def test_singling_out_counts_patients_not_images() -> None:
-    """By hand in 2D: the predicate isolates when exactly one PATIENT has a matching image."""
+    """By hand in 2D: a predicate isolates when exactly one training PATIENT has a matching
+    image; released and held-out images' predicates are counted on the same population."""
     scorer = ReidScorer(scale=10.0, bias=-6.0, threshold=0.5)
     at = lambda *degrees: np.array([[np.cos(np.radians(d)), np.sin(np.radians(d))]  # noqa: E731
                                     for d in degrees])
     train, train_patient = at(0, 90, 10), np.array(["a", "b", "a"])  # a's two images apart
-    heldout, heldout_patient = at(180, 270), np.array([7, 3])  # any hashable ids
-    # 0 deg: a only (both images: still one patient); 45: a and b at 0.5, nobody at 0.9;
-    # 180: c only; 20: a only. At 0.99 nobody reaches a score (the best is sigmoid(4) = 0.982).
+    # Released: 0 deg matches a only (both images: still one patient); 45 matches a and b at
+    # 0.5 and nobody at 0.9; 180 nobody; 20 a only. At 0.99 nobody reaches a score (the best is
+    # sigmoid(4) = 0.982).
     synthetic = at(0, 45, 180, 20)
-    result = singling_out(synthetic, train, train_patient, heldout, heldout_patient, scorer,
-                          [0.9, 0.5, 0.99], repeats=5)
+    # Held-out: 180 and 270 match nobody; 100 matches b alone; 60 matches a and b at 0.5, b
+    # alone at 0.9.
+    heldout = at(180, 270, 100, 60)
+    result = singling_out(synthetic, train, train_patient, heldout, scorer, [0.9, 0.5, 0.99],
+                          repeats=5)
     np.testing.assert_array_equal(result["thresholds"], [0.5, 0.9, 0.99])
     np.testing.assert_allclose(result["train_rate"], [0.5, 0.5, 0.0])
-    np.testing.assert_allclose(result["heldout_rate"], [0.25, 0.25, 0.0])
-    np.testing.assert_allclose(result["excess"], [0.25, 0.25, 0.0])
+    np.testing.assert_allclose(result["heldout_rate"], [0.25, 0.5, 0.0])
+    np.testing.assert_allclose(result["excess"], [0.25, 0.0, 0.0])
     assert result["max_excess"] == 0.25 and result["max_threshold"] == 0.5
-    assert result["population_size"] == 2
-    assert result["images_per_patient"] == {"train": 1.5, "heldout": 1.0}
+    assert result["population_size"] == 2  # the whole training population, a and b
+    # The held-out predicates' weight: patients matched per predicate, over the 2 patients.
+    np.testing.assert_allclose(result["weight"], [(0 + 0 + 1 + 2) / 4 / 2, (1 + 1) / 4 / 2, 0])
 
 
 # ---- an honest synthetic set: images of new patients ----
@@ -173,10 +178,10 @@ def test_non_members_of_another_kind_read_as_membership() -> None:
 
 
 def test_honest_set_singles_out_nobody(world: SimpleNamespace) -> None:
-    result = singling_out(world.fresh, world.train, world.train_patient, world.heldout,
-                          world.heldout_patient, SCORER, THRESHOLDS)
+    result = singling_out(world.fresh, world.train, world.train_patient, world.heldout, SCORER,
+                          THRESHOLDS, repeats=199)
     assert result["heldout_rate"].max() > 0.2  # predicates do isolate people by chance ...
-    assert not result["significant"]  # ... training patients no more often than others
+    assert not result["significant"]  # ... no more often from the set than from new patients
     low, high = result["max_ci"]
     assert low <= 0 <= high and abs(result["max_excess"]) < 0.1
 
@@ -209,40 +214,68 @@ def test_copies_of_some_images_reveal_membership_of_those(world: SimpleNamespace
 
 
 def test_copies_single_out_training_patients(world: SimpleNamespace) -> None:
-    result = singling_out(world.copies, world.train, world.train_patient, world.heldout,
-                          world.heldout_patient, SCORER, THRESHOLDS)
+    result = singling_out(world.copies, world.train, world.train_patient, world.heldout, SCORER,
+                          THRESHOLDS, repeats=199)
     assert result["significant"] and result["max_ci"][0] > 0.5
     assert result["max_excess"] > 0.8 and result["max_threshold"] >= 0.5
-    assert result["p_value"] == pytest.approx(1 / 21)  # no permutation came near
+    assert result["p_value"] == pytest.approx(1 / 200)  # no permutation came near
+
+
+def test_a_few_copies_among_honest_images_single_out_the_whole_population() -> None:
+    """5% of the set copied from 5% of 400 training patients: significant, since every
+    training patient counts (no subsample of the population dilutes the copies)."""
+    rng = np.random.default_rng(12)
+    train, train_patient = patients(rng, 400, "T")
+    heldout, _ = patients(rng, 100, "H")
+    fresh, _ = patients(rng, 380, "F", per=1)
+    copied = rng.choice(len(train), 20, replace=False)
+    synthetic = np.concatenate([fresh, copies_of(train[copied], rng)])
+    result = singling_out(synthetic, train, train_patient, heldout, SCORER, THRESHOLDS,
+                          repeats=999)
+    assert result["p_value"] < 0.01 and result["max_excess"] > 0.04, result
+    honest = singling_out(fresh, train, train_patient, heldout, SCORER, THRESHOLDS, repeats=999)
+    assert honest["p_value"] > 0.05
 
 
 # ---- the baseline itself ----
 
 def test_two_samples_of_one_population_show_no_excess() -> None:
-    """Training and held-out patients drawn alike, unequal counts (the training side is
-    subsampled), synthetic images of a third sample with wider spread so that many predicates
-    isolate someone: whatever the threshold, the interval contains 0."""
+    """Released and held-out images both of new patients, released with wider spread so that
+    many predicates isolate someone: whatever the threshold, the interval contains 0."""
     rng = np.random.default_rng(11)
     train, train_patient = patients(rng, 90, "A")
-    heldout, heldout_patient = patients(rng, 60, "B")
-    synthetic, _ = patients(rng, 100, "C", per=2, noise=0.6)
-    result = singling_out(synthetic, train, train_patient, heldout, heldout_patient, SCORER,
-                          THRESHOLDS, repeats=40, seed=2)
-    assert result["population_size"] == 60 and result["repeats"] == 40
+    heldout, _ = patients(rng, 60, "B")
+    synthetic, _ = patients(rng, 60, "C")
+    result = singling_out(synthetic, train, train_patient, heldout, SCORER, THRESHOLDS,
+                          repeats=400, seed=2)
+    assert result["population_size"] == 90 and result["repeats"] == 400
     assert result["train_rate"].max() > 0.2 and result["heldout_rate"].max() > 0.2
     assert (result["excess_ci"][:, 0] <= 0).all() and (result["excess_ci"][:, 1] >= 0).all()
     assert not result["significant"] and result["p_value"] > 0.05
 
 
+def test_singling_out_false_alarms_at_most_alpha() -> None:
+    """60 honest releases (new patients' images) against one training population: the
+    permutation p-value falls below 0.05 in at most 5% of them, up to binomial spread."""
+    rng = np.random.default_rng(13)
+    train, train_patient = patients(rng, 60, "T")
+    alarms = []
+    for draw in range(60):
+        synthetic, _ = patients(rng, 30, f"S{draw}-")
+        heldout, _ = patients(rng, 30, f"H{draw}-")
+        alarms.append(singling_out(synthetic, train, train_patient, heldout, SCORER, THRESHOLDS,
+                                   repeats=99, seed=draw)["p_value"] <= 0.05)
+    assert np.mean(alarms) <= 0.05 + 2.5 * np.sqrt(0.05 * 0.95 / 60)
+
+
 def test_results_repeat_with_the_seed_and_vary_without(world: SimpleNamespace) -> None:
-    args = (world.fresh, world.train, world.train_patient, world.heldout[:450],
-            world.heldout_patient[:450], SCORER, THRESHOLDS)
+    args = (world.fresh, world.train, world.train_patient, world.heldout, SCORER, THRESHOLDS)
     first, again = singling_out(*args, seed=4), singling_out(*args, seed=4)
     other = singling_out(*args, seed=5)
     np.testing.assert_array_equal(first["excess"], again["excess"])
     np.testing.assert_array_equal(first["excess_ci"], again["excess_ci"])
-    assert first["population_size"] == 150  # 200 training patients subsampled to 150
-    assert not np.array_equal(first["train_rate"], other["train_rate"])
+    np.testing.assert_array_equal(first["excess"], other["excess"])  # no subsample: same rates
+    assert not np.array_equal(first["excess_ci"], other["excess_ci"])  # other permutations
 
 
 # ---- bad inputs ----
@@ -251,11 +284,11 @@ def test_bad_inputs_are_refused(world: SimpleNamespace) -> None:
     with pytest.raises(ValueError, match="unit-norm"):
         reid_rate(world.fresh * 2, world.train, SCORER)
     with pytest.raises(ValueError, match="one id per image"):
-        singling_out(world.fresh, world.train, world.train_patient[:-1], world.heldout,
-                     world.heldout_patient, SCORER, THRESHOLDS)
+        singling_out(world.fresh, world.train, world.train_patient[:-1], world.heldout, SCORER,
+                     THRESHOLDS)
     with pytest.raises(ValueError, match="thresholds"):
-        singling_out(world.fresh, world.train, world.train_patient, world.heldout,
-                     world.heldout_patient, SCORER, [0.5, 1.0])
+        singling_out(world.fresh, world.train, world.train_patient, world.heldout, SCORER,
+                     [0.5, 1.0])
     with pytest.raises(ValueError, match="dimensions"):
         distance_to_closest_record(world.fresh[:, :8], world.train)
     with pytest.raises(ValueError, match="at least k"):

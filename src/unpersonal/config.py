@@ -349,11 +349,12 @@ class AuditConfig(Section):
                                  "space, each released image is verified against")
     pso_thresholds: tuple[float, ...] = Field(
         (0.5, 0.8, 0.9, 0.95, 0.99), description="re-ID score thresholds t of the singling-out "
-        "predicates 'score with s >= t'; the calibrated threshold is always added")
-    pso_repeats: int = Field(200, ge=2, description="subsamples of the training patients for "
-                             "the singling-out baseline and its permutation p-value, whose "
-                             "smallest value is 1 / (repeats + 1): 200 lets it pass the Holm "
-                             "correction over the audit's eight tests")
+        "predicates 'score with s >= t'; the audit's threshold and the median, 90th and 99th "
+        "percentiles of held-out images' best scores are always added")
+    pso_repeats: int = Field(999, ge=2, description="permutations of released and held-out "
+                             "images behind the singling-out interval and p-value, whose "
+                             "smallest value is 1 / (repeats + 1), below what the Holm "
+                             "correction over the audit's eight tests needs")
     alpha: float = Field(0.05, gt=0.0, lt=0.5, description="family-wise error of the privacy "
                          "verdicts together: an honest release fails any of them with at most "
                          "this probability (Holm's correction)")

@@ -27,8 +27,9 @@ together (Holm) so that an honest release fails any of them with probability at 
   split's: a test split collected apart (Kermany's official one) differs in kind, which the
   density attack measures instead of membership (AUC 0.63 for a set that scores 0.50 against
   validation, BENCHMARKS.md);
-* predicate singling-out: how often "re-ID score with s >= t" isolates exactly one training
-  patient, minus the same rate on the held-out population, with a permutation p-value;
+* predicate singling-out: how often "re-ID score with s >= t" isolates exactly one patient of
+  the whole training population when s is a released image, minus the same rate when s is a
+  held-out image, with a permutation p-value;
 * planted copies: training images perturbed slightly (`privacy.planted`): the share the audit
   flags (re-ID link, or a DCR below the held-out 1st percentile in either space). A check of the
   audit, not of the release: it is not one of the corrected tests;
@@ -64,6 +65,7 @@ from unpersonal.progress import console
 
 SCHEMA = 2
 SPACES = ("embedding", "pixel")
+PSO_HELDOUT_QUANTILES = (0.5, 0.9, 0.99)
 
 
 @dataclass(frozen=True)
@@ -172,9 +174,8 @@ def audit_vectors(models: AuditModels, release: SetVectors, settings: AuditConfi
         d = distances[space]
         tests[f"dcr_{space}_q01"] = exceedance_test(d["synthetic"], d["heldout"], 0.01, "below")
         tests[f"dcr_{space}_min"] = exceedance_test(d["synthetic"], d["heldout"], 0.0, "below")
-    thresholds = sorted({*settings.pso_thresholds, round(models.scorer.threshold, 6)})
     pso = singling_out(release.reid, models.reid_vectors["train"], models.train.patient_id,
-                       heldout.reid, models.heldout.patient_id, models.scorer, thresholds,
+                       heldout.reid, models.scorer, pso_thresholds(models, settings),
                        repeats=settings.pso_repeats, seed=seed)
     mia = membership_inference(models.features["train"], heldout.features, release.features,
                                heldout_patient=models.heldout.patient_id, seed=seed,
@@ -208,6 +209,15 @@ def audit_vectors(models: AuditModels, release: SetVectors, settings: AuditConfi
         "identity_probes": identity_probe_check(models),
     }
     return figures, distances
+
+
+def pso_thresholds(models: AuditModels, settings: AuditConfig) -> list[float]:
+    """The singling-out thresholds: the configured ones, the audit's re-ID threshold, and the
+    median, 90th and 99th percentiles of held-out images' best scores, so that some thresholds
+    lie where the network's scores actually fall."""
+    reached = np.quantile(models.heldout_best, PSO_HELDOUT_QUANTILES)
+    values = {*settings.pso_thresholds, models.scorer.threshold, *reached.tolist()}
+    return sorted({round(float(v), 6) for v in values if 0 < v < 1})
 
 
 def identity_probe_check(models: AuditModels) -> dict[str, Any] | None:

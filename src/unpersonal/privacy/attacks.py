@@ -8,8 +8,9 @@ measure how often. So each attack is run twice, or carries its own reference:
     reid_rate              synthetic vs held-out images linked to any training patient
     dcr_summary            distances to the closest training image, synthetic vs held-out
     membership_inference   can the synthetic set tell training images from held-out ones? (AUC)
-    singling_out           do synthetic images isolate one training patient more often than one
-                           held-out patient? (excess rate, permutation interval and p-value)
+    singling_out           do synthetic images' predicates isolate one training patient more
+                           often than held-out images' predicates do? (excess rate, permutation
+                           interval and p-value)
 
 Inputs are unit-norm embeddings [N, D] (the re-ID network's or the embedder's); patient ids are
 any array of hashable labels, one per row. Nothing here loads a model: a re-ID network enters as
@@ -242,35 +243,36 @@ def _attack_result(truth: np.ndarray, scores: np.ndarray) -> dict[str, float]:
 # ---- predicate singling out ----
 
 def singling_out(synthetic: np.ndarray, train: np.ndarray, train_patient: np.ndarray,
-                 heldout: np.ndarray, heldout_patient: np.ndarray, scorer: ReidScorer,
-                 thresholds: Sequence[float], repeats: int = 20, seed: int = 0,
-                 level: float = 0.95) -> dict:
-    """Predicate singling out (Cohen & Nissim 2020): do synthetic images isolate training patients?
+                 heldout: np.ndarray, scorer: ReidScorer, thresholds: Sequence[float],
+                 repeats: int = 999, seed: int = 0, level: float = 0.95) -> dict:
+    """Predicate singling out (Cohen & Nissim 2020) of the whole training population.
 
-    Each synthetic image s and threshold t define the predicate "some image of the patient has a
-    re-ID score with s of at least t". It isolates a population when exactly one of its patients
-    satisfies it. Some predicates isolate someone in any population by chance, so the rate on the
-    training patients is compared with the rate on held-out patients, in populations of the same
-    size (the rate depends on it): n = the smaller patient count, the larger side subsampled to n
-    patients anew in each of `repeats` draws. Per threshold:
+    Each released image s and threshold t define the predicate "some image of the patient has a
+    re-ID score with s of at least t". It isolates when exactly one training patient satisfies
+    it. Some predicates isolate someone by chance, so the same predicates are built from
+    held-out real images (patients nobody trained on), which know nothing of the training
+    patients, and evaluated on the same population, all of it:
 
-        excess = mean over draws of (share isolating a training population
-                                     - share isolating a held-out population)
+        excess(t) = share of released images whose predicate isolates a training patient
+                  - the same share for held-out images
 
-    The uncertainty comes from permutations: if the synthetic set knew nothing of the training
-    patients, the two populations of a draw would be exchangeable. Each draw also pools them,
-    splits the pool at random into two halves of n and takes the same difference, over a
-    bootstrap resample of the synthetic images (they are a sample too). These null differences
-    give one band [low, high] that holds them at every threshold at once in `level` of the draws,
-    and each threshold's interval is [excess - high, excess - low] (a shift-model permutation
-    interval, simultaneous, so picking the threshold of the largest excess keeps its coverage).
-    "significant" means that interval lies above 0: the set singles out training patients.
-    "p_value" (one-sided: only an excess harms) is the share of draws whose largest null
-    difference over thresholds reaches the largest excess; with 20 repeats it is at least 1/21,
-    so raise `repeats` (cheap: the scores are computed once) for a finer one.
+    The predicate's weight, the share of patients a held-out image's predicate matches (its
+    chance to match someone it knows nothing of), is reported per threshold ("weight"): a
+    predicate of weight w isolates by chance in a population of n at most about n w (1 - w)^(n-1);
+    the excess at low weight is what singles out.
 
-    Patients should have similar numbers of images in both sets: a patient with more images
-    satisfies more predicates. "images_per_patient" reports both.
+    The uncertainty comes from permutations: if the released set knew no more of the training
+    patients than new patients' images do, released and held-out images would be exchangeable.
+    Each of `repeats` draws pools them, reassigns which are "released" at random, and takes the
+    same difference. Each threshold's difference is divided by its null spread (a max-T test),
+    so that the few isolations of a rare, telling predicate are not drowned by the chance
+    swings of a common one. The band [low, high] holds these studentized null differences at
+    every threshold at once in `level` of the draws, and each threshold's interval is
+    [excess - high * spread, excess - low * spread] (simultaneous, so picking the threshold of
+    the largest excess keeps its coverage). The threshold reported ("max_threshold",
+    "max_excess") is the one of the largest studentized excess; "p_value" (one-sided: only an
+    excess harms) is the share of draws whose largest studentized null difference reaches it,
+    at least 1 / (repeats + 1). "significant" means that threshold's interval lies above 0.
     """
     synthetic = _unit_rows(synthetic, "synthetic embeddings")
     train, heldout = _unit_rows(train, "training embeddings"), _unit_rows(heldout, "held-out")
@@ -279,50 +281,43 @@ def singling_out(synthetic: np.ndarray, train: np.ndarray, train_patient: np.nda
     thresholds = _checked_thresholds(thresholds)
     if repeats < 1 or not 0 < level < 1:
         raise ValueError(f"need repeats >= 1 and 0 < level < 1, got {repeats}, {level}")
-    train_sorted, train_starts = _grouped(train, train_patient, "train_patient")
-    heldout_sorted, heldout_starts = _grouped(heldout, heldout_patient, "heldout_patient")
-    train_count, heldout_count = len(train_starts), len(heldout_starts)
-    size = min(train_count, heldout_count)
+    train_sorted, starts = _grouped(train, train_patient, "train_patient")
+    matched_synthetic = _matched_patients(synthetic, train_sorted, starts, scorer, thresholds)
+    matched_heldout = _matched_patients(heldout, train_sorted, starts, scorer, thresholds)
+    isolating = np.concatenate([matched_synthetic == 1, matched_heldout == 1]).astype(np.float64)
+    released = np.r_[np.ones(len(synthetic), bool), np.zeros(len(heldout), bool)]
     rng = np.random.default_rng(seed)
-    populations = _populations(train_count, heldout_count, size, repeats, rng)
-    resamples = rng.multinomial(len(synthetic), np.full(len(synthetic), 1 / len(synthetic)),
-                                size=repeats).astype(np.float64)  # [repeats, S] bootstrap counts
-
-    plain = np.zeros((len(thresholds), populations.shape[1]))
-    boot = np.zeros_like(plain)
-    column_draw = np.repeat(np.arange(repeats), 4)  # column c belongs to draw c // 4
-    chunk = max(1, SCORE_BUDGET // max(len(train), len(heldout)))
-    for start in range(0, len(synthetic), chunk):
-        rows = synthetic[start:start + chunk]
-        levels = np.concatenate(
-            [_levels(rows, train_sorted, train_starts, scorer, thresholds),
-             _levels(rows, heldout_sorted, heldout_starts, scorer, thresholds)], axis=1)
-        weights = resamples[column_draw, start:start + len(rows)].T  # [rows, columns]
-        for j in range(len(thresholds)):
-            isolated = ((levels > j).astype(np.float32) @ populations) == 1  # [rows, columns]
-            plain[j] += isolated.sum(axis=0)
-            boot[j] += (weights * isolated).sum(axis=0)
-    plain = (plain / len(synthetic)).reshape(len(thresholds), repeats, 4)
-    boot = (boot / len(synthetic)).reshape(len(thresholds), repeats, 4)
-    return _singling_out_result(plain, boot, thresholds, level, size, {
-        "train": len(train) / train_count, "heldout": len(heldout) / heldout_count})
-
-
-def _populations(train_count: int, heldout_count: int, size: int, repeats: int,
-                 rng: np.random.Generator) -> np.ndarray:
-    """Patient indicator columns [train + held-out patients, 4 * repeats], float32 for matmul.
-
-    Per draw: training population, held-out population, and the two halves of their pooled
-    patients split at random (the permutation null).
-    """
-    columns = np.zeros((train_count + heldout_count, 4 * repeats), np.float32)
+    null = np.empty((repeats, len(thresholds)))
     for draw in range(repeats):
-        trained = rng.choice(train_count, size, replace=False)
-        held = train_count + rng.choice(heldout_count, size, replace=False)
-        pooled = rng.permutation(np.concatenate([trained, held]))
-        for offset, members in enumerate((trained, held, pooled[:size], pooled[size:])):
-            columns[members, 4 * draw + offset] = 1
-    return columns
+        shuffled = rng.permutation(released)
+        null[draw] = isolating[shuffled].mean(axis=0) - isolating[~shuffled].mean(axis=0)
+    train_rate, heldout_rate = isolating[released].mean(axis=0), isolating[~released].mean(axis=0)
+    excess = train_rate - heldout_rate
+    # Studentized by each threshold's null spread, so that a rare, telling predicate (a high
+    # threshold, few isolations) is not drowned by the chance swings of a common one.
+    spread = null.std(axis=0)
+    spread = np.where(spread > 0, spread, np.inf)  # a threshold nobody ever reaches: z = 0
+    z, null_z = excess / spread, null / spread
+    tail = (1 - level) / 2
+    low = np.quantile(null_z.min(axis=1), tail)
+    high = np.quantile(null_z.max(axis=1), 1 - tail)
+    finite = np.isfinite(spread)
+    ci = np.where(finite[:, None], np.stack([excess - high * np.where(finite, spread, 0),
+                                             excess - low * np.where(finite, spread, 0)], axis=1),
+                  np.stack([excess, excess], axis=1))
+    ci = np.clip(ci, -1, 1)  # rates are in [0, 1]
+    best = int(np.argmax(z))
+    exceeding = int(np.sum(null_z.max(axis=1) >= z[best] - 1e-12))
+    patients = len(starts)
+    return {"thresholds": thresholds, "train_rate": train_rate, "heldout_rate": heldout_rate,
+            "excess": excess, "excess_ci": ci,
+            "weight": matched_heldout.mean(axis=0) / patients,
+            "max_excess": float(excess[best]), "max_threshold": float(thresholds[best]),
+            "max_ci": (float(ci[best, 0]), float(ci[best, 1])),
+            "significant": bool(ci[best, 0] > 0),
+            "p_value": (1 + exceeding) / (1 + repeats),
+            "population_size": patients, "repeats": repeats, "level": level,
+            "n_synthetic": len(synthetic), "n_heldout": len(heldout)}
 
 
 def _grouped(images: np.ndarray, patients: np.ndarray, what: str
@@ -333,40 +328,18 @@ def _grouped(images: np.ndarray, patients: np.ndarray, what: str
     return images[order], np.flatnonzero(np.r_[True, np.diff(codes[order]) != 0])
 
 
-def _levels(rows: np.ndarray, images: np.ndarray, starts: np.ndarray, scorer: ReidScorer,
-            thresholds: np.ndarray) -> np.ndarray:
-    """How many (sorted) thresholds each patient's best score with each row reaches: uint8
-    [rows, patients], from images grouped by `_grouped`. A patient satisfies threshold j exactly
-    when its level exceeds j; one byte per pair keeps large audits in memory where one bool
-    matrix per threshold would not."""
-    best = np.maximum.reduceat(scorer.score_matrix(rows, images), starts, axis=1)
-    return np.searchsorted(thresholds, best, side="right").astype(np.uint8)
-
-
-def _singling_out_result(plain: np.ndarray, boot: np.ndarray, thresholds: np.ndarray,
-                         level: float, size: int, images_per_patient: dict[str, float]) -> dict:
-    """Rates and excess per threshold, a permutation band over all thresholds, the max test.
-
-    The band holds every threshold's null difference in at least `level` of the draws at once
-    (lowest minimum and highest maximum over thresholds, `level`'s tails split between them), so
-    reading off the threshold with the largest excess does not shrink its interval's coverage.
-    """
-    train_rate, heldout_rate = plain[:, :, 0].mean(axis=1), plain[:, :, 1].mean(axis=1)
-    excess = train_rate - heldout_rate
-    null = boot[:, :, 2] - boot[:, :, 3]  # [thresholds, repeats]
-    tail = (1 - level) / 2
-    low, high = np.quantile(null.min(axis=0), tail), np.quantile(null.max(axis=0), 1 - tail)
-    ci = np.clip(np.stack([excess - high, excess - low], axis=1), -1, 1)  # rates are in [0, 1]
-    best = int(np.argmax(excess))
-    exceeding = int(np.sum(null.max(axis=0) >= excess[best]))
-    return {"thresholds": thresholds, "train_rate": train_rate, "heldout_rate": heldout_rate,
-            "excess": excess, "excess_ci": ci,
-            "max_excess": float(excess[best]), "max_threshold": float(thresholds[best]),
-            "max_ci": (float(ci[best, 0]), float(ci[best, 1])),
-            "significant": bool(ci[best, 0] > 0),
-            "p_value": (1 + exceeding) / (1 + null.shape[1]),
-            "population_size": size, "repeats": null.shape[1], "level": level,
-            "images_per_patient": images_per_patient}
+def _matched_patients(rows: np.ndarray, images: np.ndarray, starts: np.ndarray,
+                      scorer: ReidScorer, thresholds: np.ndarray) -> np.ndarray:
+    """How many patients satisfy each row's predicate at each threshold: int [rows, thresholds],
+    from images grouped by `_grouped`, in chunks that keep the score matrix within
+    SCORE_BUDGET."""
+    out = np.zeros((len(rows), len(thresholds)), np.int64)
+    chunk = max(1, SCORE_BUDGET // len(images))
+    for start in range(0, len(rows), chunk):
+        best = np.maximum.reduceat(scorer.score_matrix(rows[start:start + chunk], images), starts,
+                                   axis=1)  # each patient's best score with each row
+        out[start:start + chunk] = (best[:, :, None] >= thresholds).sum(axis=1)
+    return out
 
 
 def _checked_thresholds(thresholds: Sequence[float]) -> np.ndarray:
