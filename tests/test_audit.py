@@ -92,3 +92,37 @@ def test_the_training_set_released_as_is_fails_the_audit(released_run: Path) -> 
     for name in ("reid_rate", "dcr_embedding_q01", "dcr_embedding_min", "dcr_pixel_q01",
                  "dcr_pixel_min"):
         assert tests["by_figure"][name]["rejected"], (name, tests["by_figure"][name])
+
+
+def test_a_leaked_release_assembled_from_described_images_is_audited_as_its_images(
+        released_run: Path) -> None:
+    """What benchmarks/leaks.py relies on: describing images once and assembling releases
+    from the rows gives audit_set's figures on the assembled images; and copies of training
+    images in place of a third of the release are found."""
+    from unpersonal.evaluation.audit import audit_vectors
+    from unpersonal.evaluation.sets import read_synthetic_set
+    from unpersonal.privacy.leaks import leak_positions, make_leaks
+
+    config = load_config(config_file=released_run / "config.yaml")
+    dataset = load_canonical(released_run / "prepare")
+    models = load_audit_models(config, RunDir(released_run), dataset)
+    clean = read_synthetic_set(released_run / "generate" / "synthetic",
+                               dataset.label_names).images
+    train = dataset.subset("train")
+    leaks = make_leaks("copy", train.images_float(), train.patient_id, len(clean) // 3, seed=0)
+    positions = leak_positions(len(clean), len(leaks.images), seed=0)
+    assembled = clean.copy()
+    assembled[positions] = leaks.images
+    vectors = models.describe(clean).replaced(positions, models.describe(leaks.images))
+    from_rows, _ = audit_vectors(models, vectors, config.audit, config.seed)
+    from_images, _ = audit_set(models, assembled, config.audit, config.seed)
+    assert from_rows["tests"]["passed"] == from_images["tests"]["passed"]
+    for name, test in from_images["tests"]["by_figure"].items():
+        assert abs(from_rows["tests"]["by_figure"][name]["p_value"] - test["p_value"]) < 1e-6, name
+    # Every copy is closer to the training set than any held-out image ...
+    below = from_rows["tests"]["by_figure"]["dcr_pixel_min"]
+    assert below["count"] >= len(leaks.images) and below["p_value"] < 0.1
+    # ... but 7 held-out images cannot tell a third of the release from chance after the
+    # correction, and the audit says how much it would take.
+    detectable = from_rows["tests"]["detectable_copy_share"]
+    assert from_rows["heldout_images"] == 7 and detectable > 1 / 3

@@ -16,7 +16,11 @@ def test_kermany_64_prepares_with_its_patient_wise_split(cli, shared_data: Path,
     assert result.code == 0, result.stderr
     meta = json.loads((run / "prepare" / "dataset.json").read_text())
     counts = {name: meta["summary"]["splits"][name]["images"] for name in ("train", "val", "test")}
-    assert counts == {"train": 4699, "val": 533, "test": 624}
+    probes = meta["summary"]["identity_probes"]
+    # The official split, 5% of its training images held back as identity probes: one image
+    # each of training patients with three or more (311 such patients), none with a twin.
+    assert counts == {"train": 4699 - probes["images"], "val": 533, "test": 624}
+    assert 220 <= probes["images"] == probes["patients"] <= 235
     assert meta["summary"]["shared_patients"] == 0
     assert (meta["resolution"], meta["label_kind"]) == (32, "binary")  # the cpu preset
     assert "patients shared between splits: 0" in result.stderr

@@ -64,7 +64,12 @@ def test_export_carries_no_patient_id_source_reference_or_real_image(released_ru
         str(v).encode() for v in np.unique(dataset.ref)]
     secrets.append(str(dataset.meta.get("source", "unpersonal-no-source")).encode())
     files = [path for path in export.rglob("*") if path.is_file()]
-    assert {path.name for path in files} >= {"labels.csv", "DATASHEET.md", "datasheet.json"}
+    released_names = sorted(path.name for path in (released_run / "generate" / "synthetic").glob(
+        "*.png"))
+    # An allow-list: these files and nothing else (no log, no cache, no stray real image).
+    assert sorted(str(path.relative_to(export)) for path in files) == sorted(
+        ["labels.csv", "DATASHEET.md", "datasheet.json",
+         *(f"images/{name}" for name in released_names)])
     for path in files:
         content = path.read_bytes()
         leaked = [secret for secret in secrets if secret and secret in content]
@@ -106,6 +111,48 @@ def test_export_refuses_a_real_image_slipped_into_the_set(released_run: Path,
     assert result.returncode == 2, result.stderr
     assert "export refused" in result.stderr and first["path"] in result.stderr
     assert not (run / "export").exists()
+
+
+def _first_accepted(synthetic: Path) -> str:
+    with open(synthetic / "labels.csv", newline="") as handle:
+        return next(row for row in csv.DictReader(handle))["path"]
+
+
+def test_export_refuses_a_held_out_image_by_its_pixels_alone(released_run: Path,
+                                                              tmp_path: Path) -> None:
+    """A test-split image the filter lets through (it is no training patient's): only the
+    pixel-hash check against every real input image stops it."""
+    from unpersonal.config import load_config
+    from unpersonal.rundir import RunDir
+    from unpersonal.stages.calibrate import load_filter
+
+    run = _tampered(released_run, tmp_path)
+    test = load_canonical(run / "prepare").subset("test")
+    config = load_config(config_file=run / "config.yaml")
+    passing = ~load_filter(config, RunDir(run)).check(test.images_float()).rejected
+    assert passing.any()  # else this test could not tell the two checks apart
+    synthetic = run / "generate" / "synthetic"
+    name = _first_accepted(synthetic)
+    Image.fromarray(test.images[int(np.flatnonzero(passing)[0])]).save(synthetic / name)
+    result = _export(run)
+    assert result.returncode == 2 and "identical to a real input image" in result.stderr, (
+        result.stderr)
+    assert name in result.stderr and not (run / "export").exists()
+
+
+def test_export_refuses_a_near_copy_by_the_filter_alone(released_run: Path,
+                                                        tmp_path: Path) -> None:
+    """A training image with one pixel one grey level off: no real image has its bytes, so only
+    the filter, checked again, stops it."""
+    run = _tampered(released_run, tmp_path)
+    near = load_canonical(run / "prepare").subset("train").images[0].copy()
+    near[0, 0] = near[0, 0] + 1 if near[0, 0] < 255 else 254
+    synthetic = run / "generate" / "synthetic"
+    name = _first_accepted(synthetic)
+    Image.fromarray(near).save(synthetic / name)
+    result = _export(run)
+    assert result.returncode == 2 and "fails the privacy filter" in result.stderr, result.stderr
+    assert name in result.stderr and not (run / "export").exists()
 
 
 def test_export_refuses_an_image_generate_did_not_accept(released_run: Path,

@@ -91,3 +91,22 @@ def test_holm_known_answer() -> None:
     assert result["b"]["p_adjusted"] == pytest.approx(0.06)  # max(1 * 0.04, the step before)
     assert [result[name]["rejected"] for name in "abc"] == [True, False, False]
     assert list(result) == ["a", "b", "c"]  # in the order given
+
+
+def test_the_detectable_copy_share_is_where_the_closest_image_test_fails() -> None:
+    """Kermany's 533 validation images, eight tests at 0.05: about 1% of copies; seven images:
+    more than half. At that share, exact copies among many released images reach the Holm
+    level, below it they do not."""
+    from unpersonal.evaluation.audit import detectable_copy_share
+
+    share = detectable_copy_share(533, 0.05, 8)
+    assert 0.009 < share < 0.0100 and detectable_copy_share(7, 0.05, 8) > 0.5
+    rng = np.random.default_rng(5)
+    heldout = rng.uniform(0.5, 1.0, 533)
+    # Honest values fall below the closest held-out one by chance (about 1 in 534); copies always.
+
+    def p_value(copies: float) -> float:
+        released = rng.uniform(0.5, 1.0, 100_000)
+        released[:int(copies * len(released))] = 0.0
+        return exceedance_test(released, heldout, 0.0, "below")["p_value"]
+    assert p_value(share * 1.3) <= 0.05 / 8 < p_value(share * 0.7)

@@ -431,7 +431,7 @@ def test_dpmpp_2m_matches_diffusers_edm_dpm_solver(steps: int) -> None:
     """diffusers' EDMDPMSolverMultistepScheduler (dpmsolver++, order 2, midpoint, Karras sigmas,
     final sigma 0, first-order last step) is the same algorithm; it works in float32, so the two
     agree to float32 round-off, not exactly."""
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers  # a test dependency (pyproject): never skipped
     data, seeds = TwoModeData(unconditional_weight_a=0.3), list(range(64))
     ours = sample(data, None, seeds, solver="dpmpp2m", num_steps=steps, image_shape=SHAPE).images
 

@@ -203,12 +203,23 @@ def audit_vectors(models: AuditModels, release: SetVectors, settings: AuditConfi
         "tests": {"alpha": settings.alpha, "correction": "Holm",
                   "by_figure": {name: {**tests.get(name, {}), **verdicts[name]}
                                 for name in p_values},
-                  "passed": not any(v["rejected"] for v in verdicts.values())},
+                  "passed": not any(v["rejected"] for v in verdicts.values()),
+                  "detectable_copy_share": detectable_copy_share(
+                      len(models.heldout), settings.alpha, len(p_values))},
         "planted_copies": (planted_copy_check(models, tests, settings, seed)
                            if settings.planted else None),
         "identity_probes": identity_probe_check(models),
     }
     return figures, distances
+
+
+def detectable_copy_share(heldout_images: int, alpha: float, tests: int) -> float:
+    """The smallest share of exact copies in a large release that the closest-image test can
+    fail at, whatever the rest of the release: copies all fall below the closest held-out
+    image, whose chance share of new images is Beta(1, n), so the test reaches Holm's
+    alpha / tests only when (1 - share)^n <= alpha / tests. With few held-out images the audit
+    cannot see a small leak at all, and the report says so."""
+    return float(1 - (alpha / tests) ** (1 / heldout_images))
 
 
 def pso_thresholds(models: AuditModels, settings: AuditConfig) -> list[float]:

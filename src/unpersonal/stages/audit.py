@@ -78,7 +78,10 @@ def audit_markdown(figures: dict[str, Any], release: Path) -> str:
              f"training images; baseline: {figures['heldout_images']:,} real images of patients "
              f"never trained on (the {figures['heldout_split']} split). The release {verdict} "
              f"(family-wise error {figures['tests']['alpha']:g}, Holm).", "",
-             *verdict_table([v.to_json() for v in privacy_verdicts(figures)])]
+             *verdict_table([v.to_json() for v in privacy_verdicts(figures)]), "",
+             f"With {figures['heldout_images']:,} held-out images the audit can fail a release "
+             f"only when about {figures['tests']['detectable_copy_share']:.1%} of it or more is "
+             "copied from training images."]
     notes = figures["release"]["notes"]
     if notes:
         lines += ["", "Notes:", "", *(f"* {note}" for note in notes)]

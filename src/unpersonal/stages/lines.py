@@ -175,6 +175,11 @@ def privacy_table(figures: dict[str, Any]) -> Table:
     planted = figures.get("planted_copies")
     if planted:
         table.add_row("planted near-copies caught", f"{planted['caught_all']:.1%}", "100%", "")
+    detectable = tests.get("detectable_copy_share")
+    if detectable is not None and detectable > 0.01:
+        table.caption = (f"with {figures['heldout_images']:,} held-out images the audit can fail "
+                         f"a release only when about {detectable:.1%} of it or more is copied; "
+                         "more held-out patients (data.split_fractions) let it see smaller leaks")
     probes = figures.get("identity_probes")
     if probes:
         table.add_row("identity probes linked (unseen images of training patients)",
