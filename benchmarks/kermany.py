@@ -295,9 +295,11 @@ def main() -> None:
 
     # The same attacks with the test split as non-members (the audit uses validation): Kermany's
     # official test split was collected apart, and the density attack measures that instead.
-    shifted = membership_inference(models.features["train"], models.features["test"],
+    test = dataset.subset("test")
+    shifted = membership_inference(models.features["train"],
+                                   models.embedder.embed(test.images_float()),
                                    models.embedder.embed(released.images),
-                                   heldout_patient=models.test.patient_id, seed=config.seed)
+                                   heldout_patient=test.patient_id, seed=config.seed)
     classification = metrics["utility"]["classification"]
     seconds = stage_seconds(options.run) | {"audit": ours_privacy["seconds"]}
     seconds |= {"real_row_audit": real_privacy["seconds"],

@@ -112,6 +112,11 @@ def main() -> None:
     result["kinds"] = {}
     for kind in kinds:
         kind_started = time.perf_counter()
+        if kind == IDENTITY_PROBE and len(probes) == 0:
+            result["kinds"][kind] = {"skipped": "the run has no identity probes (prepared "
+                                                "before prepare held them back)"}
+            print(f"{kind}: skipped (no identity probes in this run)", flush=True)
+            continue
         try:
             leaks = make_leaks(kind, train_images, train.patient_id, min(most, len(probes))
                                if kind == IDENTITY_PROBE else most, config.seed,
