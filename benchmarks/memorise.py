@@ -1,0 +1,181 @@
+"""A generator that memorises, caught: the tool's own diffusion model trained where it copies,
+and its unfiltered and filtered releases through the audit.
+
+    .venv/bin/python benchmarks/memorise.py                      # Kermany, 32 px (cpu preset)
+    .venv/bin/python benchmarks/memorise.py --train-images 300 --steps 12000
+
+Kermany's official split with its training split cut to `--train-images` images (whole patients
+drawn at random, seeded); validation and test stay whole, so the audit keeps its power. Through
+the CLI, in runs/bench-memorise: `prepare`, the filter's models, `fit-diffusion` with class +
+pseudo conditioning trained `--steps` steps without augmentation (the cpu preset trains 1,200
+on 4,466 images with shifts and flips), then
+
+* the unfiltered release: one candidate per training image conditioned on that image's
+  embedding at w = 1 (the published method's own way to reproduce an image), no filter, no
+  label gate (`generate` in a copy of the run with every check off);
+* the filtered release: `generate` as the product runs it, drawn the same way (w = 1);
+
+each audited with `unpersonal audit --release` and evaluated (classifier utility, 3 seeds). The
+copy rate comes from a detector the audit does not use: each released image's aligned-pixel
+distance to every training image at every shift, below the closest of the test split's real
+images (patients the audit never sees). Target, fixed before the run: the unfiltered release
+fails the audit and the filtered one passes it.
+
+Writes benchmarks/results/memorise.json and its table into BENCHMARKS.md between the
+`<!-- memorise.py -->` markers. The data subset and runs stay in runs/ (not committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runner import copy_run_without, provenance, unpersonal, write_table
+from unpersonal.config import load_config
+from unpersonal.data.canonical import load_canonical
+from unpersonal.evaluation.sets import read_synthetic_set
+from unpersonal.privacy.floor import AlignedPixels
+from unpersonal.privacy.knn import NeighbourIndex
+from unpersonal.rundir import write_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "kermany_cxr_64.npz"
+RESULTS = ROOT / "benchmarks" / "results" / "memorise.json"
+# Every check off: the re-ID check against the source alone at a score no pair reaches (the
+# network's largest score is sigmoid(scale + bias), 0.84 on Kermany), no floors, no label gate.
+UNFILTERED = ("generate.candidates=1", "generate.attempts=1", "generate.reid_check=source",
+              "generate.reid_threshold=0.999999", "generate.distance_floors=false",
+              "generate.label_gate=false")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, default=ROOT / "runs" / "bench-memorise")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--train-images", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seeds", type=int, default=3, help="classifier seeds of the utility")
+    parser.add_argument("--set", dest="extra", action="append", default=[],
+                        help="more config overrides (e.g. smaller models for a quick look)")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    args.run.mkdir(parents=True, exist_ok=True)
+    data = subset(args.data, args.run / "data.npz", args.train_images, seed=0)
+    settings = ["--preset", "cpu",
+                "--set", "diffusion.conditioning=class+pseudo",
+                "--set", f"diffusion.steps={args.steps}",
+                "--set", f"diffusion.batch_size={args.batch_size}",
+                "--set", "diffusion.augment_shift=0", "--set", "diffusion.augment_flip=false",
+                "--set", "diffusion.augment_intensity=0",
+                "--set", "generate.guidance=1", "--set", "generate.guidance_floor=1",
+                "--set", f"evaluate.classifier_seeds={args.seeds}",
+                "--set", "evaluate.restoration=false",
+                *(part for item in args.extra for part in ("--set", item))]
+    run = args.run / "run"
+    unpersonal("prepare", "--data", str(data), "--out", str(run), *settings)
+    for command in ("fit-embedder", "fit-reid", "calibrate", "fit-classifier", "fit-diffusion",
+                    "generate", "audit"):  # audit: the audit's models, before the copy below
+        unpersonal(command, "--out", str(run))
+    unfiltered = args.run / "unfiltered"
+    if not (unfiltered / "generate" / "synthetic" / "labels.csv").is_file():
+        shutil.rmtree(unfiltered, ignore_errors=True)
+        copy_run_without(run, unfiltered)
+    unpersonal("generate", "--out", str(unfiltered), *(p for s in UNFILTERED for p in ("--set", s)))
+
+    result: dict[str, Any] = {"train_images": args.train_images, "diffusion_steps": args.steps,
+                              "batch_size": args.batch_size, "releases": {}}
+    for name, folder in (("unfiltered", unfiltered), ("filtered", run)):
+        release = folder / "generate" / "synthetic"
+        audit_to = args.run / f"audit-{name}"
+        unpersonal("audit", "--out", str(run), "--release", str(release), "--to", str(audit_to))
+        privacy = json.loads((audit_to / "privacy.json").read_text())
+        unpersonal("evaluate", "--out", str(folder))
+        metrics = json.loads((folder / "eval" / "metrics.json").read_text())
+        result["releases"][name] = {
+            "images": privacy["images"], "copy_rate": copy_rate(run, release),
+            "audit_passed": privacy["tests"]["passed"],
+            "p_adjusted": {test: round(v["p_adjusted"], 6)
+                           for test, v in privacy["tests"]["by_figure"].items()},
+            "reid_rate": privacy["reid_rate"]["synthetic"],
+            "reid_rate_heldout": privacy["reid_rate"]["heldout"],
+            "dcr_share_below": {space: d["synthetic_share_below"]
+                                for space, d in privacy["dcr"].items()},
+            "mia_auc": {attack: privacy["membership_inference"][attack]["auc"]
+                        for attack in ("distance", "density_ratio")},
+            "pso_excess": privacy["singling_out"]["max_excess"],
+            "auc": metrics["utility"]["classification"]["synthetic"]["mean"],
+            "auc_real": metrics["utility"]["classification"]["real"]["mean"],
+            "generate": json.loads((folder / "generate" / "generate.json").read_text()).get(
+                "acceptance_rate")}
+    releases = result["releases"]
+    result["target_met"] = (not releases["unfiltered"]["audit_passed"]
+                            and releases["filtered"]["audit_passed"])
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    result.update(provenance())
+    write_atomic(args.results, json.dumps(result, indent=2) + "\n")
+    if args.results == RESULTS:
+        write_table(ROOT / "BENCHMARKS.md", "memorise.py", table(result))
+    print(json.dumps({name: {k: r[k] for k in ("copy_rate", "audit_passed", "auc")}
+                      for name, r in releases.items()}, indent=2))
+
+
+def subset(source: Path, target: Path, train_images: int, seed: int) -> Path:
+    """The dataset with its training split cut to whole patients of about `train_images`
+    images, drawn at random; validation and test whole."""
+    with np.load(source, allow_pickle=False) as arrays:
+        data = {key: arrays[key] for key in ("images", "label", "patient_id", "split")}
+    train = data["split"] == "train"
+    patients = np.random.default_rng(seed).permutation(np.unique(data["patient_id"][train]))
+    keep, count = set(), 0
+    for patient in patients:
+        if count >= train_images:
+            break
+        keep.add(patient)
+        count += int(np.sum(train & (data["patient_id"] == patient)))
+    rows = ~train | np.isin(data["patient_id"], list(keep))
+    np.savez(target, **{key: value[rows] for key, value in data.items()})
+    return target
+
+
+def copy_rate(run: Path, release: Path) -> dict[str, Any]:
+    """Released images closer, in aligned pixels over every training image at every shift,
+    than the closest of the test split's real images is: copies by a detector the audit does
+    not use (its baseline is the validation split)."""
+    config = load_config(config_file=run / "config.yaml")
+    dataset = load_canonical(run / "prepare")
+    pixels = AlignedPixels.from_settings(config.privacy)
+    index = NeighbourIndex("cosine").fit(pixels.reference(dataset.subset("train").images_float()))
+    test_nearest, _ = pixels.nearest(index, dataset.subset("test").images_float())
+    images = read_synthetic_set(release, dataset.label_names).images
+    nearest, _ = pixels.nearest(index, images)
+    cutoff = float(test_nearest.min())
+    return {"rate": float(np.mean(nearest < cutoff)), "copies": int(np.sum(nearest < cutoff)),
+            "cutoff": cutoff, "median_distance": float(np.median(nearest))}
+
+
+def table(result: dict[str, Any]) -> str:
+    head = ("| release | images | copies (independent detector) | audit | re-ID rate | "
+            "share closer than held-out 1% (embedding / pixel) | MIA AUC (distance / density) "
+            "| PSO excess | synthetic-only ROC-AUC (real) |\n|---|---:|---:|---|---:|---:|---:|"
+            "---:|---:|\n")
+    rows = []
+    for name, r in result["releases"].items():
+        dcr, mia = r["dcr_share_below"], r["mia_auc"]
+        rows.append(f"| {name} | {r['images']:,} | {r['copy_rate']['rate']:.1%} "
+                    f"({r['copy_rate']['copies']}) | {'passes' if r['audit_passed'] else '**fails**'}"
+                    f" | {r['reid_rate']:.3f} | {dcr['embedding']:.1%} / {dcr['pixel']:.1%} | "
+                    f"{mia['distance']:.3f} / {mia['density_ratio']:.3f} | "
+                    f"{r['pso_excess']:+.3f} | {r['auc']:.3f} ({r['auc_real']:.3f}) |")
+    return head + "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    main()
