@@ -62,6 +62,7 @@ def render(inputs: ReportInputs) -> str:
         title=inputs.title, images=len(released.images), training_images=len(train),
         training_patients=len(np.unique(train.patient_id)), date=time.strftime("%Y-%m-%d"),
         versions=versions(), verdicts=release_verdicts(metrics, privacy),
+        privacy_note=privacy_note(privacy),
         grids=class_grids(train, released.images, released.labels),
         pairs=nearest_pairs(inputs.embedder, inputs.dataset, released.images, released.names,
                             inputs.seed),
@@ -74,6 +75,17 @@ def render(inputs: ReportInputs) -> str:
         restoration=metrics["utility"].get("restoration"),
         fidelity_rows=fidelity_rows(metrics["fidelity"]),
         generation_rows=generation_rows(inputs.generation), config_yaml=inputs.config_yaml)
+
+
+def privacy_note(privacy: dict[str, Any]) -> str:
+    """What the privacy verdicts are, and how large a leak they can see."""
+    tests = privacy["tests"]
+    return (f"Each privacy verdict is a one-sided test against {privacy['heldout_images']:,} real "
+            f"images of patients never trained on (the {privacy['heldout_split']} split), "
+            f"corrected together (Holm) so that an honest release fails any of them with "
+            f"probability at most {tests['alpha']:g}. With that many held-out images the audit "
+            f"can fail a release only when about {tests['detectable_copy_share']:.1%} of it or "
+            "more is copied from training images.")
 
 
 def versions() -> dict[str, str]:
