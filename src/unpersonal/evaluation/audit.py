@@ -7,7 +7,13 @@
 Judged by the audit's own embedder and re-ID network (`evaluation.sets`), never the filter's.
 The held-out population is the validation split (the test split when validation has fewer than
 two patients): real images of patients no model was trained on, drawn the way the training
-patients were. What an honest image of a new patient gets is the baseline of every figure, and
+patients were, so that an honest image and a held-out one are alike, which every test assumes
+(a test split collected apart, as Kermany's, is farther from the training images than a new
+image of the same population: it would pass leaks by distance and fail honest sets by re-ID).
+The filter's floors are calibrated on the same images, and the pixel space is the same one: for
+a release made by this tool, the pixel test at the 1st percentile restates the filter's pixel
+floor and cannot fail; it speaks for releases made otherwise (`audit --release`) and for leaks
+that reach a release after the filter. What an honest image of a new patient gets is the baseline of every figure, and
 every verdict is a one-sided test against that baseline (`privacy.significance`), corrected
 together (Holm) so that an honest release fails any of them with probability at most
 `audit.alpha`:
