@@ -66,7 +66,7 @@ from unpersonal.privacy.attacks import (dcr_summary, distance_to_closest_record,
 from unpersonal.privacy.floor import AlignedPixels
 from unpersonal.privacy.knn import NeighbourIndex
 from unpersonal.privacy.planted import plant_copies
-from unpersonal.privacy.significance import exceedance_test, holm
+from unpersonal.privacy.significance import exceedance_test, holm, order_statistic
 from unpersonal.progress import console
 
 SCHEMA = 2
@@ -129,12 +129,10 @@ class AuditModels:
         self.heldout_vectors = SetVectors(self.reid.embed(images[is_heldout]),
                                           self.features["heldout"],
                                           pixels.nearest(self.pixel_index, images[is_heldout])[0])
-        self.reid_vectors["heldout"] = self.heldout_vectors.reid
         self.heldout_best = self.best_reid_scores(self.heldout_vectors.reid)
         pair = self.reid.scorer
-        cutoff = exceedance_test(self.heldout_best[:1], self.heldout_best, 1 - quantile,
-                                 "above")["cutoff"]
-        self.scorer = ReidScorer(pair.scale, pair.bias, float(cutoff))
+        cutoff, _ = order_statistic(self.heldout_best, 1 - quantile, "above")
+        self.scorer = ReidScorer(pair.scale, pair.bias, cutoff)
 
     def best_reid_scores(self, reid_vectors: np.ndarray) -> np.ndarray:
         """Each image's highest re-ID score against its nearest training images."""

@@ -26,7 +26,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from unpersonal.artifacts.reid import ReidScorer
 from unpersonal.privacy.knn import METRICS, Metric, NeighbourIndex
-from unpersonal.privacy.significance import auc_test, order_statistic_rank
+from unpersonal.privacy.significance import auc_test, order_statistic
 
 UNIT_TOLERANCE = 1e-3  # embeddings are stored as float32: their norms are 1 to ~1e-7
 DCR_QUANTILES = {"q01": 0.01, "q05": 0.05, "q25": 0.25, "median": 0.5}
@@ -91,8 +91,7 @@ def dcr_summary(synthetic_dcr: np.ndarray, heldout_dcr: np.ndarray) -> dict:
     """
     synthetic = _finite_vector(synthetic_dcr, "synthetic distances")
     heldout = _finite_vector(heldout_dcr, "held-out distances")
-    rank = order_statistic_rank(len(heldout), 0.01)
-    cutoff = float(np.sort(heldout)[rank - 1])
+    cutoff, rank = order_statistic(heldout, 0.01, "below")
     return {"synthetic": _quantiles(synthetic), "heldout": _quantiles(heldout),
             "heldout_q01": cutoff,
             "synthetic_share_below": float(np.mean(synthetic < cutoff)),

@@ -50,17 +50,19 @@ def exceedance_test(released: np.ndarray, heldout: np.ndarray, share: float,
     if direction not in ("below", "above"):
         raise ValueError(f"direction must be 'below' or 'above', got {direction!r}")
     n, total = len(heldout), len(released)
-    j = order_statistic_rank(n, share)
-    ordered = np.sort(heldout)
-    if direction == "below":
-        cutoff = ordered[j - 1]
-        count = int(np.sum(released < cutoff))
-    else:
-        cutoff = ordered[n - j]
-        count = int(np.sum(released > cutoff))
+    cutoff, j = order_statistic(heldout, share, direction)
+    count = int(np.sum(released < cutoff if direction == "below" else released > cutoff))
     null = stats.betabinom(total, j, n + 1 - j)
-    return {"cutoff": float(cutoff), "rank": j, "count": count, "share": count / total,
+    return {"cutoff": cutoff, "rank": j, "count": count, "share": count / total,
             "expected_share": j / (n + 1), "p_value": float(null.sf(count - 1))}
+
+
+def order_statistic(heldout: np.ndarray, share: float, direction: str) -> tuple[float, int]:
+    """The j-th lowest ("below") or highest ("above") held-out value that about `share` of new
+    values lie beyond (`order_statistic_rank`), and j."""
+    ordered = np.sort(np.asarray(heldout, np.float64).reshape(-1))
+    j = order_statistic_rank(len(ordered), share)
+    return float(ordered[j - 1] if direction == "below" else ordered[len(ordered) - j]), j
 
 
 def auc_test(scores: np.ndarray, member: np.ndarray, patient: np.ndarray, permutations: int = 999,
