@@ -126,6 +126,24 @@ def test_aligned_pixels_find_shifted_and_re_exposed_copies_at_distance_near_zero
     assert unshifted[:, 0].max() > 5 * distances.max()  # without alignment they look far apart
 
 
+def test_aligned_pixels_find_mirrored_copies_only_when_asked() -> None:
+    """A left-right mirrored (and shifted) copy is next to its original with the mirror on, and
+    as far as another image with it off."""
+    from scipy import ndimage
+
+    train = smooth_images(40, 32, seed=5)
+    rows = np.arange(0, 40, 5)
+    copies = np.stack([ndimage.shift(train[row][:, ::-1], (1, -2), order=0, mode="nearest")
+                       for row in rows])
+    mirrored, plain = AlignedPixels(mirror=True), AlignedPixels(mirror=False)
+    found, nearest = mirrored.nearest(NeighbourIndex("cosine").fit(mirrored.reference(train)),
+                                      copies)
+    np.testing.assert_array_equal(nearest, rows)
+    assert (found < 0.02).all(), found
+    missed, _ = plain.nearest(NeighbourIndex("cosine").fit(plain.reference(train)), copies)
+    assert missed.min() > 5 * found.max(), (missed, found)
+
+
 def test_aligned_pixels_take_any_layout_and_survive_flat_images() -> None:
     space = AlignedPixels()
     images = smooth_images(4, 32, seed=2)
@@ -133,7 +151,7 @@ def test_aligned_pixels_take_any_layout_and_survive_flat_images() -> None:
     index = NeighbourIndex("cosine").fit(space.reference(images))
     distances, _ = space.nearest(index, np.full((2, 32, 32), 0.5, np.float32))
     np.testing.assert_allclose(distances, 1.0, atol=1e-5)  # no structure: uncorrelated
-    assert len(list(space.shifted(images))) == (2 * space.max_shift + 1) ** 2
+    assert len(list(space.shifted(images))) == 2 * (2 * space.max_shift + 1) ** 2  # and mirrored
     with pytest.raises(ValueError, match="images_float"):
         space.reference((images * 255).astype(np.uint8))
     with pytest.raises(ValueError, match="too small"):

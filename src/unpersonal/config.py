@@ -274,6 +274,9 @@ class PrivacyConfig(Section):
     pixel_neighbours: int = Field(
         16, ge=1, description="not read: the pixel-space check compares every candidate with "
         "every training image; kept so that configs that set it still load")
+    pixel_mirror: bool = Field(
+        True, description="pixel-space check: a left-right mirrored copy is still a copy (a "
+        "chest film is not symmetric, so a mirrored film is its patient's anatomy)")
     pixel_resolution: int = Field(
         32, ge=16, description="pixel-space check: larger images are compared at this size, so "
         "the check costs the same at every resolution")
