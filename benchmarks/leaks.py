@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--shares", type=float, nargs="+", default=list(SHARES))
     parser.add_argument("--sigmas", type=float, nargs="+", default=list(DEFAULT_MODEL_SIGMAS),
                         help="noise levels of the diffusion model's near-copies")
+    parser.add_argument("--kinds", nargs="+", default=None,
+                        help="only these leak kinds (default: every kind)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     started = time.perf_counter()
@@ -98,7 +100,8 @@ def main() -> None:
         print(f"clean resample {draw + 1}/{args.clean}: "
               f"{'pass' if resamples[-1]['passed'] else 'FAIL'}", flush=True)
     result["clean_resamples"] = {
-        "count": args.clean, "passed": float(np.mean([r["passed"] for r in resamples])),
+        "count": args.clean,
+        "passed": float(np.mean([r["passed"] for r in resamples])) if resamples else None,
         "failed_by": _failures(resamples)}
 
     sampler = load_sampler(run.stage_path("fit-diffusion"), train, config.sampling, 1.0,
@@ -108,7 +111,7 @@ def main() -> None:
     most = leak_count(size, max(args.shares))
     train_images = train.images_float()
     probes = dataset.subset("probe").images_float()
-    kinds = leak_kinds(tuple(args.sigmas))
+    kinds = args.kinds or leak_kinds(tuple(args.sigmas))
     result["kinds"] = {}
     for kind in kinds:
         kind_started = time.perf_counter()
@@ -197,7 +200,8 @@ def _targets(result: dict[str, Any], shares: list[float]) -> dict[str, Any]:
     probe = kinds.get(IDENTITY_PROBE, {}).get("filter_recall")
     return {
         "clean_pass_rate": result["clean_resamples"]["passed"],
-        "clean_pass_rate_met": result["clean_resamples"]["passed"] >= CLEAN_PASS_TARGET,
+        "clean_pass_rate_met": (None if result["clean_resamples"]["passed"] is None
+                                else result["clean_resamples"]["passed"] >= CLEAN_PASS_TARGET),
         "audit_fails_at_1pct": caught, "audit_fails_at_1pct_met": all(caught.values()),
         "smallest_failing_share": {
             kind: min((float(s) for s, d in r["doses"].items() if not d["passed"]), default=None)
