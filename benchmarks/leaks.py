@@ -236,9 +236,10 @@ def _table(result: dict[str, Any]) -> str:
                          + f" ({worst} p={dose['p_adjusted'][worst]:.2g})")
         rows.append(f"| {kind} | " + " | ".join(cells) + f" | {r['filter_recall']:.1%} |")
     clean = result["clean_resamples"]
-    rows.append(f"| none (clean, {clean['count']} resamples) | passes "
-                f"{clean['passed']:.0%} of them |" + " |" * (len(shares) - 1)
-                + f" {result['filter_heldout_rejection']:.1%} of held-out real images |")
+    if clean["passed"] is not None:
+            rows.append(f"| none (clean, {clean['count']} resamples) | passes "
+                        f"{clean['passed']:.0%} of them |" + " |" * (len(shares) - 1)
+                        + f" {result['filter_heldout_rejection']:.1%} of held-out real images |")
     return head + "\n".join(rows) + "\n"
 
 
