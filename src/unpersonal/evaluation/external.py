@@ -107,10 +107,10 @@ def _listed_file(folder: Path, table: Path, line: int, name: str) -> Path:
 
 
 def _image_files(folder: Path) -> list[Path]:
+    """The image files in the folder, or else in its images/ subfolder, by name."""
     for base in (folder, folder / IMAGES_SUBFOLDER):
         found = sorted(path for path in base.glob("*")
-                       if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES) \
-            if base.is_dir() else []
+                       if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
         if found:
             return found
     raise UserError(f"--release {folder}: no images (PNG, JPEG, TIFF or BMP files) in it or in "
