@@ -41,7 +41,6 @@ from unpersonal.config import load_config
 from unpersonal.data.canonical import load_canonical
 from unpersonal.evaluation.sets import read_synthetic_set
 from unpersonal.privacy.floor import AlignedPixels
-from unpersonal.privacy.knn import NeighbourIndex
 from unpersonal.rundir import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +151,7 @@ def copy_rate(run: Path, release: Path) -> dict[str, Any]:
     config = load_config(config_file=run / "config.yaml")
     dataset = load_canonical(run / "prepare")
     pixels = AlignedPixels.from_settings(config.privacy)
-    index = NeighbourIndex("cosine").fit(pixels.reference(dataset.subset("train").images_float()))
+    index = pixels.index(dataset.subset("train").images_float())
     test_nearest, _ = pixels.nearest(index, dataset.subset("test").images_float())
     images = read_synthetic_set(release, dataset.label_names).images
     nearest, _ = pixels.nearest(index, images)

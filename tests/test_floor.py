@@ -109,7 +109,7 @@ def test_aligned_pixels_find_shifted_and_re_exposed_copies_at_distance_near_zero
 
     space = AlignedPixels(max_shift=3, smooth=0.7, resolution=32)
     train = smooth_images(40, resolution, seed=0)
-    index = NeighbourIndex("cosine").fit(space.reference(train))
+    index = space.index(train)
     scale = resolution // 32
     rows = np.arange(0, 40, 4)
     shifts = [(3 * scale, 0), (-2 * scale, 1 * scale), (0, -3 * scale), (1 * scale, 1 * scale)]
@@ -136,11 +136,10 @@ def test_aligned_pixels_find_mirrored_copies_only_when_asked() -> None:
     copies = np.stack([ndimage.shift(train[row][:, ::-1], (1, -2), order=0, mode="nearest")
                        for row in rows])
     mirrored, plain = AlignedPixels(mirror=True), AlignedPixels(mirror=False)
-    found, nearest = mirrored.nearest(NeighbourIndex("cosine").fit(mirrored.reference(train)),
-                                      copies)
+    found, nearest = mirrored.nearest(mirrored.index(train), copies)
     np.testing.assert_array_equal(nearest, rows)
     assert (found < 0.02).all(), found
-    missed, _ = plain.nearest(NeighbourIndex("cosine").fit(plain.reference(train)), copies)
+    missed, _ = plain.nearest(plain.index(train), copies)
     assert missed.min() > 5 * found.max(), (missed, found)
 
 
@@ -148,7 +147,7 @@ def test_aligned_pixels_take_any_layout_and_survive_flat_images() -> None:
     space = AlignedPixels()
     images = smooth_images(4, 32, seed=2)
     np.testing.assert_array_equal(space.reference(images[:, None]), space.reference(images))
-    index = NeighbourIndex("cosine").fit(space.reference(images))
+    index = space.index(images)
     distances, _ = space.nearest(index, np.full((2, 32, 32), 0.5, np.float32))
     np.testing.assert_allclose(distances, 1.0, atol=1e-5)  # no structure: uncorrelated
     assert len(list(space.shifted(images))) == 2 * (2 * space.max_shift + 1) ** 2  # and mirrored

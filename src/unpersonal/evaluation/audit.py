@@ -13,10 +13,10 @@ image of the same population: it would pass leaks by distance and fail honest se
 The filter's floors are calibrated on the same images, and the pixel space is the same one: for
 a release made by this tool, the pixel test at the 1st percentile restates the filter's pixel
 floor and cannot fail; it speaks for releases made otherwise (`audit --release`) and for leaks
-that reach a release after the filter. What an honest image of a new patient gets is the baseline of every figure, and
-every verdict is a one-sided test against that baseline (`privacy.significance`), corrected
-together (Holm) so that an honest release fails any of them with probability at most
-`audit.alpha`:
+that reach a release after the filter. What an honest image of a new patient gets is the
+baseline of every figure, and every verdict is a one-sided test against that baseline
+(`privacy.significance`), corrected together (Holm) so that an honest release fails any of them
+with probability at most `audit.alpha`:
 
 * re-identification: share of released images the audit's re-ID network links to some
   training patient (its k nearest in re-ID space) beyond what held-out images reach: linked
@@ -64,7 +64,6 @@ from unpersonal.evaluation.sets import AUDIT_EMBEDDER, AUDIT_REID
 from unpersonal.privacy.attacks import (dcr_summary, distance_to_closest_record,
                                         membership_inference, reid_rate, singling_out)
 from unpersonal.privacy.floor import AlignedPixels
-from unpersonal.privacy.knn import NeighbourIndex
 from unpersonal.privacy.planted import plant_copies
 from unpersonal.privacy.significance import exceedance_test, holm, order_statistic
 from unpersonal.progress import console
@@ -125,19 +124,31 @@ class AuditModels:
         self.features = {"train": features[is_train], "heldout": features[is_heldout]}
         images = dataset.images_float()
         self.reid_vectors = {"train": self.reid.embed(images[is_train])}
-        self.pixel_index = NeighbourIndex("cosine").fit(pixels.reference(images[is_train]))
+        self.pixel_index = pixels.index(images[is_train])
         self.heldout_vectors = SetVectors(self.reid.embed(images[is_heldout]),
                                           self.features["heldout"],
                                           pixels.nearest(self.pixel_index, images[is_heldout])[0])
         self.heldout_best = self.best_reid_scores(self.heldout_vectors.reid)
+        self.heldout_dcr = {"embedding": distance_to_closest_record(
+            self.features["heldout"], self.features["train"], "cosine"),
+                            "pixel": self.heldout_vectors.pixel_dcr}
         pair = self.reid.scorer
         cutoff, _ = order_statistic(self.heldout_best, 1 - quantile, "above")
         self.scorer = ReidScorer(pair.scale, pair.bias, cutoff)
+        self.identity_probes = identity_probe_check(self)
+        self._planted: dict[tuple[int, int], dict[str, Any]] = {}
 
     def best_reid_scores(self, reid_vectors: np.ndarray) -> np.ndarray:
         """Each image's highest re-ID score against its nearest training images."""
         return reid_rate(reid_vectors, self.reid_vectors["train"], self.reid.scorer,
                          self.neighbours)["max_score"]
+
+    def planted_copies(self, count: int, seed: int) -> dict[str, Any]:
+        """`planted_copy_check`, computed once per count and seed: the benchmarks audit many
+        sets with the same models and seed."""
+        if (count, seed) not in self._planted:
+            self._planted[count, seed] = planted_copy_check(self, count, seed)
+        return self._planted[count, seed]
 
     def describe(self, images: np.ndarray) -> SetVectors:
         """The audit's view of a set of images (float [N, R, R] in [0, 1])."""
@@ -169,9 +180,8 @@ def audit_vectors(models: AuditModels, release: SetVectors, settings: AuditConfi
         "embedding": {
             "synthetic": distance_to_closest_record(release.features, models.features["train"],
                                                     "cosine"),
-            "heldout": distance_to_closest_record(heldout.features, models.features["train"],
-                                                  "cosine")},
-        "pixel": {"synthetic": release.pixel_dcr, "heldout": heldout.pixel_dcr}}
+            "heldout": models.heldout_dcr["embedding"]},
+        "pixel": {"synthetic": release.pixel_dcr, "heldout": models.heldout_dcr["pixel"]}}
     tests = {"reid_rate": exceedance_test(best, models.heldout_best, 1 - models.quantile,
                                           "above")}
     for space in SPACES:
@@ -210,9 +220,9 @@ def audit_vectors(models: AuditModels, release: SetVectors, settings: AuditConfi
                   "passed": not any(v["rejected"] for v in verdicts.values()),
                   "detectable_copy_share": detectable_copy_share(
                       len(models.heldout), settings.alpha, len(p_values))},
-        "planted_copies": (planted_copy_check(models, tests, settings, seed)
+        "planted_copies": (models.planted_copies(settings.planted, seed)
                            if settings.planted else None),
-        "identity_probes": identity_probe_check(models),
+        "identity_probes": models.identity_probes,
     }
     return figures, distances
 
@@ -257,25 +267,25 @@ def identity_probe_check(models: AuditModels) -> dict[str, Any] | None:
             "auc_vs_heldout": float(roc_auc_score(truth, np.r_[found["max_score"], heldout]))}
 
 
-def planted_copy_check(models: AuditModels, tests: dict[str, dict[str, Any]],
-                       settings: AuditConfig, seed: int) -> dict[str, Any]:
+def planted_copy_check(models: AuditModels, count: int, seed: int) -> dict[str, Any]:
     """Near-copies of training images mixed in: the share the audit flags, per perturbation.
 
     Flagged: linked by re-ID, or closer to a training image than the held-out 1st percentile
-    in either space (the cutoffs of `tests`). An audit that misses these could not vouch for
-    anything.
+    in either space (the cutoffs of the DCR tests). An audit that misses these could not vouch
+    for anything. It depends on the models and the seed alone, not on the set audited.
     """
     rng = np.random.default_rng([seed, 5])
-    count = min(settings.planted, len(models.train))
+    count = min(count, len(models.train))
     rows = rng.choice(len(models.train), count, replace=False)
+    cutoffs = {space: order_statistic(d, 0.01, "below")[0]
+               for space, d in models.heldout_dcr.items()}
     caught = {}
     for name, copies in plant_copies(models.train.images_float()[rows], seed=seed).items():
         vectors = models.describe(copies)
         linked = models.best_reid_scores(vectors.reid) > models.scorer.threshold
         close_embedding = distance_to_closest_record(
-            vectors.features, models.features["train"], "cosine"
-        ) < tests["dcr_embedding_q01"]["cutoff"]
-        close_pixels = vectors.pixel_dcr < tests["dcr_pixel_q01"]["cutoff"]
+            vectors.features, models.features["train"], "cosine") < cutoffs["embedding"]
+        close_pixels = vectors.pixel_dcr < cutoffs["pixel"]
         flagged = linked | close_embedding | close_pixels
         caught[name] = {"caught": float(flagged.mean()), "reid": float(linked.mean()),
                         "embedding_dcr": float(close_embedding.mean()),

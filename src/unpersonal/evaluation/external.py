@@ -72,7 +72,8 @@ def read_release_folder(folder: Path, resolution: int, fit: str, label_names: li
 
 
 def _read_labels(table: Path, label_names: list[str]) -> tuple[list[str], np.ndarray]:
-    """labels.csv: `path` and the run's label columns, one 0/1 (or class) value per cell."""
+    """labels.csv: `path` and the run's label columns, one 0/1 value per cell (a multi-class
+    label is one column per class, as `generate` writes it)."""
     expected = ["path", *label_names]
     try:
         with open(table, newline="") as handle:

@@ -294,17 +294,13 @@ def singling_out(synthetic: np.ndarray, train: np.ndarray, train_patient: np.nda
     excess = train_rate - heldout_rate
     # Studentized by each threshold's null spread, so that a rare, telling predicate (a high
     # threshold, few isolations) is not drowned by the chance swings of a common one.
-    spread = null.std(axis=0)
-    spread = np.where(spread > 0, spread, np.inf)  # a threshold nobody ever reaches: z = 0
+    width = null.std(axis=0)  # 0 at a threshold nobody ever reaches: its interval is a point
+    spread = np.where(width > 0, width, np.inf)  # ... and its z is 0
     z, null_z = excess / spread, null / spread
     tail = (1 - level) / 2
     low = np.quantile(null_z.min(axis=1), tail)
     high = np.quantile(null_z.max(axis=1), 1 - tail)
-    finite = np.isfinite(spread)
-    ci = np.where(finite[:, None], np.stack([excess - high * np.where(finite, spread, 0),
-                                             excess - low * np.where(finite, spread, 0)], axis=1),
-                  np.stack([excess, excess], axis=1))
-    ci = np.clip(ci, -1, 1)  # rates are in [0, 1]
+    ci = np.clip(np.stack([excess - high * width, excess - low * width], axis=1), -1, 1)
     best = int(np.argmax(z))
     exceeding = int(np.sum(null_z.max(axis=1) >= z[best] - 1e-12))
     patients = len(starts)

@@ -63,8 +63,7 @@ def calibrate(dataset: CanonicalDataset, features: np.ndarray, reid: ReidModel,
     embedding_index = _index(settings, "cosine", seed).fit(features[is_train])
     embedding_nearest, _ = embedding_index.search(features[is_val], k=1)
     pixels = AlignedPixels.from_settings(settings)
-    pixel_index = NeighbourIndex("cosine").fit(pixels.reference(images[is_train]))
-    pixel_nearest, _ = pixels.nearest(pixel_index, images[is_val])
+    pixel_nearest, _ = pixels.nearest(pixels.index(images[is_train]), images[is_val])
     floors = {space: floor_from_distances(nearest, settings.floor_quantile, "cosine")
               for space, nearest in (("embedding", embedding_nearest[:, 0]),
                                      ("pixel", pixel_nearest))}
@@ -185,8 +184,7 @@ class PrivacyFilter:
             reid_train=reid_train,
             reid_index=_index(settings, "cosine", seed).fit(reid_train),
             embedding_index=_index(settings, "cosine", seed).fit(features),
-            pixel_index=NeighbourIndex("cosine").fit(
-                pixels.reference(dataset.images_float()[is_train])),
+            pixel_index=pixels.index(dataset.images_float()[is_train]),
             pixels=pixels,
             floors={space: DistanceFloor.from_json(floor)
                     for space, floor in summary["floors"].items()},
@@ -223,8 +221,9 @@ class PrivacyFilter:
         embedding_distance, embedding_nearest = self.embedding_index.search(
             self.embedder.embed(images), k=1)
         # The aligned pixel check compares each candidate with every training image at every
-        # shift (exact search), so the floor holds against the whole training set, as the
-        # distance-safeguard guarantee states it: about 20 ms per candidate at 32 px on 2 cores.
+        # shift and mirrored (exact search), so the floor holds against the whole training set,
+        # as the distance-safeguard guarantee states it: the whole check takes about 19 ms per
+        # candidate at 32 px on 2 cores (benchmarks/filter_cost.py).
         pixel_distance, pixel_nearest = self.pixels.nearest(self.pixel_index, images)
         result = FilterResult(self.reid.scorer.score(best_cosine), source_score, nearest,
                               embedding_distance[:, 0], embedding_nearest[:, 0],

@@ -100,9 +100,10 @@ class AlignedPixels:
     correlation, 0 for a shifted or mirrored copy, 0.03 to 0.2 between two patients' chest
     films at 32 px. A chest film is not left-right symmetric (the heart is on one side), so a
     mirrored film is still its patient's anatomy: without the mirror the check passed 98% of
-    mirrored copies of Kermany training images (benchmarks/leaks.py). `nearest` compares with every indexed training
-    image (49 shifts x all images, about 20 ms per query on 2 cores at 32 px), in the filter,
-    its calibration and the audit alike.
+    mirrored copies of Kermany training images (benchmarks/leaks.py). `nearest` compares with
+    every indexed training image (49 shifts, twice with the mirror, x all images: the filter's
+    whole check takes about 19 ms per candidate at 32 px on 2 cores, benchmarks/filter_cost.py),
+    in the filter, its calibration and the audit alike.
     """
 
     max_shift: int = 3
@@ -114,6 +115,10 @@ class AlignedPixels:
     def from_settings(cls, settings: PrivacyConfig) -> AlignedPixels:
         return cls(settings.pixel_max_shift, settings.pixel_smooth, settings.pixel_resolution,
                    settings.pixel_mirror)
+
+    def index(self, images: np.ndarray) -> NeighbourIndex:
+        """An exact cosine index of the images' `reference` vectors, for `nearest`."""
+        return NeighbourIndex("cosine").fit(self.reference(images))
 
     def reference(self, images: np.ndarray) -> np.ndarray:
         """Unit vectors [N, D] of the training images' central crops, for a cosine index."""

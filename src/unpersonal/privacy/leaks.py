@@ -152,7 +152,7 @@ def _leaked_rows(kind: str, patients: np.ndarray, count: int, rng: np.random.Gen
                  ) -> np.ndarray:
     """Distinct training rows to leak; for single-image, rows of patients with one image."""
     if kind == SINGLE_IMAGE:
-        ids, first, counts = np.unique(patients, return_index=True, return_counts=True)
+        _, first, counts = np.unique(patients, return_index=True, return_counts=True)
         pool = first[counts == 1]
     else:
         pool = np.arange(len(patients))

@@ -25,7 +25,7 @@ from unpersonal.artifacts.embedder import load_embedder
 from unpersonal.data.canonical import CanonicalDataset
 from unpersonal.evaluation.sets import SyntheticSet
 from unpersonal.privacy.knn import NeighbourIndex
-from unpersonal.report.summary import release_verdicts
+from unpersonal.report.summary import leak_sensitivity, release_verdicts
 
 GRID_COLUMNS = 8
 PAIRS = 12
@@ -83,9 +83,7 @@ def privacy_note(privacy: dict[str, Any]) -> str:
     return (f"Each privacy verdict is a one-sided test against {privacy['heldout_images']:,} real "
             f"images of patients never trained on (the {privacy['heldout_split']} split), "
             f"corrected together (Holm) so that an honest release fails any of them with "
-            f"probability at most {tests['alpha']:g}. With that many held-out images the audit "
-            f"can fail a release only when about {tests['detectable_copy_share']:.1%} of it or "
-            "more is copied from training images.")
+            f"probability at most {tests['alpha']:g}. {leak_sensitivity(privacy)}")
 
 
 def versions() -> dict[str, str]:

@@ -111,6 +111,14 @@ def privacy_verdicts(privacy: dict[str, Any]) -> list[Verdict]:
     return out
 
 
+def leak_sensitivity(privacy: dict[str, Any]) -> str:
+    """How large a leak the audit can see, in one sentence (the console table, AUDIT.md and
+    the report all say it)."""
+    return (f"With {privacy['heldout_images']:,} held-out images the audit can fail a release "
+            f"only when about {privacy['tests']['detectable_copy_share']:.1%} of it or more is "
+            "copied from training images.")
+
+
 def verdict_table(verdicts: list[dict[str, Any]]) -> list[str]:
     """The verdicts as the lines of a Markdown table (the datasheet, an audit's AUDIT.md)."""
     lines = ["| test | released set | baseline | verdict |", "|---|---:|---:|---|"]

@@ -27,7 +27,7 @@ from unpersonal.data.pixels import quantize
 from unpersonal.errors import UserError
 from unpersonal.models.conditioning import Conditioner, label_code
 from unpersonal.models.edm import Denoiser
-from unpersonal.sampling.solvers import sample
+from unpersonal.sampling.solvers import SampleResult, sample
 
 
 @dataclass(frozen=True)
@@ -69,17 +69,12 @@ class Sampler:
     def draw(self, rows: np.ndarray, seeds: Sequence[int], guidance: float) -> SampleBatch:
         """One image per (training row, seed) at guidance weight `guidance`, in batches of
         `sampling.batch_size`; each image depends on its seed and its row's condition only."""
-        settings, size = self.settings, self.settings.batch_size
+        size = self.settings.batch_size
         images, evaluations = [], 0
         for start in range(0, len(rows), size):
             batch = rows[start:start + size]
-            result = sample(self.denoiser, self.conditioner.build(self.codes[batch],
-                                                                  self.pseudo[batch]),
-                            [int(seed) for seed in seeds[start:start + size]],
-                            solver=settings.solver, num_steps=settings.steps, guidance=guidance,
-                            guide=self.guide, image_shape=self.image_shape,
-                            sigma_min=settings.sigma_min, sigma_max=settings.sigma_max,
-                            rho=settings.rho, device=self.device, null=self.null(batch))
+            result = self._sample(batch, seeds[start:start + size], guidance=guidance,
+                                  guide=self.guide, null=self.null(batch))
             images.append(to_stored(result.images, self.bit_depth))
             evaluations += result.nfe_per_sample * len(batch)
         return SampleBatch(np.concatenate(images), evaluations)
@@ -89,19 +84,24 @@ class Sampler:
         """Training images [N, R, R] in [0, 1] noised to `sigma` and denoised back by the model,
         each conditioned on its own training row, without guidance: the near-copies a generator
         that memorised them would make (`privacy.leaks`). Float [N, R, R] in [0, 1]."""
-        settings, size, out = self.settings, self.settings.batch_size, []
+        size, out = self.settings.batch_size, []
         for start in range(0, len(rows), size):
-            batch = rows[start:start + size]
             clean = torch.from_numpy(np.asarray(images[start:start + size], np.float32)) * 2 - 1
-            result = sample(self.denoiser, self.conditioner.build(self.codes[batch],
-                                                                  self.pseudo[batch]),
-                            [int(seed) for seed in seeds[start:start + size]],
-                            solver=settings.solver, num_steps=settings.steps,
-                            image_shape=self.image_shape, sigma_min=settings.sigma_min,
-                            sigma_max=sigma, rho=settings.rho, device=self.device,
-                            start=clean[:, None])
-            out.append(((result.images[:, 0].clamp(-1, 1) + 1) / 2).cpu().numpy())
+            result = self._sample(rows[start:start + size], seeds[start:start + size],
+                                  sigma_max=sigma, start=clean[:, None])
+            out.append(model_to_unit(result.images))
         return np.concatenate(out)
+
+    def _sample(self, batch: np.ndarray, seeds: Sequence[int], **options: Any) -> SampleResult:
+        """One batch of training rows through `sample` with the sampling settings; `options`
+        add to them or replace them."""
+        settings = self.settings
+        return sample(self.denoiser, self.conditioner.build(self.codes[batch], self.pseudo[batch]),
+                      [int(seed) for seed in seeds],
+                      **{"solver": settings.solver, "num_steps": settings.steps,
+                         "image_shape": self.image_shape, "sigma_min": settings.sigma_min,
+                         "sigma_max": settings.sigma_max, "rho": settings.rho,
+                         "device": self.device, **options})
 
     def null(self, rows: np.ndarray) -> torch.Tensor | None:
         """What classifier-free guidance pushes away from: None (the empty condition) or the
@@ -135,5 +135,9 @@ def load_sampler(model_folder: Path, train: CanonicalDataset, settings: Sampling
 
 def to_stored(images: torch.Tensor, bit_depth: int) -> np.ndarray:
     """Model output in [-1, 1] -> grey levels at the data's bit depth, [N, R, R]."""
-    unit = ((images[:, 0].clamp(-1, 1) + 1) / 2).cpu().numpy()
-    return quantize(unit, bit_depth)
+    return quantize(model_to_unit(images), bit_depth)
+
+
+def model_to_unit(images: torch.Tensor) -> np.ndarray:
+    """Model output [N, 1, R, R] in [-1, 1] (clipped) -> float [N, R, R] in [0, 1]."""
+    return ((images[:, 0].clamp(-1, 1) + 1) / 2).cpu().numpy()

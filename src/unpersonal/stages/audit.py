@@ -14,7 +14,7 @@ from unpersonal.evaluation.audit import AuditModels, audit_set, dcr_plot
 from unpersonal.evaluation.external import ExternalRelease, read_release_folder
 from unpersonal.evaluation.sets import AUDIT_EMBEDDER, AUDIT_REID, read_synthetic_set
 from unpersonal.privacy.floor import AlignedPixels
-from unpersonal.report.summary import privacy_verdicts, verdict_table
+from unpersonal.report.summary import leak_sensitivity, privacy_verdicts, verdict_table
 from unpersonal.rundir import RunDir, write_atomic
 from unpersonal.stages import StageTask, require
 
@@ -79,9 +79,7 @@ def audit_markdown(figures: dict[str, Any], release: Path) -> str:
              f"never trained on (the {figures['heldout_split']} split). The release {verdict} "
              f"(family-wise error {figures['tests']['alpha']:g}, Holm).", "",
              *verdict_table([v.to_json() for v in privacy_verdicts(figures)]), "",
-             f"With {figures['heldout_images']:,} held-out images the audit can fail a release "
-             f"only when about {figures['tests']['detectable_copy_share']:.1%} of it or more is "
-             "copied from training images."]
+             leak_sensitivity(figures)]
     notes = figures["release"]["notes"]
     if notes:
         lines += ["", "Notes:", "", *(f"* {note}" for note in notes)]

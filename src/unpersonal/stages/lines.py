@@ -12,6 +12,8 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from unpersonal.report.summary import leak_sensitivity
+
 Lines = list[Any]
 
 
@@ -177,9 +179,8 @@ def privacy_table(figures: dict[str, Any]) -> Table:
         table.add_row("planted near-copies caught", f"{planted['caught_all']:.1%}", "100%", "")
     detectable = tests.get("detectable_copy_share")
     if detectable is not None and detectable > 0.01:
-        table.caption = (f"with {figures['heldout_images']:,} held-out images the audit can fail "
-                         f"a release only when about {detectable:.1%} of it or more is copied; "
-                         "more held-out patients (data.split_fractions) let it see smaller leaks")
+        table.caption = (f"{leak_sensitivity(figures)} More held-out patients "
+                         "(data.split_fractions) let it see smaller leaks.")
     probes = figures.get("identity_probes")
     if probes:
         table.add_row("identity probes linked (unseen images of training patients)",
