@@ -15,7 +15,11 @@ From a finished run (its released set, the audit's models, the filter and the di
   alone (the cpu preset's generate) for a random other training image: the share rejected per
   kind (targets: at least 99% of copies of every kind, 90% of identity probes), beside the
   share of held-out patients' real images (the test split, which the filter was not calibrated
-  on) it rejects (at most 5%).
+  on) it rejects (at most 5%);
+* what each kind's leaks are, by a detector neither the filter nor the audit uses
+  (`runner.IndependentCopies`: exhaustive aligned pixels, below the test split's closest real
+  image): the share of them that are copies of a training image. A kind the filter misses and
+  this detector does not count as copies (a model's rendition from much noise) is not a copy.
 
 The targets were fixed before the leak results were seen; a miss is reported as it is.
 
@@ -37,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from runner import provenance, write_table
+from runner import IndependentCopies, provenance, write_table
 from unpersonal.config import load_config
 from unpersonal.data.canonical import load_canonical
 from unpersonal.evaluation.audit import SetVectors, audit_vectors
@@ -111,6 +115,7 @@ def main() -> None:
     most = leak_count(size, max(args.shares))
     train_images = train.images_float()
     probes = dataset.subset("probe").images_float()
+    copies = IndependentCopies(args.run)
     kinds = args.kinds or leak_kinds(tuple(args.sigmas))
     result["kinds"] = {}
     for kind in kinds:
@@ -143,6 +148,7 @@ def main() -> None:
         result["kinds"][kind] = {
             "doses": doses,
             "filter_recall": float(checked.rejected.mean()),
+            "independent_copies": copies(leaks.images),
             "filter_recall_by_check": {check: float(flags.mean())
                                        for check, flags in checked.flags.items()},
             "seconds": round(time.perf_counter() - kind_started, 1)}
@@ -219,7 +225,8 @@ def _targets(result: dict[str, Any], shares: list[float]) -> dict[str, Any]:
 def _table(result: dict[str, Any]) -> str:
     shares = [f"{s:g}" for s in result["shares"]]
     head = ("| leak kind | " + " | ".join(f"{float(s):.1%} leaked" for s in shares)
-            + " | filter rejects |\n|---|" + "---|" * len(shares) + "---:|\n")
+            + " | filter rejects | copies by pixels |\n|---|" + "---|" * len(shares)
+            + "---:|---:|\n")
     rows = []
     for kind, r in result["kinds"].items():
         if "doses" not in r:
@@ -234,12 +241,14 @@ def _table(result: dict[str, Any]) -> str:
             worst = min(dose["p_adjusted"], key=dose["p_adjusted"].get)
             cells.append(("**fails**" if not dose["passed"] else "passes")
                          + f" ({worst} p={dose['p_adjusted'][worst]:.2g})")
-        rows.append(f"| {kind} | " + " | ".join(cells) + f" | {r['filter_recall']:.1%} |")
+        independent = r.get("independent_copies")
+        rows.append(f"| {kind} | " + " | ".join(cells) + f" | {r['filter_recall']:.1%} | "
+                    + (f"{independent['rate']:.1%}" if independent else "") + " |")
     clean = result["clean_resamples"]
     if clean["passed"] is not None:
             rows.append(f"| none (clean, {clean['count']} resamples) | passes "
                         f"{clean['passed']:.0%} of them |" + " |" * (len(shares) - 1)
-                        + f" {result['filter_heldout_rejection']:.1%} of held-out real images |")
+                        + f" {result['filter_heldout_rejection']:.1%} of held-out real images | |")
     return head + "\n".join(rows) + "\n"
 
 

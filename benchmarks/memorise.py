@@ -36,11 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from runner import copy_run_without, provenance, unpersonal, write_table
-from unpersonal.config import load_config
+from runner import IndependentCopies, copy_run_without, provenance, unpersonal, write_table
 from unpersonal.data.canonical import load_canonical
 from unpersonal.evaluation.sets import read_synthetic_set
-from unpersonal.privacy.floor import AlignedPixels
 from unpersonal.rundir import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +87,8 @@ def main() -> None:
         copy_run_without(run, unfiltered)
     unpersonal("generate", "--out", str(unfiltered), *(p for s in UNFILTERED for p in ("--set", s)))
 
+    copies = IndependentCopies(run)
+    label_names = load_canonical(run / "prepare").label_names
     result: dict[str, Any] = {"train_images": args.train_images, "diffusion_steps": args.steps,
                               "batch_size": args.batch_size, "releases": {}}
     for name, folder in (("unfiltered", unfiltered), ("filtered", run)):
@@ -99,7 +99,8 @@ def main() -> None:
         unpersonal("evaluate", "--out", str(folder))
         metrics = json.loads((folder / "eval" / "metrics.json").read_text())
         result["releases"][name] = {
-            "images": privacy["images"], "copy_rate": copy_rate(run, release),
+            "images": privacy["images"], "copy_rate": copies(read_synthetic_set(
+                release, label_names).images),
             "audit_passed": privacy["tests"]["passed"],
             "p_adjusted": {test: round(v["p_adjusted"], 6)
                            for test, v in privacy["tests"]["by_figure"].items()},
@@ -142,22 +143,6 @@ def subset(source: Path, target: Path, train_images: int, seed: int) -> Path:
     rows = ~train | np.isin(data["patient_id"], list(keep))
     np.savez(target, **{key: value[rows] for key, value in data.items()})
     return target
-
-
-def copy_rate(run: Path, release: Path) -> dict[str, Any]:
-    """Released images closer, in aligned pixels over every training image at every shift,
-    than the closest of the test split's real images is: copies by a detector the audit does
-    not use (its baseline is the validation split)."""
-    config = load_config(config_file=run / "config.yaml")
-    dataset = load_canonical(run / "prepare")
-    pixels = AlignedPixels.from_settings(config.privacy)
-    index = pixels.index(dataset.subset("train").images_float())
-    test_nearest, _ = pixels.nearest(index, dataset.subset("test").images_float())
-    images = read_synthetic_set(release, dataset.label_names).images
-    nearest, _ = pixels.nearest(index, images)
-    cutoff = float(test_nearest.min())
-    return {"rate": float(np.mean(nearest < cutoff)), "copies": int(np.sum(nearest < cutoff)),
-            "cutoff": cutoff, "median_distance": float(np.median(nearest))}
 
 
 def table(result: dict[str, Any]) -> str:

@@ -184,3 +184,27 @@ class EvaluatedRun:
                 "gap_pp_ci": classification["gap_pp_ci95"], "fd": fidelity["fd"],
                 "precision": fidelity["prdc"]["precision"], "recall": fidelity["prdc"]["recall"],
                 "coverage": fidelity["prdc"]["coverage"]}
+
+
+class IndependentCopies:
+    """Copies by a detector neither the filter nor the audit uses: an image whose aligned-pixel
+    distance to some training image (exhaustive, at every shift and mirror) is below the
+    closest that any of the test split's real images comes. The test split is the run's
+    patients farthest from both: the filter calibrates and the audit tests on validation."""
+
+    def __init__(self, run: Path) -> None:
+        from unpersonal.privacy.floor import AlignedPixels
+
+        config = load_config(config_file=run / "config.yaml")
+        dataset = load_canonical(RunDir(run).stage_path("prepare"))
+        self.pixels = AlignedPixels.from_settings(config.privacy)
+        self.index = self.pixels.index(dataset.subset("train").images_float())
+        test_nearest, _ = self.pixels.nearest(self.index, dataset.subset("test").images_float())
+        self.cutoff = float(test_nearest.min())
+
+    def __call__(self, images: np.ndarray) -> dict[str, Any]:
+        """The share and count of `images` that are copies, and their median distance."""
+        nearest, _ = self.pixels.nearest(self.index, images)
+        copies = nearest < self.cutoff
+        return {"rate": float(np.mean(copies)), "copies": int(np.sum(copies)),
+                "cutoff": self.cutoff, "median_distance": float(np.median(nearest))}
