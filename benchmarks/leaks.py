@@ -16,10 +16,10 @@ From a finished run (its released set, the audit's models, the filter and the di
   kind (targets: at least 99% of copies of every kind, 90% of identity probes), beside the
   share of held-out patients' real images (the test split, which the filter was not calibrated
   on) it rejects (at most 5%);
-* what each kind's leaks are, by a detector neither the filter nor the audit uses
-  (`runner.IndependentCopies`: exhaustive aligned pixels, below the test split's closest real
-  image): the share of them that are copies of a training image. A kind the filter misses and
-  this detector does not count as copies (a model's rendition from much noise) is not a copy.
+* what each kind's leaks are by exhaustive aligned-pixel matching (`runner.IndependentCopies`,
+  below the test split's closest real image): the share of them that are pixel copies of a
+  training image. It tells the model's renditions that stay copies from those that do not;
+  crops and rotations, which the pixel metric does not align, it does not count.
 
 The targets were fixed before the leak results were seen; a miss is reported as it is.
 

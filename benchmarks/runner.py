@@ -187,10 +187,14 @@ class EvaluatedRun:
 
 
 class IndependentCopies:
-    """Copies by a detector neither the filter nor the audit uses: an image whose aligned-pixel
-    distance to some training image (exhaustive, at every shift and mirror) is below the
-    closest that any of the test split's real images comes. The test split is the run's
-    patients farthest from both: the filter calibrates and the audit tests on validation."""
+    """Copies by exhaustive aligned-pixel matching: an image whose aligned-pixel distance to
+    some training image (every training image, at every shift and mirror) is below the closest
+    that any of the test split's real images comes.
+
+    Independent of the filter's networks and of the split both the filter and the audit
+    calibrate on (validation), not of the filter's pixel metric: it is that metric at a
+    stricter cutoff, so what it calls a copy the filter's pixel floor rejects too, and what
+    the metric cannot align (a crop, a rotation) it does not count either."""
 
     def __init__(self, run: Path) -> None:
         from unpersonal.privacy.floor import AlignedPixels

@@ -125,3 +125,14 @@ def test_identity_probe_leaks_are_the_runs_probes(train: tuple) -> None:
     with pytest.raises(ValueError, match="has 0 identity probes"):
         make_leaks(IDENTITY_PROBE, images, patients, 1, seed=0)
     assert IDENTITY_PROBE in leak_kinds()
+
+
+def test_a_smaller_dose_from_the_front_is_drawn_from_every_row(train: tuple) -> None:
+    """The benchmarks take a dose's leaks from the front: were the rows sorted, the smallest
+    doses would hold only the lowest rows (on Kermany, one class)."""
+    images, patients = train
+    leaks = make_leaks("copy", images, patients, 30, seed=0)
+    front = leaks.rows[:6]
+    assert front.max() > np.sort(leaks.rows)[5]
+    probes = make_leaks(IDENTITY_PROBE, images, patients, 20, seed=0, probes=images[:30])
+    assert probes.rows[:5].max() > np.sort(probes.rows)[4]

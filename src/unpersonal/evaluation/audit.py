@@ -228,11 +228,13 @@ def audit_vectors(models: AuditModels, release: SetVectors, settings: AuditConfi
 
 
 def detectable_copy_share(heldout_images: int, alpha: float, tests: int) -> float:
-    """The smallest share of exact copies in a large release that the closest-image test can
-    fail at, whatever the rest of the release: copies all fall below the closest held-out
-    image, whose chance share of new images is Beta(1, n), so the test reaches Holm's
-    alpha / tests only when (1 - share)^n <= alpha / tests. With few held-out images the audit
-    cannot see a small leak at all, and the report says so."""
+    """The share of exact copies in a large release at and above which the closest-image
+    test fails whatever the rest of the release: copies all fall below the closest held-out
+    image, whose chance share of new images is Beta(1, n), so the test's p-value is at most
+    (1 - share)^n, within Holm's alpha / tests once (1 - share)^n <= alpha / tests. A smaller
+    leak may still fail, by chance or through another test, but nothing promises it; with few
+    held-out images the audit cannot promise to see a small leak at all, and the report says
+    so."""
     return float(1 - (alpha / tests) ** (1 / heldout_images))
 
 

@@ -15,6 +15,7 @@ correlation over small shifts.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -117,8 +118,10 @@ class AlignedPixels:
                    settings.pixel_mirror)
 
     def index(self, images: np.ndarray) -> NeighbourIndex:
-        """An exact cosine index of the images' `reference` vectors, for `nearest`."""
-        return NeighbourIndex("cosine").fit(self.reference(images))
+        """An exact cosine index of the images' `reference` vectors, for `nearest`: exact
+        at any size (an approximate index could miss the near-copy the floor exists to catch;
+        the cost grows with the training set, benchmarks/filter_cost.py)."""
+        return NeighbourIndex("cosine", exact_max=sys.maxsize).fit(self.reference(images))
 
     def reference(self, images: np.ndarray) -> np.ndarray:
         """Unit vectors [N, D] of the training images' central crops, for a cosine index."""

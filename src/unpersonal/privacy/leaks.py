@@ -114,7 +114,10 @@ class Leaks:
 def make_leaks(kind: str, train_images: np.ndarray, train_patients: np.ndarray, count: int,
                seed: int, renoise: Renoise | None = None, probes: np.ndarray | None = None
                ) -> Leaks:
-    """`count` leaked images of `kind` from distinct training images drawn at random (seeded).
+    """`count` leaked images of `kind` from distinct training images drawn at random (seeded),
+    in the order drawn: the first k of them are a random k too, so a smaller dose taken from
+    the front is as mixed (labels, patients) as the whole. Sorted rows would give the front
+    the lowest rows, which follow the dataset's order (Kermany's training rows run by class).
 
     `train_images` float [N, R, R] in [0, 1] and their patients; `renoise` is needed for the
     model's near-copies only, `probes` (the identity probes' images) for identity-probe only.
@@ -124,8 +127,8 @@ def make_leaks(kind: str, train_images: np.ndarray, train_patients: np.ndarray, 
         if count > available:
             raise ValueError(f"{count} leaks of kind {kind!r} asked for, but the run has "
                              f"{available} identity probes")
-        rows = np.sort(np.random.default_rng([seed, *kind.encode()]).choice(
-            available, count, replace=False))
+        rows = np.random.default_rng([seed, *kind.encode()]).choice(available, count,
+                                                                     replace=False)
         return Leaks(kind, np.asarray(probes[rows], np.float32), rows)
     if len(train_patients) != len(train_images):
         raise ValueError(f"one patient id per image needed: {len(train_images)} images, "
@@ -159,7 +162,7 @@ def _leaked_rows(kind: str, patients: np.ndarray, count: int, rng: np.random.Gen
     if count > len(pool):
         raise ValueError(f"{count} leaks of kind {kind!r} asked for, but only {len(pool)} "
                          "training images can be leaked that way")
-    return np.sort(rng.choice(pool, count, replace=False))
+    return rng.choice(pool, count, replace=False)
 
 
 def _model_sigma(kind: str) -> float:

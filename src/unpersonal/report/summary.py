@@ -114,9 +114,9 @@ def privacy_verdicts(privacy: dict[str, Any]) -> list[Verdict]:
 def leak_sensitivity(privacy: dict[str, Any]) -> str:
     """How large a leak the audit can see, in one sentence (the console table, AUDIT.md and
     the report all say it)."""
-    return (f"With {privacy['heldout_images']:,} held-out images the audit can fail a release "
-            f"only when about {privacy['tests']['detectable_copy_share']:.1%} of it or more is "
-            "copied from training images.")
+    return (f"With {privacy['heldout_images']:,} held-out images the audit is certain to fail "
+            f"a release once {privacy['tests']['detectable_copy_share']:.1%} of it or more is "
+            "exact copies of training images; a smaller leak may pass.")
 
 
 def verdict_table(verdicts: list[dict[str, Any]]) -> list[str]:
