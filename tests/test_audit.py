@@ -128,3 +128,24 @@ def test_a_leaked_release_assembled_from_described_images_is_audited_as_its_imag
     # correction, and the audit says how much it would take.
     detectable = from_rows["tests"]["detectable_copy_share"]
     assert from_rows["heldout_images"] == 7 and detectable > 1 / 3
+
+
+def test_a_baseline_of_some_held_out_images_is_the_audit_with_only_those(
+        released_run: Path) -> None:
+    """What benchmarks/leaks.py's honest releases rely on: `with_baseline` on every held-out
+    image is the audit itself, and on some of them leaves the models it came from untouched."""
+    import numpy as np
+
+    config = load_config(config_file=released_run / "config.yaml")
+    dataset = load_canonical(released_run / "prepare")
+    models = load_audit_models(config, RunDir(released_run), dataset)
+    images = dataset.subset("train").images_float()[:12]
+    whole, _ = audit_set(models, images, config.audit, config.seed)
+    same, _ = audit_set(models.with_baseline(np.arange(len(models.heldout))), images,
+                        config.audit, config.seed)
+    assert json.dumps(same, sort_keys=True) == json.dumps(whole, sort_keys=True)
+    half = models.with_baseline(np.arange(len(models.heldout)) % 2 == 0)
+    assert len(half.heldout) == len(half.heldout_best) == (len(models.heldout) + 1) // 2
+    assert len(models.heldout_best) == len(models.heldout) == whole["heldout_images"]
+    smaller, _ = audit_set(half, images, config.audit, config.seed)
+    assert smaller["heldout_images"] == len(half.heldout)

@@ -46,7 +46,10 @@ class CanonicalDataset:
 
     def subset(self, split: str) -> CanonicalDataset:
         """The rows of one split (train, val or test), same label space."""
-        keep = self.split == split
+        return self.rows(self.split == split)
+
+    def rows(self, keep: np.ndarray) -> CanonicalDataset:
+        """These rows (a bool mask or indices), same label space."""
         return CanonicalDataset(self.images[keep], self.labels[keep], self.patient_id[keep],
                                 self.split[keep], self.ref[keep], self.label_names,
                                 self.label_kind, self.bit_depth, self.meta)

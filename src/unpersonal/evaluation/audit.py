@@ -47,6 +47,7 @@ with probability at most `audit.alpha`:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,22 +122,37 @@ class AuditModels:
         is_heldout = dataset.split == self.heldout_split
         self.heldout = dataset.subset(self.heldout_split)
         self.probes = dataset.subset(PROBE) if (dataset.split == PROBE).any() else None
-        self.features = {"train": features[is_train], "heldout": features[is_heldout]}
+        self.features = {"train": features[is_train]}
         images = dataset.images_float()
         self.reid_vectors = {"train": self.reid.embed(images[is_train])}
         self.pixel_index = pixels.index(images[is_train])
-        self.heldout_vectors = SetVectors(self.reid.embed(images[is_heldout]),
-                                          self.features["heldout"],
-                                          pixels.nearest(self.pixel_index, images[is_heldout])[0])
-        self.heldout_best = self.best_reid_scores(self.heldout_vectors.reid)
+        self._use_baseline(self.heldout, SetVectors(
+            self.reid.embed(images[is_heldout]), features[is_heldout],
+            pixels.nearest(self.pixel_index, images[is_heldout])[0]))
+
+    def _use_baseline(self, heldout: CanonicalDataset, vectors: SetVectors) -> None:
+        """Everything the audit derives from its held-out images: their vectors, best re-ID
+        scores and distances, the any-patient re-ID threshold, and the checks of the audit."""
+        self.heldout, self.heldout_vectors = heldout, vectors
+        self.features["heldout"] = vectors.features
+        self.heldout_best = self.best_reid_scores(vectors.reid)
         self.heldout_dcr = {"embedding": distance_to_closest_record(
-            self.features["heldout"], self.features["train"], "cosine"),
-                            "pixel": self.heldout_vectors.pixel_dcr}
+            vectors.features, self.features["train"], "cosine"), "pixel": vectors.pixel_dcr}
         pair = self.reid.scorer
-        cutoff, _ = order_statistic(self.heldout_best, 1 - quantile, "above")
+        cutoff, _ = order_statistic(self.heldout_best, 1 - self.quantile, "above")
         self.scorer = ReidScorer(pair.scale, pair.bias, cutoff)
         self.identity_probes = identity_probe_check(self)
         self._planted: dict[tuple[int, int], dict[str, Any]] = {}
+
+    def with_baseline(self, rows: np.ndarray) -> AuditModels:
+        """These models with only `rows` (bool mask or indices) of their held-out images as the
+        baseline. The benchmarks' honest releases: the other held-out patients' images,
+        audited against these, are new patients' images by definition, so the share of them
+        that fails is the audit's false alarm rate on this very dataset."""
+        other = copy.copy(self)
+        other.features = dict(self.features)
+        other._use_baseline(self.heldout.rows(rows), self.heldout_vectors.take(rows))
+        return other
 
     def best_reid_scores(self, reid_vectors: np.ndarray) -> np.ndarray:
         """Each image's highest re-ID score against its nearest training images."""
