@@ -10,16 +10,20 @@ the CLI, in runs/bench-memorise: `prepare`, the filter's models, `fit-diffusion`
 pseudo conditioning trained `--steps` steps without augmentation (the cpu preset trains 1,200
 on 4,466 images with shifts and flips), then
 
-* the unfiltered release: one candidate per training image conditioned on that image's
-  embedding at w = 1 (the published method's own way to reproduce an image), no filter, no
-  label gate (`generate` in a copy of the run with every check off);
-* the filtered release: `generate` as the product runs it, drawn the same way (w = 1);
+two ways of drawing candidates, each released unfiltered and filtered:
 
-each audited with `unpersonal audit --release` and evaluated (classifier utility, 3 seeds). The
-copy rate comes from a detector the audit does not use: each released image's aligned-pixel
-distance to every training image at every shift, below the closest of the test split's real
-images (patients the audit never sees). Target, fixed before the run: the unfiltered release
-fails the audit and the filtered one passes it.
+* conditioned on the source's embedding at w = 1 (the published method's own way to reproduce
+  an image) and drawn from the labels alone (w = 0, the cpu preset's draw);
+* unfiltered: one candidate per training image, no filter, no label gate (`generate` in a copy
+  of the run with every check off); filtered: `generate` as the product runs it.
+
+Each release is audited with `unpersonal audit --release` and evaluated (classifier utility, 3
+seeds); a release the filter left empty is reported as such. The copy rate comes from
+exhaustive aligned-pixel matching (`runner.IndependentCopies`): each released image's distance
+to every training image at every shift and mirror, below the closest of the test split's real
+images (patients neither the filter nor the audit calibrates on). Target, fixed before the
+run: every unfiltered release fails the audit, and every filtered one passes it or releases
+nothing (an empty release leaks nothing, and shows no utility either).
 
 Writes benchmarks/results/memorise.json and its table into BENCHMARKS.md between the
 `<!-- memorise.py -->` markers. The data subset and runs stay in runs/ (not committed).
@@ -36,16 +40,22 @@ from typing import Any
 
 import numpy as np
 
-from runner import IndependentCopies, copy_run_without, provenance, unpersonal, write_table
+from runner import (IndependentCopies, copy_run_without, provenance, sets, unpersonal,
+                    write_table)
 from unpersonal.data.canonical import load_canonical
-from unpersonal.evaluation.sets import read_synthetic_set
-from unpersonal.rundir import write_atomic
+from unpersonal.errors import UserError
+from unpersonal.evaluation.sets import AUDIT_EMBEDDER, AUDIT_REID, read_synthetic_set
+from unpersonal.rundir import RunDir, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "kermany_cxr_64.npz"
 RESULTS = ROOT / "benchmarks" / "results" / "memorise.json"
 # Every check off: the re-ID check against the source alone at a score no pair reaches (the
 # network's largest score is sigmoid(scale + bias), 0.84 on Kermany), no floors, no label gate.
+# Candidates conditioned on their source's embedding at w = 1 (the published method's way to
+# reproduce an image), and drawn from the labels alone (w = 0, the cpu preset's draw).
+DRAWS = {"source": ("generate.guidance=1", "generate.guidance_floor=1"),
+         "labels": ("generate.guidance=0", "generate.guidance_floor=0")}
 UNFILTERED = ("generate.candidates=1", "generate.attempts=1", "generate.reid_check=source",
               "generate.reid_threshold=0.999999", "generate.distance_floors=false",
               "generate.label_gate=false")
@@ -79,28 +89,40 @@ def main() -> None:
     run = args.run / "run"
     unpersonal("prepare", "--data", str(data), "--out", str(run), *settings)
     for command in ("fit-embedder", "fit-reid", "calibrate", "fit-classifier", "fit-diffusion",
-                    "generate", "audit"):  # audit: the audit's models, before the copy below
+                    "generate"):
         unpersonal(command, "--out", str(run))
-    unfiltered = args.run / "unfiltered"
-    if not (unfiltered / "generate" / "synthetic" / "labels.csv").is_file():
-        shutil.rmtree(unfiltered, ignore_errors=True)
-        copy_run_without(run, unfiltered)
-    unpersonal("generate", "--out", str(unfiltered), *(p for s in UNFILTERED for p in ("--set", s)))
+    folders = {}
+    for draw, guidance in DRAWS.items():
+        folders[f"unfiltered, {draw}"] = release_folder(run, args.run / f"unfiltered-{draw}",
+                                                        (*UNFILTERED, *guidance))
+        folders[f"filtered, {draw}"] = (run if draw == "source" else release_folder(
+            run, args.run / f"filtered-{draw}", guidance))
 
     copies = IndependentCopies(run)
     label_names = load_canonical(run / "prepare").label_names
     result: dict[str, Any] = {"train_images": args.train_images, "diffusion_steps": args.steps,
                               "batch_size": args.batch_size, "releases": {}}
-    for name, folder in (("unfiltered", unfiltered), ("filtered", run)):
+    for name, folder in folders.items():
         release = folder / "generate" / "synthetic"
-        audit_to = args.run / f"audit-{name}"
+        made = json.loads((folder / "generate" / "generate.json").read_text())
+        row: dict[str, Any] = {"acceptance_rate": made.get("acceptance_rate"),
+                               "candidates": made.get("candidates"),
+                               "rejections": made.get("rejections_by_reason")}
+        result["releases"][name] = row
+        try:
+            images = read_synthetic_set(release, label_names).images
+        except UserError:  # every candidate rejected: nothing released, nothing to judge
+            row["images"] = 0
+            continue
+        audit_to = args.run / f"audit-{name.replace(', ', '-')}"
+        # The first audit trains the audit's models in `run`; the copies take them from there.
         unpersonal("audit", "--out", str(run), "--release", str(release), "--to", str(audit_to))
         privacy = json.loads((audit_to / "privacy.json").read_text())
+        adopt_audit_models(run, folder)
         unpersonal("evaluate", "--out", str(folder))
         metrics = json.loads((folder / "eval" / "metrics.json").read_text())
-        result["releases"][name] = {
-            "images": privacy["images"], "copy_rate": copies(read_synthetic_set(
-                release, label_names).images),
+        row.update({
+            "images": privacy["images"], "copy_rate": copies(images),
             "audit_passed": privacy["tests"]["passed"],
             "p_adjusted": {test: round(v["p_adjusted"], 6)
                            for test, v in privacy["tests"]["by_figure"].items()},
@@ -112,19 +134,44 @@ def main() -> None:
                         for attack in ("distance", "density_ratio")},
             "pso_excess": privacy["singling_out"]["max_excess"],
             "auc": metrics["utility"]["classification"]["synthetic"]["mean"],
-            "auc_real": metrics["utility"]["classification"]["real"]["mean"],
-            "generate": json.loads((folder / "generate" / "generate.json").read_text()).get(
-                "acceptance_rate")}
+            "auc_real": metrics["utility"]["classification"]["real"]["mean"]})
     releases = result["releases"]
-    result["target_met"] = (not releases["unfiltered"]["audit_passed"]
-                            and releases["filtered"]["audit_passed"])
+    # Target, fixed before the run: each unfiltered release fails; each filtered one passes or
+    # releases nothing (an empty release leaks nothing, and shows no utility either).
+    result["target_met"] = all(
+        releases[f"unfiltered, {draw}"].get("audit_passed") is False
+        and releases[f"filtered, {draw}"].get("audit_passed", True) is not False
+        for draw in DRAWS)
     result["seconds"] = round(time.perf_counter() - started, 1)
     result.update(provenance())
     write_atomic(args.results, json.dumps(result, indent=2) + "\n")
     if args.results == RESULTS:
         write_table(ROOT / "BENCHMARKS.md", "memorise.py", table(result))
-    print(json.dumps({name: {k: r[k] for k in ("copy_rate", "audit_passed", "auc")}
+    print(json.dumps({name: {k: r.get(k) for k in ("images", "copy_rate", "audit_passed", "auc")}
                       for name, r in releases.items()}, indent=2))
+
+
+def release_folder(run: Path, folder: Path, overrides: tuple[str, ...]) -> Path:
+    """`generate` with `overrides` in a copy of the trained run (made once; generate resumes)."""
+    if not (folder / "manifest.json").is_file():
+        copy_run_without(run, folder)
+    unpersonal("generate", "--out", str(folder), *sets(*overrides))
+    return folder
+
+
+def adopt_audit_models(run: Path, folder: Path) -> None:
+    """Give a copy of the run the run's audit models, so that its `evaluate` does not train
+    its own (the copy's config differs from the run's in generate's settings only)."""
+    if folder == run:
+        return
+    copied = RunDir(folder)
+    manifest = copied.manifest()
+    for stage in (AUDIT_EMBEDDER, AUDIT_REID):
+        if stage not in manifest["stages"]:
+            shutil.rmtree(folder / stage, ignore_errors=True)
+            shutil.copytree(run / stage, folder / stage)
+            manifest["stages"][stage] = RunDir(run).stage_record(stage)
+    copied.write_manifest(manifest)
 
 
 def subset(source: Path, target: Path, train_images: int, seed: int) -> Path:
@@ -146,14 +193,20 @@ def subset(source: Path, target: Path, train_images: int, seed: int) -> Path:
 
 
 def table(result: dict[str, Any]) -> str:
-    head = ("| release | images | copies (independent detector) | audit | re-ID rate | "
+    head = ("| release | images (of candidates) | copies (aligned pixels) | audit | re-ID rate | "
             "share closer than held-out 1% (embedding / pixel) | MIA AUC (distance / density) "
             "| PSO excess | synthetic-only ROC-AUC (real) |\n|---|---:|---:|---|---:|---:|---:|"
             "---:|---:|\n")
     rows = []
     for name, r in result["releases"].items():
+        made = f"{r['images']:,} (of {r['candidates']:,})"
+        if not r["images"]:
+            rows.append(f"| {name} | {made} | | nothing released: every candidate rejected "
+                        f"({', '.join(f'{k} {v:,}' for k, v in r['rejections'].items())}) "
+                        "| | | | | |")
+            continue
         dcr, mia = r["dcr_share_below"], r["mia_auc"]
-        rows.append(f"| {name} | {r['images']:,} | {r['copy_rate']['rate']:.1%} "
+        rows.append(f"| {name} | {made} | {r['copy_rate']['rate']:.1%} "
                     f"({r['copy_rate']['copies']}) | {'passes' if r['audit_passed'] else '**fails**'}"
                     f" | {r['reid_rate']:.3f} | {dcr['embedding']:.1%} / {dcr['pixel']:.1%} | "
                     f"{mia['distance']:.3f} / {mia['density_ratio']:.3f} | "
