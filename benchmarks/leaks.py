@@ -70,7 +70,8 @@ FILTER_HELDOUT_REJECTION_LIMIT = 0.05
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "bench-kermany-32")
-    parser.add_argument("--clean", type=int, default=20, help="clean resamples and honest releases audited")
+    parser.add_argument("--clean", type=int, default=20,
+                        help="clean resamples and honest releases audited")
     parser.add_argument("--shares", type=float, nargs="+", default=list(SHARES))
     parser.add_argument("--sigmas", type=float, nargs="+", default=list(DEFAULT_MODEL_SIGMAS),
                         help="noise levels of the diffusion model's near-copies")
@@ -181,9 +182,10 @@ def honest_releases(models: AuditModels, config: Config, count: int) -> dict[str
     cutoffs come from, so the share that fails estimates the audit's false alarm rate."""
     audits, sizes = [], []
     patients = models.heldout.patient_id
+    distinct = np.unique(patients)
     for draw in range(count):
         half = np.random.default_rng([config.seed, 41, draw]).permutation(
-            np.unique(patients))[: len(np.unique(patients)) // 2]
+            distinct)[: len(distinct) // 2]
         released = np.isin(patients, half)
         figures, _ = audit_vectors(models.with_baseline(~released),
                                    models.heldout_vectors.take(np.flatnonzero(released)),
@@ -277,9 +279,9 @@ def _table(result: dict[str, Any]) -> str:
                     + (f"{independent['rate']:.1%}" if independent else "") + " |")
     clean = result["clean_resamples"]
     if clean["passed"] is not None:
-            rows.append(f"| none (clean, {clean['count']} resamples) | passes "
-                        f"{clean['passed']:.0%} of them |" + " |" * (len(shares) - 1)
-                        + f" {result['filter_heldout_rejection']:.1%} of held-out real images | |")
+        rows.append(f"| none (clean, {clean['count']} resamples) | passes "
+                    f"{clean['passed']:.0%} of them |" + " |" * (len(shares) - 1)
+                    + f" {result['filter_heldout_rejection']:.1%} of held-out real images | |")
     honest = result["honest_releases"]
     if honest["passed"] is not None:
         rows.append(f"| none (honest: half the held-out patients against the other half, "

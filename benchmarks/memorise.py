@@ -50,12 +50,12 @@ from unpersonal.rundir import RunDir, write_atomic
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "kermany_cxr_64.npz"
 RESULTS = ROOT / "benchmarks" / "results" / "memorise.json"
-# Every check off: the re-ID check against the source alone at a score no pair reaches (the
-# network's largest score is sigmoid(scale + bias), 0.84 on Kermany), no floors, no label gate.
 # Candidates conditioned on their source's embedding at w = 1 (the published method's way to
 # reproduce an image), and drawn from the labels alone (w = 0, the cpu preset's draw).
 DRAWS = {"source": ("generate.guidance=1", "generate.guidance_floor=1"),
          "labels": ("generate.guidance=0", "generate.guidance_floor=0")}
+# Every check off: the re-ID check against the source alone at a score no pair reaches (the
+# network's largest score is sigmoid(scale + bias), 0.84 on Kermany), no floors, no label gate.
 UNFILTERED = ("generate.candidates=1", "generate.attempts=1", "generate.reid_check=source",
               "generate.reid_threshold=0.999999", "generate.distance_floors=false",
               "generate.label_gate=false")

@@ -23,6 +23,7 @@ import numpy as np
 
 from unpersonal.config import Config, load_config
 from unpersonal.data.canonical import CanonicalDataset, load_canonical
+from unpersonal.privacy.floor import AlignedPixels
 from unpersonal.rundir import RunDir, write_atomic
 from unpersonal.stages import downstream_of
 from unpersonal.stages.evaluate import evaluate_run_set
@@ -197,8 +198,6 @@ class IndependentCopies:
     the metric cannot align (a crop, a rotation) it does not count either."""
 
     def __init__(self, run: Path) -> None:
-        from unpersonal.privacy.floor import AlignedPixels
-
         config = load_config(config_file=run / "config.yaml")
         dataset = load_canonical(RunDir(run).stage_path("prepare"))
         self.pixels = AlignedPixels.from_settings(config.privacy)

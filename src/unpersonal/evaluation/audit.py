@@ -126,6 +126,10 @@ class AuditModels:
         images = dataset.images_float()
         self.reid_vectors = {"train": self.reid.embed(images[is_train])}
         self.pixel_index = pixels.index(images[is_train])
+        # The probes' best matches depend on no baseline: found once, judged per baseline.
+        self.probe_matches = (None if self.probes is None else reid_rate(
+            self.reid.embed(self.probes.images_float()), self.reid_vectors["train"],
+            self.reid.scorer, neighbours))
         self._use_baseline(self.heldout, SetVectors(
             self.reid.embed(images[is_heldout]), features[is_heldout],
             pixels.nearest(self.pixel_index, images[is_heldout])[0]))
@@ -268,11 +272,9 @@ def identity_probe_check(models: AuditModels) -> dict[str, Any] | None:
     held-out patients' images: linked (above the audit's threshold), linked to their own
     patient, the ROC-AUC of the best score between the two, and the exceedance test's p-value
     (small: the audit sees identity here). None when the run has no probes."""
-    probes = models.probes
-    if probes is None or len(probes) == 0:
+    probes, found = models.probes, models.probe_matches
+    if probes is None or found is None or len(probes) == 0:
         return None
-    found = reid_rate(models.reid.embed(probes.images_float()), models.reid_vectors["train"],
-                      models.reid.scorer, models.neighbours)
     linked = found["max_score"] > models.scorer.threshold
     own = models.train.patient_id[found["best_row"]] == probes.patient_id
     heldout = models.heldout_best
