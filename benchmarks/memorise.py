@@ -21,9 +21,11 @@ Each release is audited with `unpersonal audit --release` and evaluated (classif
 seeds); a release the filter left empty is reported as such. The copy rate comes from
 exhaustive aligned-pixel matching (`runner.IndependentCopies`): each released image's distance
 to every training image at every shift and mirror, below the closest of the test split's real
-images (patients neither the filter nor the audit calibrates on). Target, fixed before the
-run: every unfiltered release fails the audit, and every filtered one passes it or releases
-nothing (an empty release leaks nothing, and shows no utility either).
+images (patients neither the filter nor the audit calibrates on). Target: every unfiltered
+release fails the audit, and every filtered one passes it or releases nothing. The first part
+was fixed before any run; "or releases nothing" was added after the filter rejected every
+candidate drawn at w = 1 (BENCHMARKS.md says so): an empty release leaks nothing and shows no
+utility, and the table reports it as empty, not as a pass.
 
 Writes benchmarks/results/memorise.json and its table into BENCHMARKS.md between the
 `<!-- memorise.py -->` markers. The data subset and runs stay in runs/ (not committed).
@@ -136,8 +138,8 @@ def main() -> None:
             "auc": metrics["utility"]["classification"]["synthetic"]["mean"],
             "auc_real": metrics["utility"]["classification"]["real"]["mean"]})
     releases = result["releases"]
-    # Target, fixed before the run: each unfiltered release fails; each filtered one passes or
-    # releases nothing (an empty release leaks nothing, and shows no utility either).
+    # Target (module docstring): each unfiltered release fails; each filtered one passes or
+    # releases nothing.
     result["target_met"] = all(
         releases[f"unfiltered, {draw}"].get("audit_passed") is False
         and releases[f"filtered, {draw}"].get("audit_passed", True) is not False
