@@ -184,7 +184,9 @@ class EvaluatedRun:
                 "auc_real": classification["real"]["mean"], "gap_pp": classification["gap_pp"],
                 "gap_pp_ci": classification["gap_pp_ci95"], "fd": fidelity["fd"],
                 "precision": fidelity["prdc"]["precision"], "recall": fidelity["prdc"]["recall"],
-                "coverage": fidelity["prdc"]["coverage"]}
+                "coverage": fidelity["prdc"]["coverage"],
+                "retrieval": fidelity["retrieval"]["synthetic"],
+                "retrieval_real_test": fidelity["retrieval"]["real_test"]}
 
 
 class IndependentCopies:

@@ -20,6 +20,7 @@ from PIL import Image
 from tests.conftest import copy_run_without, invoke_cli
 from unpersonal.config import GenerateConfig, SamplingConfig, load_config
 from unpersonal.data.canonical import load_canonical
+from unpersonal.models.conditioning import neighbour_conditions
 from unpersonal.privacy.filter import FilterPolicy
 from unpersonal.release import encode_set, read_files, read_names, read_pixels, write_files
 from unpersonal.rundir import RunDir
@@ -174,6 +175,32 @@ def test_best_mode_draws_all_k_and_can_keep_the_second_best(generated_run: Path,
     assert summary["images"] == summary["accepted_sources"] + seconds > summary["accepted_sources"]
 
 
+def test_neighbour_conditions_draw_other_images_checked_against_every_patient(
+        generated_run: Path, tmp_path: Path) -> None:
+    """generate.pseudo_condition=neighbours at w = 1: the model is told the neighbours' mean,
+    so the candidates differ from those drawn from the source's own embedding with the same
+    seeds, and none is held to the pair threshold against its source."""
+    common = ("--set", "generate.guidance=1.0", "--set", "generate.guidance_floor=1.0",
+              "--set", "generate.count=8", "--set", "generate.attempts=1")
+    own = copy_run_without(generated_run, tmp_path / "own")
+    invoke_cli("generate", "--out", own, *common)
+    neighbours = copy_run_without(generated_run, tmp_path / "neighbours")
+    invoke_cli("generate", "--out", neighbours, *common,
+               "--set", "generate.pseudo_condition=neighbours")
+    decisions = {}
+    for name, run in (("own", own), ("neighbours", neighbours)):
+        with open(run / "generate" / "decisions.csv", newline="") as handle:
+            decisions[name] = list(csv.DictReader(handle))
+    assert {row["drawn_from_source"] for row in decisions["own"]} == {"True"}
+    assert {row["drawn_from_source"] for row in decisions["neighbours"]} == {"False"}
+    # The same seed draws another image: its score against the source differs.
+    own_scores, neighbour_scores = ({row["seed"]: float(row["reid_source_score"])
+                                     for row in decisions[name]} for name in decisions)
+    both = own_scores.keys() & neighbour_scores.keys()
+    assert len(both) >= 8
+    assert all(own_scores[seed] != neighbour_scores[seed] for seed in both)
+
+
 def test_every_released_image_looks_like_its_label(generated_run: Path) -> None:
     """The classifier's output on each released image is within `tolerance` of its source's."""
     tolerance = load_config(config_file=generated_run / "config.yaml").generate.tolerance
@@ -244,8 +271,34 @@ def test_guidance_steps_down_to_its_floor_and_seeds_are_pure() -> None:
     # classifier-free guidance with its null alone.
     assert drawn_from_source(True, "cfg", 0.5) and drawn_from_source(True, "autoguidance", 0.0)
     assert not drawn_from_source(True, "cfg", 0.0) and not drawn_from_source(False, "cfg", 2.0)
+    # The mean of other patients' embeddings carries no source image: checked like the labels.
+    assert not drawn_from_source(True, "cfg", 1.0, "neighbours")
     seeds = {candidate_seed(0, p, a, c) for p in range(5) for a in range(3) for c in range(4)}
     assert len(seeds) == 60 and candidate_seed(0, 1, 2, 3) == candidate_seed(0, 1, 2, 3)
+
+
+def test_neighbour_conditions_average_other_patients_with_the_same_labels() -> None:
+    """Each row's condition is the unit mean of its k nearest rows of other patients with its
+    labels: never its own patient's, never another label's; a row with none keeps its own."""
+    rng = np.random.default_rng(0)
+    pseudo = rng.normal(size=(7, 4)).astype(np.float32)
+    pseudo[1] = pseudo[0] + 0.01  # row 0's twin, same patient: must not be used
+    pseudo[2] = pseudo[0] + 0.1  # the nearest other patient with row 0's label
+    pseudo[3] = pseudo[0] + 0.05  # nearer still, but another label
+    patient = np.array(["a", "a", "b", "c", "d", "e", "f"])
+    labels = np.array([[0], [0], [0], [1], [0], [0], [1]], np.uint8)
+    unit = pseudo / np.linalg.norm(pseudo, axis=1, keepdims=True)
+    out = neighbour_conditions(pseudo, patient, labels, k=1)
+    np.testing.assert_allclose(out[0], unit[2], atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-6)
+    assert not np.allclose(out[1], unit[0]) and not np.allclose(out[1], unit[1])
+    # Rows 3 and 6 are the only label-1 rows: each is the other's one neighbour.
+    np.testing.assert_allclose(out[3], unit[6], atol=1e-6)
+    two = neighbour_conditions(pseudo, patient, labels, k=2)
+    expected = unit[[2, 4, 5]][np.argsort(-(unit[[2, 4, 5]] @ unit[0]))[:2]].sum(axis=0)
+    np.testing.assert_allclose(two[0], expected / np.linalg.norm(expected), atol=1e-6)
+    alone = neighbour_conditions(pseudo[:2], patient[:2], labels[:2], k=3)
+    np.testing.assert_allclose(alone, unit[:2], atol=1e-6)
 
 
 def test_sampling_from_the_model_leaves_the_release_up_to_date(generated_run: Path,

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import io
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 from tests.conftest import TINY, write_flat_npz
 from unpersonal.artifacts.reid import load_reid
+from unpersonal.config import ReidConfig, ViewAugmentation
 from unpersonal.data.canonical import load_canonical
 from unpersonal.models.reid import ReidNet
 from unpersonal.training import reid
@@ -228,3 +230,37 @@ def test_refuses_to_train_without_prepare_or_validation_patients(cli, tmp_path: 
     assert cli("prepare", "--out", run, "--data", data).code == 0
     result = cli("fit-reid", "--out", run, *SMALL_NET, "--set", "reid.steps=5")
     assert result.code == 2 and "validation split" in result.stderr
+
+
+def test_instance_pairs_are_two_views_of_one_image_of_any_patient(trained: tuple[Path, str]
+                                                                   ) -> None:
+    """reid.instance_share: each instance pair is two different views of one training image,
+    labelled with its patient, single-image patients included; one step always keeps at least
+    one pair of two images of one patient."""
+    run, _ = trained
+    train = load_canonical(run / "prepare").subset("train")
+    data = reid.training_data(train, False)
+    generator = torch.Generator().manual_seed(0)
+    views, patients = reid.draw_instance_pairs(data, 200, ViewAugmentation(), generator,
+                                               torch.device("cpu"))
+    assert views.shape == (400, 1, *train.images.shape[1:])
+    assert torch.equal(patients[:200], patients[200:])
+    assert not torch.allclose(views[:200], views[200:])  # two views, not one image twice
+    single = np.flatnonzero(np.unique(train.patient_id, return_counts=True)[1] == 1)
+    assert np.isin(single, patients.numpy()).any()  # patients no same-patient pair can teach
+    settings = ReidConfig(batch_size=16, instance_share=0.99)
+    assert reid.instance_pairs_per_step(settings, data) == 7  # of 8 pairs, one kept for patients
+
+
+def test_a_strided_network_with_instance_pairs_publishes_and_loads_back(
+        trained: tuple[Path, str], tmp_path: Path) -> None:
+    run = Path(shutil.copytree(trained[0], tmp_path / "run"))
+    code, stderr = _invoke("fit-reid", "--out", run, *SMALL_NET, "--set", "reid.steps=10",
+                           "--set", "reid.validate_every=5", "--set", "reid.stem_stride=2",
+                           "--set", "reid.instance_share=0.5")
+    assert code == 0, stderr
+    model = load_reid(run / "fit-reid")
+    assert model.meta["architecture"]["stem_stride"] == 2
+    assert model.net.encoder.stem[0].stride == (2, 2)
+    images = load_canonical(run / "prepare").subset("val").images_float()[:4]
+    assert np.allclose(np.linalg.norm(model.embed(images), axis=1), 1.0, atol=1e-5)

@@ -206,8 +206,16 @@ class ReidConfig(Section):
     input_size: int = Field(
         32, ge=8, description="larger images are area-downsampled to this side inside the "
         "network: identity lies in coarse anatomy, and each halving costs 4x less")
+    stem_stride: Literal[1, 2] = Field(
+        1, description="2 halves the resolution in the first convolution: a 64 px input then "
+        "costs about what a 32 px one does")
     steps: int = Field(3000, ge=1)
-    batch_size: int = Field(64, ge=2, description="pairs per step: half same-patient, half not")
+    batch_size: int = Field(64, ge=2, description="images per step, two of each patient drawn")
+    instance_share: float = Field(
+        0.0, ge=0.0, lt=1.0, description="share of each step's pairs that are two strong views "
+        "(copy_augment) of one training image of any patient, single-image patients included: "
+        "every image then teaches the network that its copies, flipped, cropped, rotated or "
+        "re-exposed, are the same instance (0: same-patient pairs only)")
     hard_negatives: float = Field(
         0.5, ge=0.0, le=1.0, description="share of negative pairs mined as the hardest in the batch")
     loss: Literal["supcon", "bce"] = Field(
@@ -224,6 +232,10 @@ class ReidConfig(Section):
     max_minutes: float | None = Field(None, gt=0.0)
     checkpoint_every: int = Field(250, ge=1)
     augment: ViewAugmentation = ViewAugmentation()
+    copy_augment: ViewAugmentation = Field(
+        ViewAugmentation(crop_scale=(0.5, 1.0), rotate_degrees=20.0, shift=0.1, gamma=0.5,
+                         blur_sigma=1.0, noise=0.05, flip=True),
+        description="the views of the instance pairs: the edits a leaked copy may carry")
 
 
 class ClassifierConfig(Section):
@@ -323,6 +335,13 @@ class GenerateConfig(Section):
         0.0, ge=0.0, description="guidance never drops below this; with guidance against the "
         "labels, 0 lets the last attempts follow the labels alone")
     block_size: int = Field(64, ge=1, description="sources per resumable, shardable block")
+    pseudo_condition: Literal["source", "neighbours"] = Field(
+        "source", description="the embedding a candidate is drawn from (at guidance w > 0): its "
+        "source's own, or the mean of the source's `pseudo_neighbours` nearest training images "
+        "of other patients with the same labels, which keeps the source's mode and averages its "
+        "patient away")
+    pseudo_neighbours: int = Field(8, ge=1, description="neighbours averaged by "
+                                                        "pseudo_condition=neighbours")
     reid_check: Literal["neighbours", "source"] = Field(
         "neighbours", description="compare a candidate with its source and its nearest training "
         "images in re-ID space (all patients), or with its source only (the reference recipe)")

@@ -86,7 +86,8 @@ def load_reid(folder: Path) -> ReidModel:
         raise UserError(f"{folder}: no readable re-ID network ({error}); run `unpersonal "
                         "fit-reid` first") from None
     arch = meta["architecture"]
-    net = ReidNet(arch["width"], arch["dim"], arch["blocks_per_stage"], arch["input_size"])
+    net = ReidNet(arch["width"], arch["dim"], arch["blocks_per_stage"], arch["input_size"],
+                  int(arch.get("stem_stride", 1)))
     net.load_state_dict(weights)
     device = pick_device()
     net = net.to(device).eval().requires_grad_(False)

@@ -101,6 +101,37 @@ class Conditioner:
         return {"mode": self.mode, "label_dim": self.label_dim, "pseudo_dim": self.pseudo_dim}
 
 
+def neighbour_conditions(pseudo: np.ndarray, patient: np.ndarray, labels: np.ndarray, k: int,
+                         block: int = 1024) -> np.ndarray:
+    """Each training image's pseudo-condition replaced by the mean of its k nearest (by cosine)
+    training images of other patients with the same labels, scaled to unit norm.
+
+    The source's own embedding carries its patient: on Kermany a candidate drawn from it at full
+    weight is linked to that patient by the re-ID network almost every time. The mean of its
+    neighbours keeps where in the data the source lies (its mode, what its class looks like
+    there) and averages away what is peculiar to one patient. Same labels, so the condition does
+    not pull against the label part. A row with fewer than k such neighbours averages those it
+    has, and keeps its own embedding when it has none.
+    """
+    features = pseudo / np.linalg.norm(pseudo, axis=1, keepdims=True).clip(1e-8)
+    label_key = np.unique(labels.reshape(len(labels), -1), axis=0, return_inverse=True)[1]
+    label_key = label_key.reshape(-1)
+    out = features.copy()
+    for start in range(0, len(features), block):
+        rows = np.arange(start, min(start + block, len(features)))
+        similarity = features[rows] @ features.T
+        excluded = ((patient[rows, None] == patient[None, :])
+                    | (label_key[rows, None] != label_key[None, :]))
+        similarity[excluded] = -np.inf
+        count = min(k, len(features))
+        nearest = np.argpartition(-similarity, count - 1, axis=1)[:, :count]
+        valid = np.isfinite(np.take_along_axis(similarity, nearest, axis=1))
+        summed = (features[nearest] * valid[:, :, None]).sum(axis=1)
+        has_any = valid.any(axis=1)
+        out[rows[has_any]] = summed[has_any]
+    return (out / np.linalg.norm(out, axis=1, keepdims=True).clip(1e-8)).astype(pseudo.dtype)
+
+
 def _required(value: torch.Tensor | None, what: str) -> torch.Tensor:
     if value is None:
         raise ValueError(f"this conditioning mode needs {what}")

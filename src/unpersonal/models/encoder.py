@@ -39,14 +39,17 @@ class ResNetEncoder(nn.Module):
     """Images [B, C, R, R] -> features [B, 8 * width], by global average pooling.
 
     Four stages of widths (w, 2w, 4w, 8w); every stage after the first halves the resolution, so
-    a 32 px input ends at 4x4 and a 128 px one at 16x16. The stem keeps full resolution (no 7x7
-    stride-2 stem and max-pool as in ImageNet ResNets): small images cannot spare the pixels.
+    a 32 px input ends at 4x4 and a 128 px one at 16x16. The stem keeps full resolution by
+    default (no 7x7 stride-2 stem and max-pool as in ImageNet ResNets): small images cannot spare
+    the pixels. `stem_stride` 2 halves it in the stem instead, so a 64 px input costs about what a
+    32 px one does while its first convolution still sees every pixel.
     """
 
-    def __init__(self, in_channels: int = 1, width: int = 32, blocks_per_stage: int = 1) -> None:
+    def __init__(self, in_channels: int = 1, width: int = 32, blocks_per_stage: int = 1,
+                 stem_stride: int = 1) -> None:
         super().__init__()
         widths = [width, 2 * width, 4 * width, 8 * width]
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, stem_stride, 1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU())
         stages, channels = [], width
         for index, out_channels in enumerate(widths):

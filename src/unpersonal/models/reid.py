@@ -31,10 +31,10 @@ class ReidNet(nn.Module):
     """
 
     def __init__(self, width: int = 32, dim: int = 128, blocks_per_stage: int = 1,
-                 input_size: int | None = None) -> None:
+                 input_size: int | None = None, stem_stride: int = 1) -> None:
         super().__init__()
         self.input_size = input_size
-        self.encoder = ResNetEncoder(1, width, blocks_per_stage)
+        self.encoder = ResNetEncoder(1, width, blocks_per_stage, stem_stride)
         # Batch-normalising the projection centres the embeddings, so two unrelated images start
         # near cosine 0 rather than near 1 (pooled ReLU features all point the same way).
         self.head = nn.Sequential(nn.Linear(self.encoder.out_features, dim),

@@ -4,14 +4,15 @@ For each source (a training image; every one once by default, in a seeded order)
 (`search`) runs until the source keeps a candidate or is skipped:
 
 1. draw candidates (`CandidateDrawer`, through the `sampler`) conditioned on the source's
-   pseudo-condition (its embedding) and its labels, with the fast solver, the EMA weights and
-   guidance w. `best` draws all K at once; `first` draws `round_size` at a time and stops at
+   pseudo-condition and its labels, with the fast solver, the EMA weights and guidance w. The
+   pseudo-condition is the source's embedding, or with `pseudo_condition: neighbours` the mean
+   embedding of its nearest training images of other patients with its labels. `best` draws all K at once; `first` draws `round_size` at a time and stops at
    the first round with a survivor whose labels agree within `tolerance`, so the common case
    costs one round;
 2. judge each (`judge`): the privacy filter (`privacy.filter`): re-ID against its nearest
    training images of every patient and the source (and against the source alone with the pair
-   threshold, when the candidate was drawn from the source's embedding: at guidance w = 0
-   against the labels, the cpu preset's, it is drawn from the labels alone), then the embedding
+   threshold, when the candidate was drawn from the source's own embedding: at guidance w = 0
+   against the labels it is drawn from the labels alone), then the embedding
    and pixel distance floors; and the divergence of the classifier's output on it from its
    output on the source;
 3. keep the survivor that diverges least (and, with `keep_second`, the next one); it takes the
@@ -110,7 +111,8 @@ class CandidateDrawer:
         images = np.empty_like(drawn)
         images[np.concatenate(groups)] = drawn  # back in the requested order
         sampling, uses_pseudo = self.sampler.settings, self.sampler.conditioner.uses_pseudo
-        from_source = np.array([drawn_from_source(uses_pseudo, sampling.guide, float(w))
+        from_source = np.array([drawn_from_source(uses_pseudo, sampling.guide, float(w),
+                                                  self.settings.pseudo_condition)
                                 for w in weights], dtype=bool)
         return Candidates(images, seeds, rows, weights, from_source,
                           sum(batch.evaluations for batch in batches))

@@ -25,7 +25,7 @@ from unpersonal.config import SamplingConfig
 from unpersonal.data.canonical import CanonicalDataset
 from unpersonal.data.pixels import quantize
 from unpersonal.errors import UserError
-from unpersonal.models.conditioning import Conditioner, label_code
+from unpersonal.models.conditioning import Conditioner, label_code, neighbour_conditions
 from unpersonal.models.edm import Denoiser
 from unpersonal.sampling.solvers import SampleResult, sample
 
@@ -111,11 +111,14 @@ class Sampler:
 
 
 def load_sampler(model_folder: Path, train: CanonicalDataset, settings: SamplingConfig,
-                 guidance: float, device: torch.device) -> Sampler:
+                 guidance: float, device: torch.device, neighbours: int | None = None
+                 ) -> Sampler:
     """The published denoiser of `fit-diffusion`, conditioned on the training images of `train`.
 
-    The guide network is loaded only when autoguidance is asked for and `guidance`, the weight
-    drawing starts at, is not 1 (at w = 1 the guide is never evaluated).
+    With `neighbours`, each training image's pseudo-condition is the mean of its nearest training
+    images of other patients (`neighbour_conditions`) instead of its own embedding. The guide
+    network is loaded only when autoguidance is asked for and `guidance`, the weight drawing
+    starts at, is not 1 (at w = 1 the guide is never evaluated).
     """
     denoiser, meta = load_denoiser(model_folder)
     guide = None
@@ -126,10 +129,13 @@ def load_sampler(model_folder: Path, train: CanonicalDataset, settings: Sampling
         raise UserError(f"{model_folder} was trained at {meta['resolution']} px but the "
                         f"prepared data is {train.resolution} px; rerun fit-diffusion")
     conditioner = Conditioner(**meta["conditioner"])
-    pseudo = (torch.from_numpy(np.load(model_folder / "pseudo_features.npy"))
-              if conditioner.uses_pseudo else torch.zeros(len(train), 0))
+    pseudo = (np.load(model_folder / "pseudo_features.npy") if conditioner.uses_pseudo
+              else np.zeros((len(train), 0), np.float32))
+    if neighbours is not None and conditioner.uses_pseudo:
+        pseudo = neighbour_conditions(pseudo, train.patient_id, train.labels, neighbours)
     return Sampler(denoiser.to(device), guide, conditioner,
-                   torch.from_numpy(label_code(train.labels, train.label_kind)), pseudo,
+                   torch.from_numpy(label_code(train.labels, train.label_kind)),
+                   torch.from_numpy(pseudo),
                    settings, train.bit_depth, meta, device)
 
 

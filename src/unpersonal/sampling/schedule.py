@@ -42,14 +42,18 @@ def guidance_at(generate: GenerateConfig, sampling: SamplingConfig, attempt: int
     return max(floor, first - attempt * generate.guidance_step)
 
 
-def drawn_from_source(uses_pseudo: bool, guide: str, weight: float) -> bool:
+def drawn_from_source(uses_pseudo: bool, guide: str, weight: float,
+                      pseudo_condition: str = "source") -> bool:
     """Whether a candidate drawn at this weight is conditioned on its source's image.
 
-    It is when the model is told the pseudo-condition (the image's embedding) and guidance
-    keeps it: autoguidance shows both networks the full condition; classifier-free guidance at
-    w = 0 keeps only its null (the labels alone, or nothing). The privacy filter then holds such
-    a candidate to the pair threshold against that image, the one it would most likely copy.
+    It is when the model is told the source's own embedding (generate.pseudo_condition
+    "source") and guidance keeps it: autoguidance shows both networks the full condition;
+    classifier-free guidance at w = 0 keeps only its null (the labels alone, or nothing). The
+    privacy filter then holds such a candidate to the pair threshold against that image, the
+    one it would most likely copy. A candidate drawn from the mean embedding of the source's
+    neighbours of other patients owes the source no more than its mode and labels, and is
+    checked against every patient like one drawn from the labels.
     """
-    if not uses_pseudo:
+    if not uses_pseudo or pseudo_condition != "source":
         return False
     return guide == "autoguidance" or weight != 0

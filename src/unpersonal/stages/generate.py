@@ -60,7 +60,10 @@ def assemble(task: StageTask, device: torch.device) -> Generation:
     dataset = load_canonical(task.input("prepare"))
     train = dataset.subset("train")
     sampler = load_sampler(task.input("fit-diffusion"), train, config.sampling,
-                           guidance_at(config.generate, config.sampling, 0), device)
+                           guidance_at(config.generate, config.sampling, 0), device,
+                           neighbours=(config.generate.pseudo_neighbours
+                                       if config.generate.pseudo_condition == "neighbours"
+                                       else None))
     privacy_filter = PrivacyFilter.load(task.input("calibrate"), task.input("fit-embedder"),
                                         task.input("fit-reid"), dataset, config.privacy,
                                         config.seed)

@@ -250,17 +250,21 @@ class TrainingData:
     max_value: float
     groups: PatientGroups  # patients with 2+ images (every image alone with no patient IDs)
     positives: str  # "patients" or "views"
+    patient: torch.Tensor  # int64 [N]: each image's patient, as a number (its row without IDs)
 
 
 def training_data(train: CanonicalDataset, no_patient_ids: bool) -> TrainingData:
     groups = group_patients(train.patient_id, min_images=1 if no_patient_ids else 2)
+    patient = (np.arange(len(train)) if no_patient_ids
+               else np.unique(train.patient_id, return_inverse=True)[1])
     if len(groups) < 2:
         raise UserError(f"the training split has {len(groups)} patients with two or more images; "
                         "the re-ID network needs at least 2 (or run with --no-patient-ids, which "
                         "trains on views of single images)")
     return TrainingData(torch.from_numpy(train.images.astype(np.int32)).unsqueeze(1),
                         float((1 << train.bit_depth) - 1), groups,
-                        "views" if no_patient_ids else "patients")
+                        "views" if no_patient_ids else "patients",
+                        torch.from_numpy(patient.astype(np.int64)))
 
 
 def draw_batch(data: TrainingData, patients: torch.Tensor, generator: torch.Generator
@@ -268,7 +272,7 @@ def draw_batch(data: TrainingData, patients: torch.Tensor, generator: torch.Gene
     """Two different images (or one image twice) of each of these patients (group indices, in
     seeded epochs: each is drawn once before any is drawn again).
 
-    Returns row indices [2P] and patient labels [2P].
+    Returns row indices [2P] and their patients [2P].
     """
     chosen = patients.numpy()
     count = len(chosen)
@@ -277,8 +281,31 @@ def draw_batch(data: TrainingData, patients: torch.Tensor, generator: torch.Gene
     first = np.floor(u[0] * counts).astype(np.int64)
     second = (first + 1 + np.floor(u[1] * (counts - 1)).astype(np.int64)) % counts
     starts = data.groups.starts[chosen]
-    rows = data.groups.members[np.concatenate([starts + first, starts + second])]
-    return torch.from_numpy(rows), torch.from_numpy(np.concatenate([chosen, chosen]))
+    rows = torch.from_numpy(data.groups.members[np.concatenate([starts + first, starts + second])])
+    return rows, data.patient[rows]
+
+
+def draw_instance_pairs(data: TrainingData, count: int, augment: ViewAugmentation,
+                        generator: torch.Generator, device: torch.device
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two strong views of each of `count` training images drawn at random from all of them.
+
+    Returns the views [2 count, 1, R, R] and their patients [2 count]: the two views of one
+    image are a positive pair, and so is either with another image of its patient in the batch.
+    """
+    rows = torch.randint(0, len(data.images), (count,), generator=generator,
+                         device=generator.device).cpu().repeat(2)
+    images = data.images[rows].to(device, torch.float32) / data.max_value
+    return random_views(images, augment, generator), data.patient[rows]
+
+
+def instance_pairs_per_step(settings: ReidConfig, data: TrainingData) -> int:
+    """How many of a step's batch_size / 2 pairs are instance pairs; at least one pair is always
+    two images of one patient."""
+    if data.positives != "patients":
+        return 0  # without patient IDs every pair is already two views of one image
+    return min(round(settings.instance_share * (settings.batch_size // 2)),
+               settings.batch_size // 2 - 1)
 
 
 def balanced_pair_loss(net: ReidNet, embeddings: torch.Tensor, labels: torch.Tensor,
@@ -332,7 +359,8 @@ def training_loss(net: ReidNet, embeddings: torch.Tensor, labels: torch.Tensor,
 
 
 def build_net(settings: ReidConfig) -> ReidNet:
-    return ReidNet(settings.width, settings.dim, input_size=settings.input_size)
+    return ReidNet(settings.width, settings.dim, input_size=settings.input_size,
+                   stem_stride=settings.stem_stride)
 
 
 def make_optimizer(net: ReidNet, settings: ReidConfig) -> torch.optim.AdamW:
@@ -385,7 +413,9 @@ def train(settings: ReidConfig, seed: int, data: TrainingData, val_pairs: PairSe
 
     if not loop.resume(model=net, optimizer=optimizer, best=best):
         loop.log_row(val_auc=validate(0))  # the untrained network's AUC, the first row
-    batches = SeededBatches(seed, len(data.groups), settings.batch_size // 2, device)
+    instance_pairs = instance_pairs_per_step(settings, data)
+    batches = SeededBatches(seed, len(data.groups), settings.batch_size // 2 - instance_pairs,
+                            device)
     net.train()
     with loop.running("training re-ID"):
         for step in loop.steps(stop=lambda: best.stale >= settings.patience):
@@ -393,6 +423,10 @@ def train(settings: ReidConfig, seed: int, data: TrainingData, val_pairs: PairSe
             rows, labels = draw_batch(data, patients, generator)
             images = data.images[rows].to(device, torch.float32) / data.max_value
             images = random_views(images, settings.augment, generator)
+            if instance_pairs:
+                views, patients_of_views = draw_instance_pairs(
+                    data, instance_pairs, settings.copy_augment, generator, device)
+                images, labels = torch.cat([images, views]), torch.cat([labels, patients_of_views])
             loss = training_loss(net, net.embed(images), labels, settings, generator)
             for group in optimizer.param_groups:
                 group["lr"] = (cosine_lr(step, settings.steps, settings.lr)
@@ -445,7 +479,7 @@ def publish(folder: Path, result: TrainingResult, pairs: dict[str, PairSet], set
     meta = {
         "architecture": {"kind": "ResNetEncoder + linear, unit-norm", "width": settings.width,
                          "dim": settings.dim, "blocks_per_stage": 1,
-                         "input_size": settings.input_size,
+                         "input_size": settings.input_size, "stem_stride": settings.stem_stride,
                          "resolution": int(data.images.shape[-1]), "channels": 1},
         "score": "sigmoid(scale * cosine + bias)",
         "scale": float(net.log_scale.detach().exp()), "bias": float(net.bias.detach()),

@@ -1,0 +1,126 @@
+"""Diversity-aware releases against the labels-only release, with the same trained models.
+
+    .venv/bin/python benchmarks/diversity.py --run runs/bench-kermany-32 [--sources 2240]
+
+On the evaluated run of benchmarks/kermany.py (its release drawn from the labels alone, the cpu
+preset), for each diversity-aware condition below: a copy of the run in which only `generate`
+and the audit run again, for the first `--sources` sources of the run's order, with that
+condition. Each release is scored beside the labels-only release's images from the same sources
+(same models, same real-trained classifiers):
+
+* utility: test ROC-AUC of classifiers trained on it (the run's `evaluate.classifier_seeds`
+  seeds, `--seeds` to change), and its gap to real;
+* fidelity and diversity in the audit embedder's space: FD, precision, recall, coverage, and
+  the retrieval score, the share of training images that are some synthetic image's nearest
+  training image, for as many synthetic images as the test split holds (a set that covers
+  every mode retrieves many; the real test images' score is its yardstick);
+* cost: candidates and NFE per accepted image; privacy: every audit verdict.
+
+Writes benchmarks/results/diversity.json and the `<!-- diversity.py -->` table of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runner import (EvaluatedRun, copy_run_without, parser_beside_run, provenance, sets,
+                    unpersonal, write_table)
+from unpersonal.evaluation.audit import audit_set
+from unpersonal.evaluation.sets import read_synthetic_set
+from unpersonal.rundir import write_atomic
+from unpersonal.stages.audit import load_audit_models
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CONDITIONS = {
+    "neighbours-8-w1": ("generate.pseudo_condition=neighbours", "generate.pseudo_neighbours=8",
+                        "generate.guidance=1.0"),
+}
+
+
+def released_from_sources(run: Path, label_names: list[str], sources: int
+                          ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The images (float) and labels a run released for the first `sources` positions of its
+    order, and its generate.json."""
+    released = read_synthetic_set(run / "generate" / "synthetic", label_names)
+    with open(run / "generate" / "decisions.csv", newline="") as handle:
+        position = {row["synthetic_file"]: int(row["position"]) for row in csv.DictReader(handle)
+                    if row["outcome"].startswith("accepted")}
+    keep = np.array([position[name] < sources for name in released.names])
+    summary = json.loads((run / "generate" / "generate.json").read_text())
+    return released.images[keep], released.labels[keep], summary
+
+
+def score_release(evaluated: EvaluatedRun, images: np.ndarray, labels: np.ndarray,
+                  summary: dict[str, Any] | None) -> dict[str, Any]:
+    figures = evaluated.score(images, labels)
+    models = load_audit_models(evaluated.config, evaluated.run, evaluated.dataset)
+    audit, _ = audit_set(models, images, evaluated.config.audit, evaluated.config.seed)
+    figures["audit_passed"] = audit["tests"]["passed"]
+    figures["audit_failed"] = [name for name, test in audit["tests"]["by_figure"].items()
+                               if test["rejected"]]
+    figures["reid_rate"] = audit["reid_rate"]
+    if summary is not None:
+        figures["nfe_per_accepted"] = summary["nfe_per_accepted"]
+        figures["candidates_per_source"] = summary["candidates_per_source_mean"]
+        figures["acceptance_rate"] = summary["acceptance_rate"]
+    print(f"  AUC {figures['auc']:.4f} (real {figures['auc_real']:.4f}), coverage "
+          f"{figures['coverage']:.3f}, recall {figures['recall']:.3f}, retrieval "
+          f"{figures['retrieval']:.3f}, audit {'pass' if figures['audit_passed'] else 'FAIL'}",
+          flush=True)
+    return figures
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = ["| release | images | synthetic-only ROC-AUC (gap to real, pp) | FD | precision | "
+             "recall | coverage | retrieval | NFE per image | audit |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in result["releases"].items():
+        lines.append(
+            f"| {name} | {r['images']:,} | {r['auc']:.4f} ({r['gap_pp']:+.2f}) | {r['fd']:.4f} | "
+            f"{r['precision']:.3f} | {r['recall']:.3f} | {r['coverage']:.3f} | "
+            f"{r['retrieval']:.3f} | {r.get('nfe_per_accepted', float('nan')):.1f} | "
+            f"{'passes' if r['audit_passed'] else 'fails ' + ', '.join(r['audit_failed'])} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = parser_beside_run(__doc__.splitlines()[0])
+    parser.add_argument("--sources", type=int, default=2240,
+                        help="sources of the run's order drawn for (a multiple of "
+                             "generate.block_size keeps the blocks whole)")
+    options = parser.parse_args()
+    if not (options.run / "eval" / "test_probs.npz").is_file():
+        sys.exit(f"{options.run} is not evaluated: run benchmarks/kermany.py first")
+    evaluated = EvaluatedRun.load(options.run, options.seeds)
+    names = evaluated.dataset.label_names
+    result: dict[str, Any] = {**provenance(), "run": options.run.name,
+                              "sources": options.sources, "classifier_seeds": options.seeds,
+                              "releases": {}}
+    images, labels, summary = released_from_sources(options.run, names, options.sources)
+    print(f"labels only ({len(images):,} images):", flush=True)
+    result["releases"]["labels only (cpu preset)"] = {
+        "images": len(images), **score_release(evaluated, images, labels, summary)}
+    for name, overrides in CONDITIONS.items():
+        copy = options.run.with_name(f"{options.run.name}-{name}")
+        if not (copy / "generate" / "generate.json").is_file():
+            copy_run_without(options.run, copy)
+        unpersonal("generate", "--out", str(copy),
+                   *sets(*overrides, f"generate.count={options.sources}"))
+        images, labels, summary = released_from_sources(copy, names, options.sources)
+        print(f"{name} ({len(images):,} images):", flush=True)
+        result["releases"][name] = {"images": len(images), "settings": list(overrides),
+                                    **score_release(evaluated, images, labels, summary)}
+        write_atomic(RESULTS / "diversity.json", json.dumps(result, indent=2) + "\n")
+    write_atomic(RESULTS / "diversity.json", json.dumps(result, indent=2) + "\n")
+    write_table(ROOT / "BENCHMARKS.md", "diversity.py", table(result))
+
+
+if __name__ == "__main__":
+    main()
