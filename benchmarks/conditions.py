@@ -16,9 +16,11 @@ every condition) under each condition below, and measures with the run's filter:
 * `filter_pass`: the share the whole filter lets through, as `generate` would run it for that
   condition (the source check only for candidates drawn from the source's own embedding).
 
-The labels-only condition (w = 0) is the baseline: its candidates owe their source nothing but
+The labels-only condition (w = 0) is one baseline: its candidates owe their source nothing but
 the label, so its source figures are what the re-ID network flags between unrelated images of
-one class. Writes benchmarks/results/conditions.json (or `--out`).
+one class. Real look-alikes are the other: each validation image (a held-out patient) against
+its nearest training image with its labels in the embedder's space, the mode a neighbour
+condition points at. Writes benchmarks/results/conditions.json (or `--out`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import numpy as np
 
 from runner import provenance
 from unpersonal.config import load_config
-from unpersonal.data.canonical import load_canonical
+from unpersonal.data.canonical import CanonicalDataset, load_canonical
+from unpersonal.privacy.filter import PrivacyFilter
 from unpersonal.rundir import RunDir, write_atomic
 from unpersonal.sampling.sampler import load_sampler
 from unpersonal.sampling.schedule import candidate_seed, source_indices
@@ -51,6 +54,25 @@ CONDITIONS = {
 }
 
 
+def lookalike_pass(run: RunDir, dataset: CanonicalDataset, privacy_filter: PrivacyFilter
+                   ) -> dict[str, Any]:
+    """How often a held-out patient's image passes the pair check against the training image
+    nearest to it (embedder cosine) among those with its labels."""
+    features = np.load(run.stage_path("fit-embedder") / "features.npy")
+    features = features / np.linalg.norm(features, axis=1, keepdims=True)
+    is_train, is_val = dataset.split == "train", dataset.split == "val"
+    train_labels, val_labels = dataset.labels[is_train], dataset.labels[is_val]
+    similarity = features[is_val] @ features[is_train].T
+    other_labels = (val_labels[:, None, :] != train_labels[None, :, :]).any(axis=2)
+    similarity[other_labels] = -np.inf
+    nearest = similarity.argmax(axis=1)
+    embedding = privacy_filter.reid.embed(dataset.images_float()[is_val])
+    cosine = np.einsum("nd,nd->n", embedding, privacy_filter.reid_train[nearest])
+    scores = privacy_filter.reid.scorer.score(cosine)
+    return {"images": int(is_val.sum()),
+            "source_pass": float(np.mean(scores < privacy_filter.reid.scorer.threshold))}
+
+
 def measure(run: RunDir, sources: int) -> dict[str, Any]:
     config = load_config(config_file=run.root / "config.yaml")
     dataset = load_canonical(run.stage_path("prepare"))
@@ -61,7 +83,10 @@ def measure(run: RunDir, sources: int) -> dict[str, Any]:
     threshold = privacy_filter.reid.scorer.threshold
     patient_rows = {patient: np.flatnonzero(train.patient_id == patient)
                     for patient in np.unique(train.patient_id[rows])}
-    out: dict[str, Any] = {"sources": sources, "pair_threshold": threshold}
+    out: dict[str, Any] = {"sources": sources, "pair_threshold": threshold,
+                           "heldout_lookalikes": lookalike_pass(run, dataset, privacy_filter)}
+    print(f"held-out look-alikes: source pass {out['heldout_lookalikes']['source_pass']:.3f}",
+          flush=True)
     for name, (condition, neighbours, weight) in CONDITIONS.items():
         started = time.perf_counter()
         sampler = load_sampler(run.stage_path("fit-diffusion"), train, config.sampling, weight,

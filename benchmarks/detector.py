@@ -1,10 +1,13 @@
-"""How well a run's re-ID network knows patients and copies: held-out verification, and the
-precision at recall 0.95 with which it tells leaked training images from held-out ones.
+"""How well re-ID networks know patients and copies: held-out verification, and the precision
+at recall 0.95 with which they tell leaked training images from held-out ones.
 
-    .venv/bin/python benchmarks/detector.py --runs runs/det-a runs/det-b [--model-run RUN]
+    .venv/bin/python benchmarks/detector.py [--variants NAME ...] [--model-run RUN]
 
-For each run (any run with `prepare` and `fit-reid` done; prepare at the detector's resolution),
-on the patients of the validation and test splits, none of whom it trained on:
+Each variant below is a run `runs/bench-detector-NAME` made through the CLI (`prepare` of
+Kermany at its resolution with the cpu preset, then `fit-reid` with its settings; an existing
+run is reused when up to date), and `headline` is the headline run's own network
+(`runs/bench-kermany-32`, benchmarks/kermany.py). On the patients of the validation and test
+splits, none of whom any network trained on:
 
 * verification: ROC-AUC of same- against different-patient pairs (`fit-reid`'s held-out pairs),
   the share of different-patient pairs flagged at the threshold that flags 99% of validation
@@ -32,7 +35,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from runner import provenance
+from runner import provenance, sets, unpersonal, write_table
 from unpersonal.artifacts.reid import load_reid
 from unpersonal.config import load_config
 from unpersonal.data.canonical import CanonicalDataset, load_canonical
@@ -46,6 +49,18 @@ from unpersonal.training.reid import held_out_pairs, pair_cosines
 ROOT = Path(__file__).resolve().parents[1]
 RECALL = 0.95
 FPR_POINT = 0.01
+KERMANY = ROOT.parent / "shared" / "data" / "kermany_cxr_64.npz"
+HEADLINE = ROOT / "runs" / "bench-kermany-32"
+SHORT = ("reid.steps=1500", "reid.validate_every=250", "reid.patience=20")
+# name: (resolution of the prepared images, fit-reid settings beyond the cpu preset's)
+VARIANTS = {
+    "instance-32": (32, ("reid.instance_share=0.5", *SHORT)),
+    "instance-64": (64, ("reid.input_size=64", "reid.stem_stride=2", "reid.instance_share=0.5",
+                         *SHORT)),
+    "strided-64": (64, ("reid.input_size=64", "reid.stem_stride=2")),
+    # Almost every pair an instance pair: as near a pure copy detector as the loss allows.
+    "copies-32": (32, ("reid.instance_share=0.99", *SHORT)),
+}
 
 
 def verification(run: RunDir, dataset: CanonicalDataset, seed: int) -> dict[str, Any]:
@@ -125,10 +140,45 @@ def leak_detection(run: RunDir, dataset: CanonicalDataset, seed: int, count: int
     return {"heldout_images": len(negative), "kinds": kinds}
 
 
+def variant_run(name: str) -> Path:
+    """The variant's run, prepared and trained through the CLI (up to date: nothing redone)."""
+    resolution, overrides = VARIANTS[name]
+    folder = ROOT / "runs" / f"bench-detector-{name}"
+    common = ("--out", str(folder), "--data", str(KERMANY), "--preset", "cpu",
+              *sets(f"data.resolution={resolution}"))
+    unpersonal("prepare", *common)
+    unpersonal("fit-reid", *common, *sets(*overrides))
+    return folder
+
+
+TABLE_KINDS = ("shift", "planted", "flip", "crop", "rotate", "model-0.2", "model-0.5",
+               "identity-probe")
+
+
+def table(result: dict[str, Any]) -> str:
+    """Verification and leak-detection figures, one row per network."""
+    lines = ["| network | input px | steps | training s | AUC val / test | different-patient "
+             "pairs flagged at 99% (test) | TPR at 1% FPR (test) | "
+             + " | ".join(TABLE_KINDS) + " |",
+             "|---|---:|---:|---:|---|---:|---:|" + "---:|" * len(TABLE_KINDS)]
+    for name, r in result["runs"].items():
+        arch, kinds = r["architecture"], r["leaks"]["kinds"]
+        size = min(arch["input_size"], arch["resolution"])
+        lines.append(
+            f"| {name} | {size} | {r['steps_done']} | {r['seconds_training']:.0f} | "
+            f"{r['auc']['val']:.3f} / {r['auc']['test']:.3f} | "
+            f"{r['flagged_at_threshold']['test']['different_patient']:.1%} | "
+            f"{r['tpr_at_1pct_fpr_test']:.1%} | "
+            + " | ".join(f"{kinds[kind]['precision_balanced']:.2f}" if kind in kinds else "-"
+                         for kind in TABLE_KINDS) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, nargs="+", required=True)
-    parser.add_argument("--model-run", type=Path, default=None,
+    parser.add_argument("--variants", nargs="+", default=["headline", *VARIANTS],
+                        help="which networks (default: the headline run's and every variant)")
+    parser.add_argument("--model-run", type=Path, default=HEADLINE,
                         help="a trained run on the same data whose diffusion model makes the "
                              "model-<sigma> leaks")
     parser.add_argument("--leaks", type=int, default=500, help="leaked images per kind")
@@ -136,7 +186,8 @@ def main() -> None:
                         / "detector.json")
     args = parser.parse_args()
     result: dict[str, Any] = {**provenance(), "runs": {}}
-    for folder in args.runs:
+    for name in args.variants:
+        folder = HEADLINE if name == "headline" else variant_run(name)
         started = time.perf_counter()
         run = RunDir(folder)
         config = load_config(config_file=folder / "config.yaml")
@@ -150,8 +201,9 @@ def main() -> None:
         figures["leaks"] = leak_detection(run, dataset, config.seed, args.leaks, args.model_run)
         figures["reid_settings"] = config.reid.model_dump(mode="json")
         figures["seconds"] = round(time.perf_counter() - started, 1)
-        result["runs"][folder.name] = figures
+        result["runs"][name] = figures
         write_atomic(args.out, json.dumps(result, indent=2) + "\n")
+    write_table(ROOT / "BENCHMARKS.md", "detector.py", table(result))
 
 
 if __name__ == "__main__":

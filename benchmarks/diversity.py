@@ -41,6 +41,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 CONDITIONS = {
     "neighbours-8-w1": ("generate.pseudo_condition=neighbours", "generate.pseudo_neighbours=8",
                         "generate.guidance=1.0"),
+    "neighbours-8-w0.5": ("generate.pseudo_condition=neighbours",
+                          "generate.pseudo_neighbours=8", "generate.guidance=0.5"),
 }
 
 

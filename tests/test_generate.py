@@ -26,7 +26,7 @@ from unpersonal.release import encode_set, read_files, read_names, read_pixels, 
 from unpersonal.rundir import RunDir
 from unpersonal.sampling.blocks import (block_count, block_positions, load_block, owned_blocks,
                                         save_block)
-from unpersonal.sampling.generate import CandidateDrawer, label_group
+from unpersonal.sampling.generate import CandidateDrawer, drawn_from, label_group
 from unpersonal.sampling.judge import label_divergence
 from unpersonal.sampling.schedule import candidate_seed, drawn_from_source, guidance_at
 from unpersonal.sampling.search import Candidates, Judgement, Requests, search_block
@@ -193,6 +193,10 @@ def test_neighbour_conditions_draw_other_images_checked_against_every_patient(
             decisions[name] = list(csv.DictReader(handle))
     assert {row["drawn_from_source"] for row in decisions["own"]} == {"True"}
     assert {row["drawn_from_source"] for row in decisions["neighbours"]} == {"False"}
+    said = {name: json.loads((run / "generate" / "generate.json").read_text())["settings"]
+            ["drawn_from"] for name, run in (("own", own), ("neighbours", neighbours))}
+    assert said["own"] == "its source's labels and its source image's embedding"
+    assert "mean embedding of its source's nearest training images" in said["neighbours"]
     # The same seed draws another image: its score against the source differs.
     own_scores, neighbour_scores = ({row["seed"]: float(row["reid_source_score"])
                                      for row in decisions[name]} for name in decisions)
@@ -273,6 +277,12 @@ def test_guidance_steps_down_to_its_floor_and_seeds_are_pure() -> None:
     assert not drawn_from_source(True, "cfg", 0.0) and not drawn_from_source(False, "cfg", 2.0)
     # The mean of other patients' embeddings carries no source image: checked like the labels.
     assert not drawn_from_source(True, "cfg", 1.0, "neighbours")
+    # What generate.json and the datasheet say each candidate is drawn from.
+    assert drawn_from("class+pseudo", "cfg", "labels", 0.0, "source") == (
+        "its source's labels alone")
+    assert drawn_from("class+pseudo", "cfg", "empty", 0.0, "source").startswith("nothing")
+    assert drawn_from("class+pseudo", "autoguidance", "labels", 0.0, "source").endswith(
+        "its source image's embedding")
     seeds = {candidate_seed(0, p, a, c) for p in range(5) for a in range(3) for c in range(4)}
     assert len(seeds) == 60 and candidate_seed(0, 1, 2, 3) == candidate_seed(0, 1, 2, 3)
 

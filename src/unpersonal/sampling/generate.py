@@ -139,6 +139,8 @@ class Generation:
     """The training row of each position."""
     draw: Draw
     judge: CandidateJudge
+    conditioning: str = "class+pseudo"
+    """What the denoiser was trained to be told (`diffusion.conditioning`)."""
 
     def block(self, positions: np.ndarray) -> Block:
         """Search the sources at `positions` (one block), timed."""
@@ -280,4 +282,28 @@ def _settings(generation: Generation) -> dict[str, Any]:
             "guidance_floor": settings.guidance_floor,
             "reid_check": settings.reid_check, "reid_threshold": pair,
             "reid_any_patient_threshold": anyone,
-            "distance_floors": settings.distance_floors}
+            "distance_floors": settings.distance_floors,
+            "pseudo_condition": settings.pseudo_condition,
+            "pseudo_neighbours": settings.pseudo_neighbours,
+            "drawn_from": drawn_from(generation.conditioning, sampling.guide,
+                                     sampling.guidance_against,
+                                     guidance_at(settings, sampling, 0),
+                                     settings.pseudo_condition)}
+
+
+def drawn_from(conditioning: str, guide: str, against: str, first_weight: float,
+               pseudo_condition: str) -> str:
+    """What a candidate's first attempt is drawn from, in words, for generate.json and the
+    datasheet: the datasheet must say the generator follows an image's embedding only when it
+    does. Classifier-free guidance at w = 0 evaluates its null condition only: the labels alone
+    for a model told both parts and guided against the labels, else nothing."""
+    labels, pseudo = "class" in conditioning, "pseudo" in conditioning
+    if guide == "cfg" and first_weight == 0:
+        labels, pseudo = labels and pseudo and against == "labels", False
+    told = (["its source's labels"] if labels else []) + (
+        ["its source image's embedding" if pseudo_condition == "source" else
+         "the mean embedding of its source's nearest training images of other patients with "
+         "the same labels"] if pseudo else [])
+    if not told:
+        return "nothing: an unconditional sample"
+    return " and ".join(told) + (" alone" if told == ["its source's labels"] else "")

@@ -72,4 +72,5 @@ def assemble(task: StageTask, device: torch.device) -> Generation:
                            config.generate.selection, train.bit_depth)
     order = source_indices(config.seed, config.generate.count or len(train), len(train))
     return Generation(config.generate, config.sampling, train, train.images_float(), order,
-                      CandidateDrawer(sampler, order, config.seed, config.generate), judge)
+                      CandidateDrawer(sampler, order, config.seed, config.generate), judge,
+                      sampler.conditioner.mode)
