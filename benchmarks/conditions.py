@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from runner import provenance
+from runner import provenance, write_table
 from unpersonal.config import load_config
 from unpersonal.data.canonical import CanonicalDataset, load_canonical
 from unpersonal.privacy.filter import PrivacyFilter
@@ -116,6 +116,20 @@ def measure(run: RunDir, sources: int) -> dict[str, Any]:
     return out
 
 
+def table(result: dict[str, Any]) -> str:
+    lines = ["| condition | source pass | linked to the source's patient | nearest is the source's "
+             "patient | filter pass |", "|---|---:|---:|---:|---:|"]
+    for name in CONDITIONS:
+        r = result[name]
+        lines.append(f"| {name} | {r['source_pass']:.1%} | {r['linked_to_source_patient']:.1%} | "
+                     f"{r['source_patient_nearest']:.1%} | {r['filter_pass']:.1%} |")
+    lookalikes = result["heldout_lookalikes"]
+    lines.append(f"| real look-alikes: {lookalikes['images']} validation images against their "
+                 f"nearest training image with their labels | {lookalikes['source_pass']:.1%} | "
+                 "- | - | - |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "bench-kermany-32")
@@ -125,6 +139,7 @@ def main() -> None:
     args = parser.parse_args()
     result = {**provenance(), "run": args.run.name, **measure(RunDir(args.run), args.sources)}
     write_atomic(args.out, json.dumps(result, indent=2) + "\n")
+    write_table(ROOT / "BENCHMARKS.md", "conditions.py", table(result))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,12 @@ Training. Each step draws P = batch_size / 2 training patients that have two or 
 two different images of each, and a random view of every image (`random_views`, reid.augment),
 so the network learns what stays the same across one patient's acquisitions rather than what a
 re-exposure, shift or rotation changes. With data.no_patient_ids every image is its own patient
-and the positives are two views of one image.
+and the positives are two views of one image. With `instance_share` > 0 that share of the pairs
+are instead two strong views (`copy_augment`: flips, large crops and rotations, gamma) of one
+training image of any patient, so that the single-image patients, most of them, teach it too.
+Measured on Kermany (benchmarks/detector.py) this lowered the held-out verification AUC and
+did not make flipped or cropped copies stand out from held-out images: one embedding serves
+identity and copies poorly, so it is off by default.
 
 The loss. `bce` is binary cross-entropy on the pair score over balanced pairs: every
 same-patient pair of the batch (P of them) and as many different-patient pairs, a share
