@@ -6,9 +6,9 @@ For each source (a training image; every one once by default, in a seeded order)
 1. draw candidates (`CandidateDrawer`, through the `sampler`) conditioned on the source's
    pseudo-condition and its labels, with the fast solver, the EMA weights and guidance w. The
    pseudo-condition is the source's embedding, or with `pseudo_condition: neighbours` the mean
-   embedding of its nearest training images of other patients with its labels. `best` draws all K at once; `first` draws `round_size` at a time and stops at
-   the first round with a survivor whose labels agree within `tolerance`, so the common case
-   costs one round;
+   embedding of its nearest training images of other patients with its labels. `best` draws
+   all K at once; `first` draws `round_size` at a time and stops at the first round with a
+   survivor whose labels agree within `tolerance`, so the common case costs one round;
 2. judge each (`judge`): the privacy filter (`privacy.filter`): re-ID against its nearest
    training images of every patient and the source (and against the source alone with the pair
    threshold, when the candidate was drawn from the source's own embedding: at guidance w = 0
