@@ -44,19 +44,25 @@ CONDITIONS = {
     "neighbours-8-w0.5": ("generate.pseudo_condition=neighbours",
                           "generate.pseudo_neighbours=8", "generate.guidance=0.5"),
 }
+FIRST_CONDITION = "neighbours-8-w1"
 
 
-def released_from_sources(run: Path, label_names: list[str], sources: int
+def released_from_sources(run: Path, label_names: list[str], sources: set[int]
                           ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """The images (float) and labels a run released for the first `sources` positions of its
-    order, and its generate.json."""
+    """The images (float) and labels a run released for these positions of its order, and its
+    generate.json."""
     released = read_synthetic_set(run / "generate" / "synthetic", label_names)
-    with open(run / "generate" / "decisions.csv", newline="") as handle:
-        position = {row["synthetic_file"]: int(row["position"]) for row in csv.DictReader(handle)
-                    if row["outcome"].startswith("accepted")}
-    keep = np.array([position[name] < sources for name in released.names])
+    position = accepted_positions(run)
+    keep = np.array([position[name] in sources for name in released.names])
     summary = json.loads((run / "generate" / "generate.json").read_text())
     return released.images[keep], released.labels[keep], summary
+
+
+def accepted_positions(run: Path) -> dict[str, int]:
+    """The position in the run's order of each released file's source."""
+    with open(run / "generate" / "decisions.csv", newline="") as handle:
+        return {row["synthetic_file"]: int(row["position"]) for row in csv.DictReader(handle)
+                if row["outcome"].startswith("accepted")}
 
 
 def score_release(evaluated: EvaluatedRun, images: np.ndarray, labels: np.ndarray,
@@ -87,7 +93,8 @@ def table(result: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {r['images']:,} | {r['auc']:.4f} ({r['gap_pp']:+.2f}) | {r['fd']:.4f} | "
             f"{r['precision']:.3f} | {r['recall']:.3f} | {r['coverage']:.3f} | "
-            f"{r['retrieval']:.3f} | {r.get('nfe_per_accepted', float('nan')):.1f} | "
+            f"{r['retrieval']:.3f} | "
+            f"{format(r['nfe_per_accepted'], '.1f') if 'nfe_per_accepted' in r else '-'} | "
             f"{'passes' if r['audit_passed'] else 'fails ' + ', '.join(r['audit_failed'])} |")
     return "\n".join(lines)
 
@@ -105,20 +112,30 @@ def main() -> None:
     result: dict[str, Any] = {**provenance(), "run": options.run.name,
                               "sources": options.sources, "classifier_seeds": options.seeds,
                               "releases": {}}
-    images, labels, summary = released_from_sources(options.run, names, options.sources)
+    first = set(range(options.sources))
+    images, labels, summary = released_from_sources(options.run, names, first)
     print(f"labels only ({len(images):,} images):", flush=True)
     result["releases"]["labels only (cpu preset)"] = {
         "images": len(images), **score_release(evaluated, images, labels, summary)}
+    # The sources the labels-only search kept: a release without the others tells whether
+    # the sources it skipped are what the other releases lose utility on.
+    kept = first & set(accepted_positions(options.run).values())
     for name, overrides in CONDITIONS.items():
         copy = options.run.with_name(f"{options.run.name}-{name}")
         if not (copy / "generate" / "generate.json").is_file():
             copy_run_without(options.run, copy)
         unpersonal("generate", "--out", str(copy),
                    *sets(*overrides, f"generate.count={options.sources}"))
-        images, labels, summary = released_from_sources(copy, names, options.sources)
+        images, labels, summary = released_from_sources(copy, names, first)
         print(f"{name} ({len(images):,} images):", flush=True)
         result["releases"][name] = {"images": len(images), "settings": list(overrides),
                                     **score_release(evaluated, images, labels, summary)}
+        if name == FIRST_CONDITION:
+            images, labels, _ = released_from_sources(copy, names, kept)
+            print(f"{name}, sources labels-only kept ({len(images):,} images):", flush=True)
+            result["releases"][f"{name}, only the sources labels-only kept"] = {
+                "images": len(images), "settings": list(overrides),
+                **score_release(evaluated, images, labels, None)}
         write_atomic(RESULTS / "diversity.json", json.dumps(result, indent=2) + "\n")
     write_atomic(RESULTS / "diversity.json", json.dumps(result, indent=2) + "\n")
     write_table(ROOT / "BENCHMARKS.md", "diversity.py", table(result))
