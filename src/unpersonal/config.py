@@ -210,12 +210,14 @@ class ReidConfig(Section):
         1, description="2 halves the resolution in the first convolution: a 64 px input then "
         "costs about what a 32 px one does")
     steps: int = Field(3000, ge=1)
-    batch_size: int = Field(64, ge=2, description="images per step, two of each patient drawn")
+    batch_size: int = Field(64, ge=2, description="images per step: two of each patient drawn "
+                            "(two views of one image for instance pairs)")
     instance_share: float = Field(
         0.0, ge=0.0, lt=1.0, description="share of each step's pairs that are two strong views "
         "(copy_augment) of one training image of any patient, single-image patients included: "
         "every image then teaches the network that its copies, flipped, cropped, rotated or "
-        "re-exposed, are the same instance (0: same-patient pairs only)")
+        "re-exposed, are the same instance (0: same-patient pairs only; on Kermany it cost "
+        "identity and did not make copies stand out, BENCHMARKS.md)")
     hard_negatives: float = Field(
         0.5, ge=0.0, le=1.0, description="share of negative pairs mined as the hardest in the batch")
     loss: Literal["supcon", "bce"] = Field(
