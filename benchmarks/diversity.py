@@ -103,12 +103,17 @@ def main() -> None:
     parser = parser_beside_run(__doc__.splitlines()[0])
     parser.add_argument("--sources", type=int, default=2240,
                         help="sources of the run's order drawn for (a multiple of "
-                             "generate.block_size keeps the blocks whole)")
+                             "generate.block_size keeps the blocks whole; 0: every one)")
+    parser.add_argument("--name", default="diversity",
+                        help="results file benchmarks/results/NAME.json, and the table of "
+                             "BENCHMARKS.md between the markers NAME.py, where they exist")
     options = parser.parse_args()
     if not (options.run / "eval" / "test_probs.npz").is_file():
         sys.exit(f"{options.run} is not evaluated: run benchmarks/kermany.py first")
     evaluated = EvaluatedRun.load(options.run, options.seeds)
     names = evaluated.dataset.label_names
+    options.sources = options.sources or int((evaluated.dataset.split == "train").sum())
+    results = RESULTS / f"{options.name}.json"
     result: dict[str, Any] = {**provenance(), "run": options.run.name,
                               "sources": options.sources, "classifier_seeds": options.seeds,
                               "releases": {}}
@@ -136,9 +141,9 @@ def main() -> None:
             result["releases"][f"{name}, only the sources labels-only kept"] = {
                 "images": len(images), "settings": list(overrides),
                 **score_release(evaluated, images, labels, None)}
-        write_atomic(RESULTS / "diversity.json", json.dumps(result, indent=2) + "\n")
-    write_atomic(RESULTS / "diversity.json", json.dumps(result, indent=2) + "\n")
-    write_table(ROOT / "BENCHMARKS.md", "diversity.py", table(result))
+        write_atomic(results, json.dumps(result, indent=2) + "\n")
+    write_atomic(results, json.dumps(result, indent=2) + "\n")
+    write_table(ROOT / "BENCHMARKS.md", f"{options.name}.py", table(result))
 
 
 if __name__ == "__main__":
