@@ -39,11 +39,12 @@ from unpersonal.data.canonical import CanonicalDataset, load_canonical
 from unpersonal.privacy.filter import PrivacyFilter
 from unpersonal.rundir import RunDir, write_atomic
 from unpersonal.sampling.sampler import load_sampler
-from unpersonal.sampling.schedule import candidate_seed, source_indices
+from unpersonal.sampling.schedule import candidate_seed, drawn_from_source, source_indices
 from unpersonal.stages.calibrate import load_filter
 from unpersonal.torch_utils import pick_device
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "conditions.json"
 # name: (pseudo-condition, neighbours, guidance weight against the labels)
 CONDITIONS = {
     "labels only (w=0)": ("source", None, 0.0),
@@ -93,7 +94,8 @@ def measure(run: RunDir, sources: int) -> dict[str, Any]:
                                pick_device(), neighbours=neighbours)
         images = sampler.draw(rows, seeds, weight).images.astype(np.float32)
         images /= float((1 << train.bit_depth) - 1)
-        from_source = condition == "source" and weight != 0
+        from_source = drawn_from_source(sampler.conditioner.uses_pseudo, config.sampling.guide,
+                                        weight, condition)
         checked = privacy_filter.check(images, rows, drawn_from_source=from_source)
         embedding = privacy_filter.reid.embed(images)
         linked = np.array([
@@ -134,12 +136,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "bench-kermany-32")
     parser.add_argument("--sources", type=int, default=300)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results"
-                        / "conditions.json")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     result = {**provenance(), "run": args.run.name, **measure(RunDir(args.run), args.sources)}
     write_atomic(args.out, json.dumps(result, indent=2) + "\n")
-    write_table(ROOT / "BENCHMARKS.md", "conditions.py", table(result))
+    if args.out == DEFAULT_OUT:  # a run written elsewhere leaves BENCHMARKS.md alone
+        write_table(ROOT / "BENCHMARKS.md", "conditions.py", table(result))
 
 
 if __name__ == "__main__":

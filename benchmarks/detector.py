@@ -26,6 +26,7 @@ Writes benchmarks/results/detector.json (or `--out`).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -36,17 +37,18 @@ import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from runner import provenance, sets, unpersonal, write_table
-from unpersonal.artifacts.reid import load_reid
-from unpersonal.config import load_config
+from unpersonal.artifacts.reid import ReidModel, load_reid
+from unpersonal.config import Config, load_config
 from unpersonal.data.canonical import CanonicalDataset, load_canonical
 from unpersonal.data.pixels import resize
 from unpersonal.privacy.leaks import IDENTITY_PROBE, MODEL_PREFIX, leak_kinds, make_leaks
 from unpersonal.rundir import RunDir, write_atomic
 from unpersonal.sampling.sampler import load_sampler
 from unpersonal.torch_utils import pick_device
-from unpersonal.training.reid import held_out_pairs, pair_cosines
+from unpersonal.training.reid import calibrate_cosine, held_out_pairs, pair_cosines
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "detector.json"
 RECALL = 0.95
 FPR_POINT = 0.01
 KERMANY = ROOT.parent / "shared" / "data" / "kermany_cxr_64.npz"
@@ -63,17 +65,15 @@ VARIANTS = {
 }
 
 
-def verification(run: RunDir, dataset: CanonicalDataset, seed: int) -> dict[str, Any]:
+def verification(model: ReidModel, config: Config, dataset: CanonicalDataset) -> dict[str, Any]:
     """AUC per split, test FPR at the validation-calibrated 99% threshold, TPR at 1% FPR."""
-    config = load_config(config_file=run.root / "config.yaml")
-    model = load_reid(run.stage_path("fit-reid"))
+    seed = config.seed
     cosines, same = {}, {}
     for split in ("val", "test"):
         pairs = held_out_pairs(dataset.subset(split), config.data.no_patient_ids, seed, split)
         cosines[split] = pair_cosines(model.net, pairs, config.reid.augment, seed, model.device)
         same[split] = pairs.same
-    threshold = float(np.sort(cosines["val"][same["val"]])[
-        int(np.floor((1 - config.reid.sensitivity) * same["val"].sum() + 1e-9))])
+    threshold = calibrate_cosine(cosines["val"][same["val"]], config.reid.sensitivity)
     fpr, tpr, _ = roc_curve(same["test"], cosines["test"])
     return {
         "auc": {split: float(roc_auc_score(same[split], cosines[split])) for split in cosines},
@@ -89,6 +89,7 @@ def verification(run: RunDir, dataset: CanonicalDataset, seed: int) -> dict[str,
         "architecture": model.meta["architecture"]}
 
 
+@functools.cache
 def model_near_copies(model_run: Path, resolution: int
                       ) -> Callable[[np.ndarray, np.ndarray, float, list[int]], np.ndarray]:
     """`renoise` for the leak kit from another run's diffusion model on the same data: each
@@ -106,12 +107,12 @@ def model_near_copies(model_run: Path, resolution: int
     return renoise
 
 
-def leak_detection(run: RunDir, dataset: CanonicalDataset, seed: int, count: int,
+def leak_detection(model: ReidModel, dataset: CanonicalDataset, seed: int, count: int,
                    model_run: Path | None) -> dict[str, Any]:
     """Precision at recall 0.95 per leak kind against the held-out real images."""
-    model = load_reid(run.stage_path("fit-reid"))
     train = dataset.subset("train")
-    train_embedding = model.embed(train.images_float())
+    train_images = train.images_float()
+    train_embedding = model.embed(train_images)
     heldout = np.concatenate([dataset.subset(split).images_float() for split in ("val", "test")])
     negative = (model.embed(heldout) @ train_embedding.T).max(axis=1)
     renoise = None if model_run is None else model_near_copies(model_run, dataset.resolution)
@@ -122,7 +123,7 @@ def leak_detection(run: RunDir, dataset: CanonicalDataset, seed: int, count: int
             continue
         if kind == IDENTITY_PROBE and len(probes) == 0:
             continue
-        leaks = make_leaks(kind, train.images_float(), train.patient_id,
+        leaks = make_leaks(kind, train_images, train.patient_id,
                            min(count, len(probes)) if kind == IDENTITY_PROBE else count, seed,
                            renoise=renoise, probes=probes)
         positive = (model.embed(leaks.images) @ train_embedding.T).max(axis=1)
@@ -182,8 +183,7 @@ def main() -> None:
                         help="a trained run on the same data whose diffusion model makes the "
                              "model-<sigma> leaks")
     parser.add_argument("--leaks", type=int, default=500, help="leaked images per kind")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results"
-                        / "detector.json")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     result: dict[str, Any] = {**provenance(), "runs": {}}
     for name in args.variants:
@@ -193,17 +193,20 @@ def main() -> None:
         config = load_config(config_file=folder / "config.yaml")
         dataset = load_canonical(run.stage_path("prepare"))
         print(f"{folder.name}:", flush=True)
-        figures = verification(run, dataset, config.seed)
+        model = load_reid(run.stage_path("fit-reid"))
+        figures = verification(model, config, dataset)
         print(f"  AUC val {figures['auc']['val']:.3f} test {figures['auc']['test']:.3f}; "
               f"different-patient pairs flagged at 99%: "
               f"{figures['flagged_at_threshold']['test']['different_patient']:.3f}; "
               f"TPR at 1% FPR {figures['tpr_at_1pct_fpr_test']:.3f}", flush=True)
-        figures["leaks"] = leak_detection(run, dataset, config.seed, args.leaks, args.model_run)
+        figures["leaks"] = leak_detection(model, dataset, config.seed, args.leaks,
+                                          args.model_run)
         figures["reid_settings"] = config.reid.model_dump(mode="json")
         figures["seconds"] = round(time.perf_counter() - started, 1)
         result["runs"][name] = figures
         write_atomic(args.out, json.dumps(result, indent=2) + "\n")
-    write_table(ROOT / "BENCHMARKS.md", "detector.py", table(result))
+    if args.out == DEFAULT_OUT:  # a run written elsewhere leaves BENCHMARKS.md alone
+        write_table(ROOT / "BENCHMARKS.md", "detector.py", table(result))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import numpy as np
 
 from runner import (EvaluatedRun, copy_run_without, parser_beside_run, provenance, sets,
                     unpersonal, write_table)
-from unpersonal.evaluation.audit import audit_set
+from unpersonal.evaluation.audit import AuditModels, audit_set
 from unpersonal.evaluation.sets import read_synthetic_set
 from unpersonal.rundir import write_atomic
 from unpersonal.stages.audit import load_audit_models
@@ -65,10 +65,11 @@ def accepted_positions(run: Path) -> dict[str, int]:
                 if row["outcome"].startswith("accepted")}
 
 
-def score_release(evaluated: EvaluatedRun, images: np.ndarray, labels: np.ndarray,
-                  summary: dict[str, Any] | None) -> dict[str, Any]:
+def score_release(evaluated: EvaluatedRun, models: AuditModels, images: np.ndarray,
+                  labels: np.ndarray, summary: dict[str, Any] | None) -> dict[str, Any]:
+    """Utility and fidelity beside the run's real-trained classifiers, and the audit with the
+    run's audit models (`models`, loaded once for every release)."""
     figures = evaluated.score(images, labels)
-    models = load_audit_models(evaluated.config, evaluated.run, evaluated.dataset)
     audit, _ = audit_set(models, images, evaluated.config.audit, evaluated.config.seed)
     figures["audit_passed"] = audit["tests"]["passed"]
     figures["audit_failed"] = [name for name, test in audit["tests"]["by_figure"].items()
@@ -114,6 +115,7 @@ def main() -> None:
     names = evaluated.dataset.label_names
     options.sources = options.sources or int((evaluated.dataset.split == "train").sum())
     results = RESULTS / f"{options.name}.json"
+    models = load_audit_models(evaluated.config, evaluated.run, evaluated.dataset)
     result: dict[str, Any] = {**provenance(), "run": options.run.name,
                               "sources": options.sources, "classifier_seeds": options.seeds,
                               "releases": {}}
@@ -121,7 +123,7 @@ def main() -> None:
     images, labels, summary = released_from_sources(options.run, names, first)
     print(f"labels only ({len(images):,} images):", flush=True)
     result["releases"]["labels only (cpu preset)"] = {
-        "images": len(images), **score_release(evaluated, images, labels, summary)}
+        "images": len(images), **score_release(evaluated, models, images, labels, summary)}
     # The sources the labels-only search kept: a release without the others tells whether
     # the sources it skipped are what the other releases lose utility on.
     kept = first & set(accepted_positions(options.run).values())
@@ -134,13 +136,13 @@ def main() -> None:
         images, labels, summary = released_from_sources(copy, names, first)
         print(f"{name} ({len(images):,} images):", flush=True)
         result["releases"][name] = {"images": len(images), "settings": list(overrides),
-                                    **score_release(evaluated, images, labels, summary)}
+                                    **score_release(evaluated, models, images, labels, summary)}
         if name == FIRST_CONDITION:
             images, labels, _ = released_from_sources(copy, names, kept)
             print(f"{name}, sources labels-only kept ({len(images):,} images):", flush=True)
             result["releases"][f"{name}, only the sources labels-only kept"] = {
                 "images": len(images), "settings": list(overrides),
-                **score_release(evaluated, images, labels, None)}
+                **score_release(evaluated, models, images, labels, None)}
         write_atomic(results, json.dumps(result, indent=2) + "\n")
     write_atomic(results, json.dumps(result, indent=2) + "\n")
     write_table(ROOT / "BENCHMARKS.md", f"{options.name}.py", table(result))

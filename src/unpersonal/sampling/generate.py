@@ -139,7 +139,7 @@ class Generation:
     """The training row of each position."""
     draw: Draw
     judge: CandidateJudge
-    conditioning: str = "class+pseudo"
+    conditioning: str
     """What the denoiser was trained to be told (`diffusion.conditioning`)."""
 
     def block(self, positions: np.ndarray) -> Block:
@@ -299,7 +299,8 @@ def drawn_from(conditioning: str, guide: str, against: str, first_weight: float,
     for a model told both parts and guided against the labels, else nothing."""
     labels, pseudo = "class" in conditioning, "pseudo" in conditioning
     if guide == "cfg" and first_weight == 0:
-        labels, pseudo = labels and pseudo and against == "labels", False
+        labels = labels and pseudo and against == "labels"
+    pseudo = drawn_from_source(pseudo, guide, first_weight)  # the pseudo part is followed
     told = (["its source's labels"] if labels else []) + (
         ["its source image's embedding" if pseudo_condition == "source" else
          "the mean embedding of its source's nearest training images of other patients with "
