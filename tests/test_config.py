@@ -55,3 +55,17 @@ def test_unknown_preset_and_malformed_override_are_refused() -> None:
         load_config("laptop")
     with pytest.raises(UserError, match="section.field=value"):
         load_config(None, None, ["resolution"])
+
+
+def test_fields_added_later_enter_the_cache_key_only_off_their_default() -> None:
+    """Runs made before `diffusion.space` (or the re-ID and generate options of later
+    versions) existed keep their stages fresh; a run that sets one is keyed apart."""
+    default = load_config("cpu").section_dump(("diffusion", "reid", "generate"))
+    assert "space" not in default["diffusion"]
+    assert "instance_share" not in default["reid"] and "copy_augment" not in default["reid"]
+    assert "pseudo_condition" not in default["generate"]
+    assert "steps" in default["diffusion"]  # every other field is keyed at any value
+    latent = load_config("cpu", None, ["diffusion.space=latent", "reid.copy_augment.flip=false"])
+    dumped = latent.section_dump(("diffusion", "reid"))
+    assert dumped["diffusion"]["space"] == "latent"
+    assert dumped["reid"]["copy_augment"]["flip"] is False

@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import GENERATE_STAGES
 from unpersonal import stages
+from unpersonal.config import Config
 from unpersonal.stages import Stage, StageTask, commands, downstream_of, pipeline
 
 
@@ -23,13 +24,24 @@ def test_cli_commands_are_the_registry_commands() -> None:
     assert [s.name for s in commands()["audit"]] == ["audit-embedder", "audit-reid", "audit"]
     assert [s.name for s in commands()["evaluate"]] == ["audit-embedder", "audit-reid", "eval"]
     assert "sample" not in [s.name for s in pipeline()]
-    assert GENERATE_STAGES == tuple(s.name for s in pipeline())[:len(GENERATE_STAGES)]
+    assert GENERATE_STAGES == tuple(s.name for s in pipeline(Config()))[:len(GENERATE_STAGES)]
+
+
+def test_run_makes_the_autoencoder_only_in_latent_space() -> None:
+    pixel, latent = Config(), Config(diffusion={"space": "latent"})
+    assert "fit-autoencoder" not in [s.name for s in pipeline(pixel)]
+    chain = [s.name for s in pipeline(latent)]
+    assert chain.index("fit-autoencoder") < chain.index("fit-diffusion")
+    fit_diffusion = stages.stage("fit-diffusion")
+    assert stages.reads(fit_diffusion, pixel) == ("prepare",)
+    assert stages.reads(fit_diffusion, latent) == ("prepare", "fit-autoencoder")
+    assert "fit-diffusion" in downstream_of("fit-autoencoder")
 
 
 def test_every_stage_reads_only_stages_declared_before_it() -> None:
     seen: set[str] = set()
     for entry in stages.STAGES:
-        assert set(entry.reads) | set(entry.reads_if_present) <= seen, entry.name
+        assert {*entry.reads, *entry.reads_if_present, *entry.reads_if_needed} <= seen, entry.name
         seen.add(entry.name)
     assert downstream_of("generate") == ["audit", "eval", "report", "export"]
 
@@ -65,7 +77,7 @@ def test_a_stage_added_to_the_registry_is_a_command_and_part_of_run(
     result = cli("run", "--out", run)
     assert result.code == 0, result.stderr
     said = [line.split(":")[0] for line in result.stderr.splitlines() if ": up to date in" in line]
-    assert said == [s.name for s in pipeline()[:-1]]  # every stage before the toy, in order
+    assert said == [s.name for s in pipeline(Config())[:-1]]  # every stage before the toy
     assert "toy counted" in result.stderr
     assert json.loads((run / "toy" / "counts.json").read_text())["train"] > 0
     assert json.loads((run / "manifest.json").read_text())["stages"]["toy"]["outputs"]

@@ -141,7 +141,7 @@ def run_stages(chain: list[Stage], config: Config, run: RunDir, redo: list[Stage
     """Check every input the chain does not make itself, then bring each stage up to date;
     those in `redo` are made again even when up to date (`--force`: a command's own stage, not
     the audit's models it builds first; `run --force`: every stage)."""
-    check_inputs(chain, run)
+    check_inputs(chain, config, run)
     install_sigterm_as_interrupt()
     for entry in chain:
         outcome = execute(entry, config, run, entry in redo)
@@ -205,7 +205,8 @@ def run(out: OutOption = None, data: DataOption = None, preset: PresetOption = N
         no_patient_ids: NoPatientIdsOption = False, csv: CsvOption = None) -> None:
     """Run every stage in order, skipping those already up to date; rerun to resume."""
     resolved, run_dir = resolve_run(out, data, preset, config, set_, no_patient_ids, csv)
-    run_stages(pipeline(), resolved, run_dir, pipeline() if force else [])
+    chain = pipeline(resolved)
+    run_stages(chain, resolved, run_dir, chain if force else [])
     report = run_dir.stage_path("report") / "index.html"
     console.print(f"report (internal, shows real images): {report}")
     console.print(f"release (shareable): {run_dir.stage_path('export')}")

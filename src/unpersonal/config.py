@@ -24,6 +24,12 @@ PresetName = Literal["demo", "cpu", "gpu"]
 PRESETS: tuple[str, ...] = ("demo", "cpu", "gpu")
 
 
+# A field added after runs existed carries this marker: at its default it stays out of the cache
+# keys (`Config.section_dump`), so an upgrade does not make every finished stage of those runs
+# stale; set to anything else it enters them like every other field.
+KEYED_ONLY_OFF_DEFAULT = {"keyed_only_off_default": True}
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys are refused, assignments are validated."""
 
@@ -94,9 +100,40 @@ class PhantomConfig(Section):
         return self
 
 
+class AutoencoderConfig(Section):
+    """`fit-autoencoder`: the image <-> latent map of latent diffusion (`diffusion.space: latent`).
+
+    A KL-regularised convolutional autoencoder (MONAI's `AutoencoderKL`) trained on the training
+    split alone with L1, SSIM and a small KL term; no loss needs downloaded weights.
+    """
+
+    factor: Literal[4, 8] = Field(
+        4, description="downsampling factor: a 128 px image becomes a 32 px (4) or 16 px (8) latent")
+    latent_channels: int = Field(4, ge=1, le=16)
+    width: int = Field(
+        8, ge=4, description="channels at full resolution, doubled at each halving; the "
+        "full-resolution layers cost most on a CPU")
+    res_blocks: int = Field(1, ge=1, le=4, description="residual blocks per resolution")
+    kl_weight: float = Field(
+        1e-6, ge=0.0, description="weight of the KL term: small, so the latents keep detail while "
+        "their scale stays bounded")
+    ssim_weight: float = Field(
+        0.2, ge=0.0, description="weight of 1 - SSIM beside the L1 loss: structure as well as "
+        "grey levels")
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-4, gt=0.0, description="Adam peak learning rate (cosine decay)")
+    max_minutes: float | None = Field(None, gt=0.0)
+    checkpoint_every: int = Field(250, ge=1)
+
+
 class DiffusionConfig(Section):
     """The generator: an EDM2-style denoiser, how it is conditioned, and its training budget."""
 
+    space: Literal["pixel", "latent"] = Field(
+        "pixel", description="denoise the images themselves, or the latents of the run's "
+        "autoencoder (`fit-autoencoder`), decoded before anything judges them",
+        json_schema_extra=KEYED_ONLY_OFF_DEFAULT)
     conditioning: Literal["uncond", "class", "pseudo", "class+pseudo"] = Field(
         "class+pseudo", description="what the denoiser is told: nothing, the labels, a training "
         "image's embedding (diversity-aware pseudo-conditioning), or both")
@@ -126,9 +163,11 @@ class DiffusionConfig(Section):
     guide_at: float = Field(
         0.125, gt=0.0, lt=1.0, description="share of training after which the EMA is saved as the "
         "autoguidance guide (an early, weaker model of the same data)")
-    augment_shift: int = Field(2, ge=0, description="random shifts of up to this many pixels")
+    augment_shift: int = Field(2, ge=0, description="random shifts of up to this many pixels "
+                               "(pixel space; latents are encoded once, unshifted)")
     augment_intensity: float = Field(
-        0.05, ge=0.0, lt=0.5, description="random brightness/contrast change of up to this share")
+        0.05, ge=0.0, lt=0.5, description="random brightness/contrast change of up to this share "
+        "(pixel space only)")
     augment_flip: bool = Field(
         False, description="left-right flips; off by default since anatomy is lateral")
     checkpoint_every: int = Field(250, ge=1, description="steps between resumable checkpoints")
@@ -208,7 +247,8 @@ class ReidConfig(Section):
         "network: identity lies in coarse anatomy, and each halving costs 4x less")
     stem_stride: Literal[1, 2] = Field(
         1, description="2 halves the resolution in the first convolution: a 64 px input then "
-        "costs about what a 32 px one does")
+        "costs about what a 32 px one does",
+        json_schema_extra=KEYED_ONLY_OFF_DEFAULT)
     steps: int = Field(3000, ge=1)
     batch_size: int = Field(64, ge=2, description="images per step: two of each patient drawn "
                             "(two views of one image for instance pairs)")
@@ -217,7 +257,8 @@ class ReidConfig(Section):
         "(copy_augment) of one training image of any patient, single-image patients included: "
         "every image then teaches the network that its copies, flipped, cropped, rotated or "
         "re-exposed, are the same instance (0: same-patient pairs only; on Kermany it cost "
-        "identity and did not make copies stand out, BENCHMARKS.md)")
+        "identity and did not make copies stand out, BENCHMARKS.md)",
+        json_schema_extra=KEYED_ONLY_OFF_DEFAULT)
     hard_negatives: float = Field(
         0.5, ge=0.0, le=1.0, description="share of negative pairs mined as the hardest in the batch")
     loss: Literal["supcon", "bce"] = Field(
@@ -237,7 +278,8 @@ class ReidConfig(Section):
     copy_augment: ViewAugmentation = Field(
         ViewAugmentation(crop_scale=(0.5, 1.0), rotate_degrees=20.0, shift=0.1, gamma=0.5,
                          blur_sigma=1.0, noise=0.05, flip=True),
-        description="the views of the instance pairs: the edits a leaked copy may carry")
+        description="the views of the instance pairs: the edits a leaked copy may carry",
+        json_schema_extra=KEYED_ONLY_OFF_DEFAULT)
 
 
 class ClassifierConfig(Section):
@@ -341,9 +383,11 @@ class GenerateConfig(Section):
         "source", description="the embedding a candidate is drawn from (at guidance w > 0): its "
         "source's own, or the mean of the source's `pseudo_neighbours` nearest training images "
         "of other patients with the same labels, which keeps the source's mode and averages its "
-        "patient away")
+        "patient away",
+        json_schema_extra=KEYED_ONLY_OFF_DEFAULT)
     pseudo_neighbours: int = Field(8, ge=1, description="neighbours averaged by "
-                                                        "pseudo_condition=neighbours")
+                                                        "pseudo_condition=neighbours",
+        json_schema_extra=KEYED_ONLY_OFF_DEFAULT)
     reid_check: Literal["neighbours", "source"] = Field(
         "neighbours", description="compare a candidate with its source and its nearest training "
         "images in re-ID space (all patients), or with its source only (the reference recipe)")
@@ -413,6 +457,7 @@ class Config(Section):
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
     phantoms: PhantomConfig = PhantomConfig()
+    autoencoder: AutoencoderConfig = AutoencoderConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     sampling: SamplingConfig = SamplingConfig()
     embedder: EmbedderConfig = EmbedderConfig()
@@ -426,10 +471,19 @@ class Config(Section):
     def section_dump(self, names: tuple[str, ...]) -> dict[str, Any]:
         """The named sections (plus the seed) as plain data: what a stage's cache key covers."""
         dumped = self.model_dump(mode="json")
-        return {"seed": dumped["seed"], **{name: dumped[name] for name in names}}
+        return {"seed": dumped["seed"], **{name: _keyed(getattr(self, name), dumped[name])
+                                           for name in names}}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _keyed(section: Section, dumped: dict[str, Any]) -> dict[str, Any]:
+    """A section's dump without the fields marked KEYED_ONLY_OFF_DEFAULT that are at their
+    default."""
+    return {name: value for name, value in dumped.items()
+            if not ((info := type(section).model_fields[name]).json_schema_extra
+                    == KEYED_ONLY_OFF_DEFAULT and getattr(section, name) == info.default)}
 
 
 # Presets only state what differs from the field defaults above.

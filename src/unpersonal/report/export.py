@@ -126,10 +126,11 @@ def datasheet(dataset: CanonicalDataset, images: int, metrics: dict[str, Any],
         "what": {"images": images, "resolution": dataset.resolution,
                  "bit_depth": dataset.bit_depth, "label_kind": dataset.label_kind,
                  "labels": dataset.label_names},
-        "how": {"generator": "EDM-preconditioned diffusion model, sampled once or more per "
-                             "training image (its source), each candidate drawn from "
-                             + generation["settings"].get("drawn_from", "its source's labels "
-                                                          "and embedding"),
+        "how": {"generator": generation["settings"].get("generator", "EDM-preconditioned "
+                                                        "diffusion model")
+                             + ", sampled once or more per training image (its source), each "
+                             "candidate drawn from " + generation["settings"].get(
+                                 "drawn_from", "its source's labels and embedding"),
                 "filter": "re-identification against every training patient (threshold "
                           "calibrated on held-out patients) and distance floors in feature "
                           "and pixel space; the label-consistent survivor kept",

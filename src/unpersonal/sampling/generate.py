@@ -141,6 +141,8 @@ class Generation:
     judge: CandidateJudge
     conditioning: str
     """What the denoiser was trained to be told (`diffusion.conditioning`)."""
+    latent: dict[str, Any] | None = None
+    """The latent space the denoiser works in (model.json's "latent"); None: pixel space."""
 
     def block(self, positions: np.ndarray) -> Block:
         """Search the sources at `positions` (one block), timed."""
@@ -285,10 +287,20 @@ def _settings(generation: Generation) -> dict[str, Any]:
             "distance_floors": settings.distance_floors,
             "pseudo_condition": settings.pseudo_condition,
             "pseudo_neighbours": settings.pseudo_neighbours,
+            "generator": generator(generation.latent),
             "drawn_from": drawn_from(generation.conditioning, sampling.guide,
                                      sampling.guidance_against,
                                      guidance_at(settings, sampling, 0),
                                      settings.pseudo_condition)}
+
+
+def generator(latent: dict[str, Any] | None) -> str:
+    """The generator in words, for generate.json and the datasheet."""
+    if latent is None:
+        return "EDM-preconditioned diffusion model on the pixels"
+    return (f"EDM-preconditioned diffusion model in the {latent['channels']}-channel latent space "
+            f"({latent['factor']}x downsampled) of an autoencoder trained on the training split, "
+            "each image decoded before the filter judged it")
 
 
 def drawn_from(conditioning: str, guide: str, against: str, first_weight: float,

@@ -4,7 +4,8 @@
                            guidance=w, device=device)
     batch = sampler.draw(rows, seeds, guidance=w)   # images [M, R, R] at the data's bit depth
 
-The models are loaded once and kept apart from what is drawn with them (as diffusers keeps its
+A latent denoiser draws latents, which its autoencoder decodes here: whatever the sampler
+returns is an image. The models are loaded once and kept apart from what is drawn with them (as diffusers keeps its
 models apart from its schedulers): which training row conditions an image, its noise seed and
 its guidance weight are the caller's (`schedule`), the solver is `solvers.sample`. `unpersonal
 sample` and `unpersonal generate` both draw through here.
@@ -20,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from unpersonal.artifacts.denoiser import load_denoiser
+from unpersonal.artifacts.autoencoder import LatentCodec
+from unpersonal.artifacts.denoiser import data_shape, load_denoiser, load_denoiser_codec
 from unpersonal.config import SamplingConfig
 from unpersonal.data.canonical import CanonicalDataset
 from unpersonal.data.pixels import quantize
@@ -56,6 +58,8 @@ class Sampler:
     meta: dict[str, Any]
     """The model's model.json."""
     device: torch.device
+    codec: LatentCodec | None = None
+    """The autoencoder of a latent denoiser (None in pixel space)."""
 
     @property
     def n_rows(self) -> int:
@@ -63,8 +67,9 @@ class Sampler:
         return len(self.codes)
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (self.meta["channels"], self.meta["resolution"], self.meta["resolution"])
+    def data_shape(self) -> tuple[int, int, int]:
+        """What the solver draws: [1, R, R] images, or latents in latent space."""
+        return data_shape(self.meta)
 
     def draw(self, rows: np.ndarray, seeds: Sequence[int], guidance: float) -> SampleBatch:
         """One image per (training row, seed) at guidance weight `guidance`, in batches of
@@ -75,7 +80,7 @@ class Sampler:
             batch = rows[start:start + size]
             result = self._sample(batch, seeds[start:start + size], guidance=guidance,
                                   guide=self.guide, null=self.null(batch))
-            images.append(to_stored(result.images, self.bit_depth))
+            images.append(to_stored(self._decoded(result.images), self.bit_depth))
             evaluations += result.nfe_per_sample * len(batch)
         return SampleBatch(np.concatenate(images), evaluations)
 
@@ -87,10 +92,17 @@ class Sampler:
         size, out = self.settings.batch_size, []
         for start in range(0, len(rows), size):
             clean = torch.from_numpy(np.asarray(images[start:start + size], np.float32)) * 2 - 1
+            clean = clean[:, None].to(self.device)
+            if self.codec is not None:
+                clean = self.codec.encode(clean)
             result = self._sample(rows[start:start + size], seeds[start:start + size],
-                                  sigma_max=sigma, start=clean[:, None])
-            out.append(model_to_unit(result.images))
+                                  sigma_max=sigma, start=clean)
+            out.append(model_to_unit(self._decoded(result.images)))
         return np.concatenate(out)
+
+    def _decoded(self, drawn: torch.Tensor) -> torch.Tensor:
+        """What the solver drew as images in [-1, 1]: decoded in latent space."""
+        return drawn if self.codec is None else self.codec.decode(drawn.to(self.device))
 
     def _sample(self, batch: np.ndarray, seeds: Sequence[int], **options: Any) -> SampleResult:
         """One batch of training rows through `sample` with the sampling settings; `options`
@@ -99,7 +111,7 @@ class Sampler:
         return sample(self.denoiser, self.conditioner.build(self.codes[batch], self.pseudo[batch]),
                       [int(seed) for seed in seeds],
                       **{"solver": settings.solver, "num_steps": settings.steps,
-                         "image_shape": self.image_shape, "sigma_min": settings.sigma_min,
+                         "image_shape": self.data_shape, "sigma_min": settings.sigma_min,
                          "sigma_max": settings.sigma_max, "rho": settings.rho,
                          "device": self.device, **options})
 
@@ -133,10 +145,12 @@ def load_sampler(model_folder: Path, train: CanonicalDataset, settings: Sampling
               else np.zeros((len(train), 0), np.float32))
     if neighbours is not None and conditioner.uses_pseudo:
         pseudo = neighbour_conditions(pseudo, train.patient_id, train.labels, neighbours)
+    codec = load_denoiser_codec(model_folder, meta)
     return Sampler(denoiser.to(device), guide, conditioner,
                    torch.from_numpy(label_code(train.labels, train.label_kind)),
                    torch.from_numpy(pseudo),
-                   settings, train.bit_depth, meta, device)
+                   settings, train.bit_depth, meta, device,
+                   None if codec is None else codec.to(device))
 
 
 def to_stored(images: torch.Tensor, bit_depth: int) -> np.ndarray:

@@ -63,6 +63,12 @@ class Stage:
     derive_config: Callable[[Config], Config] | None = None
     """The config it builds with, derived from the user's (the audit's own models); such a
     stage leaves the run's config.yaml as it is."""
+    reads_if_needed: tuple[str, ...] = ()
+    """Stages it reads when the config needs them (their `needed`): they must then be finished,
+    and their hashes enter its key."""
+    needed: Callable[[Config], bool] | None = None
+    """Whether a config uses this stage at all (None: always); `unpersonal run` makes only
+    those it uses."""
     builds_first: tuple[str, ...] = ()
     """Stages its command brings up to date before it (the audit's models)."""
     in_run: bool = True
@@ -131,6 +137,10 @@ def _pseudo_inputs(config: Config, run: RunDir) -> dict[str, str]:
     kind, path = pseudo_source(config.diffusion, run.stage_path("fit-embedder")
                                if run.stage_record("fit-embedder") else None)
     return {} if path is None else {f"pseudo_features ({kind})": sha256_file(path)}
+
+
+def _latent(config: Config) -> bool:
+    return config.diffusion.space == "latent"
 
 
 def audit_config(config: Config) -> Config:
@@ -211,12 +221,22 @@ STAGES: tuple[Stage, ...] = (
           build="unpersonal.stages.fit_classifier:build_fit_classifier", reads=("prepare",),
           sections=("classifier", "data"), line=_line("fit_classifier"),
           summary_file="classifier.json"),
+    Stage("fit-autoencoder", "fit-autoencoder",
+          "Train the autoencoder latent diffusion works in (diffusion.space=latent); Ctrl-C "
+          "saves, rerunning resumes.\n\nTrained on the training split alone; prints the "
+          "validation images' reconstruction PSNR and SSIM. `unpersonal run` makes it only "
+          "in latent space.",
+          build="unpersonal.stages.fit_autoencoder:build_fit_autoencoder", reads=("prepare",),
+          sections=("autoencoder",), needed=_latent, line=_line("fit_autoencoder"),
+          summary_file="autoencoder.json"),
     Stage("fit-diffusion", "fit-diffusion",
           "Train the diffusion model on the training split; Ctrl-C saves, rerunning resumes.\n\n"
           "Runs on the CPU, one GPU, or many processes with `accelerate launch -m unpersonal "
-          "...`.",
+          "...`. With diffusion.space=latent it denoises the latents of fit-autoencoder's "
+          "autoencoder.",
           build="unpersonal.stages.fit_diffusion:build_fit_diffusion", reads=("prepare",),
-          reads_if_present=("fit-embedder",), sections=("diffusion",),
+          reads_if_present=("fit-embedder",), reads_if_needed=("fit-autoencoder",),
+          sections=("diffusion",),
           key_inputs=_pseudo_inputs, line=_line("fit_diffusion"), summary_file="model.json"),
     Stage("sample", "sample",
           "Draw unfiltered images from the trained model, with a real-vs-synthetic grid to look "
@@ -310,9 +330,10 @@ def _made_first(entry: Stage) -> bool:
     return any(entry.name in other.builds_first for other in STAGES)
 
 
-def pipeline() -> list[Stage]:
-    """What `unpersonal run` makes, in order."""
-    return [entry for entry in STAGES if entry.in_run]
+def pipeline(config: Config | None = None) -> list[Stage]:
+    """What `unpersonal run` makes, in order: under `config`, only the stages it needs."""
+    return [entry for entry in STAGES
+            if entry.in_run and (config is None or is_needed(entry, config))]
 
 
 def downstream_of(name: str) -> list[str]:
@@ -320,7 +341,8 @@ def downstream_of(name: str) -> list[str]:
     stale."""
     stale: list[str] = []
     for entry in STAGES:
-        if any(read == name or read in stale for read in (*entry.reads, *entry.reads_if_present)):
+        if any(read == name or read in stale
+               for read in (*entry.reads, *entry.reads_if_present, *entry.reads_if_needed)):
             stale.append(entry.name)
     return stale
 
@@ -340,7 +362,7 @@ def stage_key(entry: Stage, config: Config, run: RunDir) -> str:
     for excluded in entry.key_excludes:
         section, name = excluded.split(".")
         settings[section] = {k: v for k, v in settings[section].items() if k != name}
-    inputs: dict[str, Any] = {name: require(run, name) for name in entry.reads}
+    inputs: dict[str, Any] = {name: require(run, name) for name in reads(entry, config)}
     inputs.update({name: require(run, name) for name in entry.reads_if_present
                    if run.stage_record(name) is not None})
     if entry.key_inputs is not None:
@@ -348,15 +370,25 @@ def stage_key(entry: Stage, config: Config, run: RunDir) -> str:
     return sha256_json({"config": settings, "inputs": inputs})
 
 
-def check_inputs(chain: list[Stage], run: RunDir) -> None:
+def check_inputs(chain: list[Stage], config: Config, run: RunDir) -> None:
     """Refuse before anything runs when a stage the chain reads is neither finished nor made
     by the chain itself (audit on a run without generate must not train the audit's models
     first)."""
     made = {entry.name for entry in chain}
     for entry in chain:
-        for name in entry.reads:
+        for name in reads(entry, config):
             if name not in made:
                 require(run, name)
+
+
+def reads(entry: Stage, config: Config) -> tuple[str, ...]:
+    """The stages `entry` must read under `config`: its reads, and those of its
+    reads_if_needed that the config needs."""
+    return (*entry.reads, *(name for name in entry.reads_if_needed if is_needed(stage(name), config)))
+
+
+def is_needed(entry: Stage, config: Config) -> bool:
+    return entry.needed is None or entry.needed(config)
 
 
 def require(run: RunDir, name: str) -> dict[str, str]:

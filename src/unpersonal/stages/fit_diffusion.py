@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from unpersonal.artifacts.autoencoder import load_codec
 from unpersonal.data.canonical import load_canonical
 from unpersonal.stages import StageTask
 from unpersonal.training.diffusion import load_training_data, pseudo_source, publish, train
@@ -25,8 +26,10 @@ def build_fit_diffusion(task: StageTask) -> dict[str, Any] | None:
             else run.root / ".work" / task.name)
     accelerator.wait_for_everyone()
     embedder = task.input("fit-embedder") if run.stage_record("fit-embedder") else None
+    codec = (load_codec(task.input("fit-autoencoder"), config.diffusion.sigma_data)
+             .to(accelerator.device) if config.diffusion.space == "latent" else None)
     data = load_training_data(load_canonical(task.input("prepare")), config.diffusion,
-                              pseudo_source(config.diffusion, embedder))
+                              pseudo_source(config.diffusion, embedder), codec)
     result = train(config.diffusion, config.seed, data, work / "checkpoint.pt", accelerator,
                    task.name)
     meta = None

@@ -63,9 +63,20 @@ def summary_tables(summary: dict[str, Any], label_names: list[str]) -> tuple[Tab
     return people, balance
 
 
+def fit_autoencoder(meta: dict[str, Any], folder: Path) -> Lines:
+    val = meta["reconstruction"]["val"]
+    quality = ("no validation images" if val["psnr"] is None
+               else f"validation PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.3f}")
+    shape = "x".join(str(size) for size in meta["latent_shape"])
+    return [f"trained {meta['parameters']:,}-parameter autoencoder for {meta['steps_done']} steps "
+            f"in {meta['seconds']:.0f} s: {meta['resolution']} px -> {shape} latents, {quality} "
+            f"-> {folder}"]
+
+
 def fit_diffusion(meta: dict[str, Any], folder: Path) -> Lines:
-    return [f"trained {meta['parameters']:,}-parameter denoiser for {meta['steps_done']} steps in "
-            f"{meta['seconds']:.0f} s -> {folder}"]
+    space = "" if meta.get("latent") is None else " latent"
+    return [f"trained {meta['parameters']:,}-parameter{space} denoiser for {meta['steps_done']} "
+            f"steps in {meta['seconds']:.0f} s -> {folder}"]
 
 
 def sample(report: dict[str, Any], folder: Path) -> Lines:

@@ -11,6 +11,13 @@ resumed run draws exactly what an uninterrupted one would have drawn, with no RN
         model.json           architecture, conditioning, data layout: enough to rebuild the model
         pseudo_features.npy  the pseudo-condition of every training image (training-split order)
         training_log.csv     step, loss, learning rate, images/s, elapsed seconds
+        autoencoder.*        in latent space (`diffusion.space: latent`): fit-autoencoder's
+                             model, copied so that the denoiser carries the decoder it was
+                             trained for
+
+In latent space the training images are encoded once, before the loop, to their scaled
+posterior means (`LatentCodec.encode`), and the denoiser learns those; pixel shifts and
+brightness changes do not apply to latents (flips, when asked for, do).
 
 Multi-process (`accelerate launch --num_processes N ...` or torchrun) goes through accelerate:
 each process draws its share of the global batch and DDP averages the gradients.
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +36,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from unpersonal.artifacts import autoencoder as autoencoder_files
+from unpersonal.artifacts.autoencoder import LatentCodec
 from unpersonal.artifacts.denoiser import build_denoiser
 from unpersonal.config import DiffusionConfig
 from unpersonal.data.canonical import CanonicalDataset
@@ -47,11 +57,15 @@ LOG_FIELDS = ("step", "loss", "lr", "images_per_s", "elapsed_s")
 class TrainingData:
     """The training split as the loop needs it: pixels, condition inputs, nothing else."""
 
-    images: torch.Tensor  # uint8/uint16 [N, 1, R, R] on the CPU; scaled per batch
-    max_value: float
+    images: torch.Tensor
+    """Pixel space: stored grey levels [N, 1, R, R] (uint8/int32), scaled per batch. Latent
+    space: the scaled latents [N, C, r, r] (float32). On the CPU."""
+    max_value: float  # the stored images' top grey level
+    resolution: int  # of the images (not the latents)
     codes: torch.Tensor  # label codes [N, L]
     pseudo: torch.Tensor  # pseudo features [N, D] (empty D when unused)
     pseudo_source: str = "none"  # where they came from (see `pseudo_source`)
+    codec: LatentCodec | None = None  # the autoencoder, in latent space
 
 
 def pseudo_source(settings: DiffusionConfig, embedder: Path | None) -> tuple[str, Path | None]:
@@ -69,18 +83,27 @@ def pseudo_source(settings: DiffusionConfig, embedder: Path | None) -> tuple[str
 
 
 def load_training_data(dataset: CanonicalDataset, settings: DiffusionConfig,
-                       pseudo: tuple[str, Path | None] = ("pixel PCA", None)) -> TrainingData:
+                       pseudo: tuple[str, Path | None] = ("pixel PCA", None),
+                       codec: LatentCodec | None = None) -> TrainingData:
     """The training split; `pseudo` is `pseudo_source`'s answer (ignored without pseudo
-    conditioning)."""
+    conditioning); with `codec` (latent space) the images are encoded to latents."""
     train = dataset.subset("train")
     if len(train) == 0:
         raise UserError("the training split is empty: nothing to train the diffusion model on")
+    max_value = float((1 << train.bit_depth) - 1)
+    images = torch.from_numpy(train.images.astype(np.int32)).unsqueeze(1)
+    if codec is not None:
+        if codec.meta["resolution"] != train.resolution:
+            raise UserError(f"the autoencoder was trained at {codec.meta['resolution']} px but "
+                            f"the prepared data is {train.resolution} px; rerun fit-autoencoder")
+        device = codec.mean.device
+        images = torch.cat([codec.encode((part.to(device, torch.float32) * (2.0 / max_value)
+                                          - 1.0)).cpu() for part in images.split(64)])
     return TrainingData(
-        images=torch.from_numpy(train.images.astype(np.int32)).unsqueeze(1),
-        max_value=float((1 << train.bit_depth) - 1),
+        images=images, max_value=max_value, resolution=train.resolution,
         codes=torch.from_numpy(label_code(train.labels, train.label_kind)),
         pseudo=torch.from_numpy(_pseudo_features(dataset, train, settings, *pseudo)),
-        pseudo_source=pseudo[0] if "pseudo" in settings.conditioning else "none")
+        pseudo_source=pseudo[0] if "pseudo" in settings.conditioning else "none", codec=codec)
 
 
 def _pseudo_features(dataset: CanonicalDataset, train: CanonicalDataset,
@@ -125,7 +148,7 @@ def train(settings: DiffusionConfig, seed: int, data: TrainingData, checkpoint: 
                         f"{world} processes")
     torch.manual_seed(seed)  # the same initial weights in every process
     conditioner = conditioner_for(settings, data)
-    denoiser = build_denoiser(settings, data.images.shape[-1], conditioner)
+    denoiser = build_denoiser(settings, data.images.shape[-1], conditioner, data.images.shape[1])
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     guide = Snapshot()  # the EMA after `guide_at` of training: the autoguidance guide
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=settings.lr, betas=(0.9, 0.99), eps=1e-8)
@@ -147,9 +170,7 @@ def train(settings: DiffusionConfig, seed: int, data: TrainingData, checkpoint: 
     with loop.running("training diffusion"):
         for step in loop.steps():
             indices, generator = batches.draw(step)
-            images = _to_unit_range(data, indices, accelerator.device)
-            images = shift_and_jitter(images, settings.augment_shift, settings.augment_intensity,
-                                      generator, (-1.0, 1.0), flip=settings.augment_flip)
+            images = _augmented(data, indices, settings, generator, accelerator.device)
             images = images.contiguous(memory_format=torch.channels_last)
             cond = conditioner.build(data.codes[indices].to(accelerator.device),
                                      data.pseudo[indices].to(accelerator.device))
@@ -175,9 +196,19 @@ def _guide_step(settings: DiffusionConfig) -> int:
     return max(1, round(settings.guide_at * settings.steps))
 
 
-def _to_unit_range(data: TrainingData, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Stored grey levels -> [-1, 1], the range EDM's sigma_data = 0.5 assumes."""
-    return data.images[indices].to(device, torch.float32) * (2.0 / data.max_value) - 1.0
+def _augmented(data: TrainingData, indices: torch.Tensor, settings: DiffusionConfig,
+               generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """A batch as the denoiser learns it. Pixels: stored grey levels -> [-1, 1], the range EDM's
+    sigma_data = 0.5 assumes, then shifted and jittered. Latents: as encoded, flipped when asked."""
+    if data.codec is None:
+        images = data.images[indices].to(device, torch.float32) * (2.0 / data.max_value) - 1.0
+        return shift_and_jitter(images, settings.augment_shift, settings.augment_intensity,
+                                generator, (-1.0, 1.0), flip=settings.augment_flip)
+    latents = data.images[indices].to(device)
+    if settings.augment_flip:
+        flip = torch.rand(len(latents), generator=generator, device=device) < 0.5
+        latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
+    return latents
 
 
 def _ema_exponent(std: float) -> float:
@@ -208,8 +239,14 @@ def publish(folder: Path, result: TrainingResult, data: TrainingData,
     save_file(result.guide, str(folder / "guide.safetensors"))
     if result.conditioner.uses_pseudo:
         np.save(folder / "pseudo_features.npy", data.pseudo.numpy())
+    latent = None
+    if data.codec is not None:
+        for name in (autoencoder_files.WEIGHTS, autoencoder_files.META):
+            shutil.copyfile(data.codec.folder / name, folder / name)
+        latent = {"channels": int(data.images.shape[1]), "resolution": int(data.images.shape[-1]),
+                  "factor": data.codec.factor}
     meta = {
-        "resolution": int(data.images.shape[-1]), "channels": 1,
+        "resolution": data.resolution, "channels": 1, "latent": latent,
         "unet": {"model_channels": settings.model_channels,
                  "channel_mult": list(settings.channel_mult), "num_blocks": settings.num_blocks,
                  "attn_resolutions": list(settings.attn_resolutions), "dropout": settings.dropout},

@@ -1,0 +1,207 @@
+"""Latent diffusion at 128 px: the autoencoder, what it costs the denoiser, what it keeps.
+
+    .venv/bin/python benchmarks/latent.py throughput       # denoiser images/s, pixel vs latent
+    .venv/bin/python benchmarks/latent.py autoencoders     # MONAI's AutoencoderKL vs our own
+    .venv/bin/python benchmarks/latent.py quality          # the chosen one through the CLI
+
+Each part adds its figures to `benchmarks/results/latent.json` under its name.
+
+* throughput: one training step of the cpu preset's denoiser (EDM loss, Adam) on 128 px images,
+  on the 32 px latents of a factor-4 autoencoder and on the 16 px latents of a factor-8 one,
+  rounds alternating so machine noise hits all alike; medians. Latents are encoded once before
+  training, so the denoiser's step is the whole per-step cost.
+* autoencoders: MONAI's AutoencoderKL and `OwnAutoencoder` below, same widths, same loss, same
+  steps and seeds, trained by `unpersonal.training.autoencoder.train` on Kermany's 128 px
+  training split (`runs/latent-data`); validation PSNR / SSIM and training images/s. Settings are
+  chosen on the validation split.
+* quality: `unpersonal fit-autoencoder` on Kermany 128 px with the default settings, then PSNR
+  and SSIM of the test images' reconstructions (the test split reports, once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from runner import provenance, unpersonal
+from unpersonal.config import AutoencoderConfig
+from unpersonal.data.canonical import load_canonical
+from unpersonal.models import UNet
+from unpersonal.models.edm import Denoiser, EDM2Loss
+from unpersonal.training import autoencoder as trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "latent.json"
+DATA = ROOT.parent / "shared" / "data" / "kermany_cxr_128.npz"
+RUN = ROOT / "runs" / "latent-data"
+COND_DIM = 34  # binary label code (2) + 32 pseudo features
+DENOISER = dict(model_channels=32, channel_mult=(1, 2, 2), num_blocks=1, attn_resolutions=())
+
+
+def save(part: str, figures: dict[str, Any]) -> None:
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results[part] = {**provenance(), "threads": torch.get_num_threads(), **figures}
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results[part], indent=2), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# throughput
+
+
+def throughput(batch: int, rounds: int, steps: int) -> dict[str, Any]:
+    shapes = {"pixel 128 px": (1, 128), "latent f=4 (4x32x32)": (4, 32),
+              "latent f=8 (4x16x16)": (4, 16)}
+    torch.manual_seed(0)
+    nets = {name: Denoiser(UNet(size, channels, COND_DIM, **DENOISER), sigma_data=0.5)
+            .to(memory_format=torch.channels_last) for name, (channels, size) in shapes.items()}
+    data = {name: torch.randn(batch, channels, size, size).contiguous(
+        memory_format=torch.channels_last) * 0.5 for name, (channels, size) in shapes.items()}
+    cond = torch.randn(batch, COND_DIM)
+    loss_fn = EDM2Loss(-0.4, 1.0, 0.5)
+    optimizers = {name: torch.optim.Adam(net.parameters(), lr=1e-3) for name, net in nets.items()}
+    generator = torch.Generator().manual_seed(0)
+
+    def step(name: str) -> None:
+        loss = loss_fn(nets[name], data[name], cond, generator=generator).mean()
+        optimizers[name].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers[name].step()
+
+    for name in nets:
+        step(name)  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in nets}
+    for _ in range(rounds):
+        for name in nets:
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(name)
+            rates[name].append(steps * batch / (time.perf_counter() - start))
+    medians = {name: round(statistics.median(r), 2) for name, r in rates.items()}
+    pixel = medians["pixel 128 px"]
+    return {"batch": batch,
+            "rounds": rounds, "denoiser": DENOISER,
+            "img_per_s": medians, "img_per_s_all_rounds": rates,
+            "speedup_over_pixel": {name: round(rate / pixel, 2) for name, rate in medians.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# autoencoders
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.GroupNorm(groups, channels), nn.SiLU(),
+                                  nn.Conv2d(channels, channels, 3, 1, 1),
+                                  nn.GroupNorm(groups, channels), nn.SiLU(),
+                                  nn.Conv2d(channels, channels, 3, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+class OwnAutoencoder(nn.Module):
+    """The same plan as AutoencoderKL written plainly: one residual block per resolution,
+    stride-2 convolutions down, nearest-neighbour upsampling and a convolution up, a Gaussian
+    posterior per latent pixel. Its encode/decode match MONAI's, so the same trainer runs it."""
+
+    def __init__(self, width: int, factor: int, latent_channels: int, res_blocks: int) -> None:
+        super().__init__()
+        levels, groups = int(math.log2(factor)), math.gcd(width, 8)
+        widths = [width * 2 ** level for level in range(levels + 1)]
+        down: list[nn.Module] = [nn.Conv2d(1, widths[0], 3, 1, 1)]
+        for level, channels in enumerate(widths):
+            down += [ResBlock(channels, groups) for _ in range(res_blocks)]
+            if level < levels:
+                down.append(nn.Conv2d(channels, widths[level + 1], 3, 2, 1))
+        down += [nn.GroupNorm(groups, widths[-1]), nn.SiLU(),
+                 nn.Conv2d(widths[-1], 2 * latent_channels, 3, 1, 1)]
+        self.encoder = nn.Sequential(*down)
+        up: list[nn.Module] = [nn.Conv2d(latent_channels, widths[-1], 3, 1, 1)]
+        for level in range(levels, -1, -1):
+            up += [ResBlock(widths[level], groups) for _ in range(res_blocks)]
+            if level > 0:
+                up += [nn.Upsample(scale_factor=2.0, mode="nearest"),
+                       nn.Conv2d(widths[level], widths[level - 1], 3, 1, 1)]
+        up += [nn.GroupNorm(groups, widths[0]), nn.SiLU(), nn.Conv2d(widths[0], 1, 3, 1, 1)]
+        self.decoder = nn.Sequential(*up)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, log_var = self.encoder(x).chunk(2, dim=1)
+        return mu, torch.exp(0.5 * log_var.clamp(-30.0, 20.0))
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.decoder(z)
+
+
+def prepared() -> Path:
+    """The Kermany 128 px run whose prepare stage the autoencoders train on."""
+    if not DATA.is_file():
+        raise SystemExit(f"needs {DATA}")
+    unpersonal("prepare", "--out", str(RUN), "--data", str(DATA), "--preset", "cpu",
+               "--set", "data.resolution=128")
+    return RUN
+
+
+def autoencoders(steps: int) -> dict[str, Any]:
+    dataset = load_canonical(prepared() / "prepare")
+    settings = AutoencoderConfig(steps=steps)
+    device = torch.device("cpu")
+    builders = {"monai": trainer.build_autoencoder, "own": OwnAutoencoder}
+    figures: dict[str, Any] = {"settings": settings.model_dump()}
+    for name, build in builders.items():
+        trainer.build_autoencoder = build
+        started = time.perf_counter()
+        result = trainer.train(settings, 0, dataset.subset("train"), None, device, name)
+        seconds = time.perf_counter() - started
+        figures[name] = {
+            "parameters": sum(p.numel() for p in result.network.parameters()),
+            "seconds": round(seconds, 1),
+            "train_img_per_s": round(steps * settings.batch_size / seconds, 2),
+            "val": trainer.reconstruction_quality(result.network, dataset.subset("val"), device)}
+        print(name, figures[name], flush=True)
+    return figures
+
+
+def quality() -> dict[str, Any]:
+    run = prepared()
+    seconds = unpersonal("fit-autoencoder", "--out", str(run), "--preset", "cpu",
+                         "--set", "data.resolution=128")
+    meta = json.loads((run / "fit-autoencoder" / "autoencoder.json").read_text())
+    dataset = load_canonical(run / "prepare")
+    from unpersonal.artifacts.autoencoder import load_codec
+
+    codec = load_codec(run / "fit-autoencoder", 0.5)
+    test = trainer.reconstruction_quality(codec.network, dataset.subset("test"),
+                                          torch.device("cpu"))
+    return {"settings": meta["architecture"],
+            "steps": meta["steps_done"], "training_seconds": meta["seconds"],
+            "stage_seconds": seconds, "val": meta["reconstruction"]["val"], "test": test}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=("throughput", "autoencoders", "quality"))
+    parser.add_argument("--steps", type=int, default=1000, help="autoencoders: training steps")
+    parser.add_argument("--batch", type=int, default=32, help="throughput: images per step")
+    parser.add_argument("--rounds", type=int, default=5)
+    options = parser.parse_args()
+    if options.part == "throughput":
+        save("throughput", throughput(options.batch, options.rounds, steps=2))
+    elif options.part == "autoencoders":
+        save("autoencoders", autoencoders(options.steps))
+    else:
+        save("quality", quality())
+
+
+if __name__ == "__main__":
+    main()
