@@ -90,7 +90,12 @@ class PhantomConfig(Section):
 
     n_patients: int = Field(200, ge=4)
     scans_per_patient: tuple[int, int] = (1, 6)
-    finding_rate: float = Field(0.4, ge=0.0, le=1.0)
+    finding_rate: float = Field(0.4, ge=0.0, le=1.0, description="chance that a patient "
+                                "carries each finding")
+    findings: int = Field(
+        1, ge=1, le=4, description="kinds of finding: 1 gives a binary label, more a multi-label "
+        "one (opacity, nodule, effusion, apical shadow), each carried independently",
+        json_schema_extra=KEYED_ONLY_OFF_DEFAULT)
 
     @model_validator(mode="after")
     def _scan_range(self) -> PhantomConfig:
@@ -359,7 +364,8 @@ class GenerateConfig(Section):
         "case (the first candidate passes) cost one candidate")
     tolerance: float = Field(
         0.5, ge=0.0, description="largest label divergence between a candidate and its source "
-        "that counts as the same labels: a first-mode search ends at the first such survivor")
+        "that counts as the same labels (multi-label: on every label): a first-mode search ends "
+        "at the first such survivor")
     label_gate: bool = Field(
         True, description="keep only survivors within `tolerance` (others: rejected:label), so "
         "every released image looks like its label to the classifier; false keeps the least "

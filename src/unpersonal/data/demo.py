@@ -15,18 +15,21 @@ import numpy as np
 from PIL import Image
 
 from unpersonal.config import PhantomConfig
-from unpersonal.data.phantoms import PhantomSet, generate_phantoms
+from unpersonal.data.phantoms import FINDINGS, PhantomSet, generate_phantoms
 from unpersonal.data.source import Source
 from unpersonal.errors import UserError
 
-LABEL_NAMES = ["finding"]
+def label_names(findings: int) -> list[str]:
+    """The label columns: "finding" for the binary demo, else the kinds of finding."""
+    return ["finding"] if findings == 1 else [kind.name for kind in FINDINGS[:findings]]
 
 
 def _generate(phantoms: PhantomConfig, resolution: int, seed: int) -> PhantomSet:
     try:
         return generate_phantoms(phantoms.n_patients, resolution, seed,
                                  scans_per_patient=phantoms.scans_per_patient,
-                                 finding_rate=phantoms.finding_rate)
+                                 finding_rate=phantoms.finding_rate,
+                                 findings=phantoms.findings)
     except ValueError as error:  # e.g. a resolution too small to draw ribs in
         raise UserError(f"demo phantoms: {error}") from None
 
@@ -35,7 +38,7 @@ def phantom_source(settings: PhantomConfig, resolution: int, seed: int) -> Sourc
     made = _generate(settings, resolution, seed)
     return Source(
         refs=[f"phantom row {i}" for i in range(len(made.images))],
-        labels=made.label, label_names=list(LABEL_NAMES),
+        labels=made.label, label_names=label_names(settings.findings),
         patient_ids=made.patient_id.tolist(), splits=[None] * len(made.images),
         load=lambda i: made.images[i].astype(np.float32) / 255.0, bit_depth=8,
         description=(f"{len(made.images)} phantom scans of {settings.n_patients} patients "
@@ -61,9 +64,9 @@ def write_demo_data(settings: PhantomConfig, resolution: int, seed: int, out: Pa
         created = _make_parent(out)
         _discard(partial)  # a build left by a killed earlier run
         if layout == "npz":
-            _write_npz(made, partial)
+            _write_npz(made, label_names(settings.findings), partial)
         else:
-            _write_png_folder(made, partial)
+            _write_png_folder(made, label_names(settings.findings), partial)
         partial.rename(out)
         finished = True
     except OSError as error:
@@ -107,22 +110,27 @@ def _discard(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _write_npz(made: PhantomSet, path: Path) -> None:
-    """images, label, patient_id: the layout of the shared Kermany files."""
+def _write_npz(made: PhantomSet, names: list[str], path: Path) -> None:
+    """images, label, patient_id: the layout of the shared Kermany files; label_names too when
+    the label has several columns."""
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, images=made.images, label=made.label, patient_id=made.patient_id)
+    named = {"label_names": np.asarray(names)} if made.label.ndim == 2 else {}
+    np.savez_compressed(buffer, images=made.images, label=made.label, patient_id=made.patient_id,
+                        **named)
     with open(path, "wb") as handle:
         handle.write(buffer.getvalue())
         handle.flush()
         os.fsync(handle.fileno())
 
 
-def _write_png_folder(made: PhantomSet, folder: Path) -> None:
-    """One PNG per scan under images/, and labels.csv (path, finding, patient_id)."""
+def _write_png_folder(made: PhantomSet, names: list[str], folder: Path) -> None:
+    """One PNG per scan under images/, and labels.csv (path, one column per label,
+    patient_id)."""
     (folder / "images").mkdir(parents=True)
-    lines = ["path,finding,patient_id"]
-    for row, (image, label, patient) in enumerate(zip(made.images, made.label, made.patient_id)):
+    lines = [",".join(["path", *names, "patient_id"])]
+    labels = made.label.reshape(len(made.label), -1)
+    for row, (image, label, patient) in enumerate(zip(made.images, labels, made.patient_id)):
         name = f"images/scan-{row:05d}.png"
         Image.fromarray(image, mode="L").save(folder / name)
-        lines.append(f"{name},{int(label)},{patient}")
+        lines.append(",".join([name, *(str(int(value)) for value in label), patient]))
     (folder / "labels.csv").write_text("\n".join(lines) + "\n")

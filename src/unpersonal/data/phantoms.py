@@ -7,7 +7,9 @@ whose ground truth is known exactly. Real chest X-rays cannot ship with the tool
   low-frequency texture), so a re-identification network has something stable to learn;
 * every scan of that patient re-renders the same anatomy under a slightly different pose, exposure,
   noise and blur, so scans of one patient are similar but never identical;
-* a patient may carry a "finding" (a soft lung opacity), giving a learnable binary label.
+* a patient may carry a "finding" (a soft lung opacity), giving a learnable binary label; with
+  ``findings`` > 1 each patient may carry any of several kinds at once (an opacity, a dense
+  nodule, a basal effusion, an apical shadow), giving multi-label data.
 
 All randomness for patient ``k`` comes from a generator seeded by ``(seed, k)``, so patient ``k``
 looks the same however many patients are generated. The anatomy is described in continuous
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PhantomSet", "generate_phantoms"]
+__all__ = ["FINDINGS", "PhantomSet", "generate_phantoms"]
 
 # Attenuation along a ray, in units of the full soft-tissue thickness (1.0): lung air removes
 # some of it, bone, heart and mediastinum add to it. Only their ratios matter for the look.
@@ -44,7 +46,8 @@ class PhantomSet:
     """A generated dataset: one row per scan, ordered by patient then scan.
 
     images: uint8 ``[N, H, W]`` displayed chest X-rays (bright = dense), ``H == W == resolution``.
-    label: int64 ``[N]``, 1 when the patient carries the finding, 0 when normal.
+    label: int64 ``[N]``, 1 when the patient carries the finding, 0 when normal; with several
+    findings ``[N, F]``, one column per kind of `FINDINGS`.
     patient_id: fixed-width unicode ``[N]``, e.g. ``"phantom-0007"``.
     """
 
@@ -124,6 +127,28 @@ class _Finding:
 
 
 @dataclass(frozen=True)
+class _FindingKind:
+    """Where in a lung a kind of finding sits and how it looks (lung-local coordinates: u across
+    the lung's half-width, v down its half-height, -1 at the apex, +1 at the base)."""
+
+    name: str
+    u: tuple[float, float]
+    v: tuple[float, float]
+    radius: tuple[float, float]
+    intensity: tuple[float, float]
+
+
+# The first is the binary demo's finding; the others differ in size, density and place, so a
+# small classifier can tell each apart at 32 px.
+FINDINGS = (
+    _FindingKind("opacity", (-0.5, 0.5), (0.05, 0.55), (0.1, 0.16), (0.4, 0.55)),
+    _FindingKind("nodule", (-0.4, 0.4), (-0.45, 0.0), (0.05, 0.07), (0.9, 1.2)),
+    _FindingKind("effusion", (-0.3, 0.3), (0.85, 1.0), (0.17, 0.22), (0.6, 0.8)),
+    _FindingKind("apical", (-0.3, 0.3), (-0.7, -0.5), (0.1, 0.14), (0.8, 1.0)),
+)
+
+
+@dataclass(frozen=True)
 class _ScanConditions:
     """Per-scan acquisition differences, each an array over the patient's S scans."""
 
@@ -144,11 +169,15 @@ def generate_phantoms(
     seed: int,
     scans_per_patient: tuple[int, int] = (1, 6),
     finding_rate: float = 0.4,
+    findings: int = 1,
 ) -> PhantomSet:
     """Generate ``n_patients`` phantom patients, ordered by patient then scan.
 
     Each patient has between ``scans_per_patient[0]`` and ``scans_per_patient[1]`` scans
-    (inclusive) and carries the finding with probability ``finding_rate``.
+    (inclusive) and carries each of the first ``findings`` kinds of `FINDINGS` with probability
+    ``finding_rate``, independently. One finding gives a binary label ``[N]``, several a
+    multi-label ``[N, findings]``; the first kind is drawn from the same stream either way, so
+    one-finding sets are unchanged by the option.
 
     Patient ``k`` depends only on ``(seed, k)`` (its scans also on ``scans_per_patient`` and
     ``resolution``), never on ``n_patients``, so a small set is a prefix of a large one. Anatomy,
@@ -158,9 +187,11 @@ def generate_phantoms(
     Raises ValueError for arguments outside the documented ranges.
     """
     _check_arguments(n_patients, resolution, seed, scans_per_patient, finding_rate)
+    if not _is_int(findings) or not 1 <= findings <= len(FINDINGS):
+        raise ValueError(f"findings must be an integer from 1 to {len(FINDINGS)}, got {findings!r}")
     grid_y, grid_x = _pixel_grid(resolution)
     images: list[np.ndarray] = []
-    labels: list[int] = []
+    labels: list[list[int]] = []
     ids: list[str] = []
     for k in range(n_patients):
         anatomy_rng, finding_rng, scan_rng = (
@@ -169,16 +200,22 @@ def generate_phantoms(
         anatomy = _draw_anatomy(anatomy_rng)
         n_scans = int(scan_rng.integers(scans_per_patient[0], scans_per_patient[1] + 1))
         conditions = _draw_scan_conditions(scan_rng, n_scans)
-        has_finding, finding = _draw_finding(finding_rng, anatomy, n_scans, finding_rate)
+        # Kind 0 from the patient's own finding stream, kind j > 0 from a stream of its own.
+        drawn = [_draw_finding(finding_rng if j == 0 else
+                               np.random.default_rng(np.random.SeedSequence([seed, k, j])),
+                               anatomy, n_scans, finding_rate, FINDINGS[j])
+                 for j in range(findings)]
         scans = _render_patient(
-            anatomy, finding if has_finding else None, conditions, grid_x, grid_y, scan_rng
+            anatomy, [finding for present, finding in drawn if present], conditions, grid_x,
+            grid_y, scan_rng
         )
         images.append(scans)
-        labels.extend([int(has_finding)] * n_scans)
+        labels.extend([[int(present) for present, _ in drawn]] * n_scans)
         ids.extend([f"phantom-{k:04d}"] * n_scans)
+    label = np.asarray(labels, dtype=np.int64)
     return PhantomSet(
         images=np.concatenate(images, axis=0),
-        label=np.asarray(labels, dtype=np.int64),
+        label=label[:, 0] if findings == 1 else label,
         patient_id=np.asarray(ids, dtype=str),
     )
 
@@ -318,24 +355,25 @@ def _draw_texture(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def _draw_finding(
-    rng: np.random.Generator, anatomy: _Anatomy, n_scans: int, finding_rate: float
+    rng: np.random.Generator, anatomy: _Anatomy, n_scans: int, finding_rate: float,
+    kind: _FindingKind = FINDINGS[0],
 ) -> tuple[bool, _Finding]:
-    """Decide whether the patient has the finding and where it sits in which lung.
+    """Decide whether the patient has a finding of this kind and where it sits in which lung.
 
     The location is drawn even for normal patients so that the random stream, and hence the rest
     of the patient, does not depend on ``finding_rate``.
     """
     has_finding = bool(rng.uniform() < finding_rate)
     lung = anatomy.lungs[int(rng.integers(0, 2))]
-    u = rng.uniform(-0.5, 0.5)  # lung-local position: stay well inside the field
-    v = rng.uniform(0.05, 0.55)
+    u = rng.uniform(*kind.u)  # lung-local position: stay well inside the field
+    v = rng.uniform(*kind.v)
     cx = lung.cx + u * lung.half_width
     cy = lung.cy + v * lung.half_height
     finding = _Finding(
         cx=cx + rng.normal(0.0, 0.015, size=n_scans),
         cy=cy + rng.normal(0.0, 0.015, size=n_scans),
-        radius=rng.uniform(0.1, 0.16),
-        intensity=rng.uniform(0.4, 0.55) * rng.uniform(0.75, 1.25, size=n_scans),
+        radius=rng.uniform(*kind.radius),
+        intensity=rng.uniform(*kind.intensity) * rng.uniform(0.75, 1.25, size=n_scans),
     )
     return has_finding, finding
 
@@ -362,7 +400,7 @@ def _draw_scan_conditions(rng: np.random.Generator, n_scans: int) -> _ScanCondit
 
 def _render_patient(
     anatomy: _Anatomy,
-    finding: _Finding | None,
+    findings: list[_Finding],
     conditions: _ScanConditions,
     grid_x: np.ndarray,
     grid_y: np.ndarray,
@@ -373,7 +411,7 @@ def _render_patient(
     x, y = _pose_grid(grid_x, grid_y, conditions)
     # Soft edges about a pixel wide (in anatomy units) avoid aliasing at low resolution.
     edge = np.float32(max(0.012, 1.2 / resolution))
-    attenuation = _attenuation(anatomy, finding, x, y, edge, resolution)
+    attenuation = _attenuation(anatomy, findings, x, y, edge, resolution)
     brightness = 1.0 - np.exp(np.float32(-_DISPLAY_K) * attenuation)
     brightness = _blur_rows_and_columns(brightness, conditions.blur)
     brightness = _expose(brightness, conditions)
@@ -403,7 +441,7 @@ def _pose_grid(
 
 def _attenuation(
     anatomy: _Anatomy,
-    finding: _Finding | None,
+    findings: list[_Finding],
     x: np.ndarray,
     y: np.ndarray,
     edge: np.float32,
@@ -425,7 +463,7 @@ def _attenuation(
         + 0.6 * _ribs(anatomy, x, y, edge, resolution)
         + 0.8 * _clavicles(anatomy, x, y, resolution)
     )
-    if finding is not None:
+    for finding in findings:
         attenuation += lung_area * _opacity(finding, x, y)
     return attenuation
 

@@ -69,12 +69,23 @@ def render(inputs: ReportInputs) -> str:
         heldout_q01=privacy["dcr"]["embedding"]["heldout_q01"],
         dcr_png=_read_b64(inputs.dcr_png), roc_png=_read_b64(inputs.roc_png),
         classification=classification, training_sets=training_sets,
+        per_label=per_label_rows(classification, training_sets),
         gaps={name: "" if name == "real" else
               f"{classification['gap_pp' + ('' if name == 'synthetic' else '_' + name)]:+.1f}"
               for name in training_sets},
         restoration=metrics["utility"].get("restoration"),
         fidelity_rows=fidelity_rows(metrics["fidelity"]),
         generation_rows=generation_rows(inputs.generation), config_yaml=inputs.config_yaml)
+
+
+def per_label_rows(classification: dict[str, Any], training_sets: list[str]
+                   ) -> list[dict[str, Any]]:
+    """Test ROC-AUC of each label (class) for each training set, when there are several."""
+    names = list(classification["real"].get("per_class", {}))
+    if len(names) < 2:
+        return []
+    return [{"label": name, "auc": [classification[which]["per_class"].get(name)
+                                    for which in training_sets]} for name in names]
 
 
 def privacy_note(privacy: dict[str, Any]) -> str:
@@ -98,23 +109,31 @@ def versions() -> dict[str, str]:
     return found
 
 
-def class_values(labels: np.ndarray, label_kind: str) -> np.ndarray:
-    """One grid row per class: the class index for multi-class, the first label otherwise."""
-    return labels.argmax(axis=1) if label_kind == "multiclass" else labels[:, 0]
+def label_groups(labels: np.ndarray, label_kind: str, names: list[str]
+                 ) -> list[tuple[str, np.ndarray]]:
+    """The grid rows: (name, which images) per class for binary and multi-class labels; for
+    multi-label data one row per label (the images carrying it) and one for those with none."""
+    if label_kind == "multilabel":
+        rows = [(name, labels[:, column] == 1) for column, name in enumerate(names)]
+        return [*rows, ("no label", labels.sum(axis=1) == 0)]
+    values = labels.argmax(axis=1) if label_kind == "multiclass" else labels[:, 0]
+    return [(names[int(value)] if label_kind == "multiclass" else f"{names[0]} = {int(value)}",
+             values == value) for value in np.unique(values)]
 
 
 def class_grids(train: CanonicalDataset, images: np.ndarray, labels: np.ndarray
                 ) -> list[dict[str, Any]]:
-    real_classes = class_values(train.labels, train.label_kind)
-    synthetic_classes = class_values(labels, train.label_kind)
+    """Real training images above synthetic ones, one row per `label_groups` group."""
+    real_groups = label_groups(train.labels, train.label_kind, train.label_names)
+    synthetic_groups = dict(label_groups(labels, train.label_kind, train.label_names))
     rows = []
-    for value in np.unique(real_classes):
-        real = train.images_float()[real_classes == value][:GRID_COLUMNS]
-        fake = images[synthetic_classes == value][:GRID_COLUMNS]
+    for name, real_rows in real_groups:
+        real = train.images_float()[real_rows][:GRID_COLUMNS]
+        fake = images[synthetic_groups[name]][:GRID_COLUMNS]
+        if not len(real):
+            continue
         grid = np.concatenate([_strip(real, train.resolution), _strip(fake, train.resolution)])
         png, width = _png_b64(grid, scale=max(1, 96 // train.resolution))
-        name = (train.label_names[int(value)] if train.label_kind == "multiclass"
-                else f"{train.label_names[0]} = {int(value)}")
         rows.append({"label": name, "png": png, "width": width})
     return rows
 

@@ -36,7 +36,9 @@ def label_divergence(candidate: np.ndarray, source: np.ndarray, label_kind: str,
     """How far the classifier's opinion of each candidate is from its opinion of the source.
 
     Symmetric on purpose: the reference scored a one-sided BCE, which punishes a candidate that
-    is surer than its source the same as one that contradicts it. Summed over labels. [N]
+    is surer than its source the same as one that contradicts it. Multi-label: the largest over
+    the labels, so that `generate.tolerance` bounds each label's disagreement whatever their
+    number (a sum would let eight nearly-agreeing labels fail a tolerance one label passes). [N]
     """
     p, q = _as_distributions(candidate, label_kind), _as_distributions(source, label_kind)
     if rule == "symmetric-kl":
@@ -48,7 +50,7 @@ def label_divergence(candidate: np.ndarray, source: np.ndarray, label_kind: str,
         per_group = 0.5 * np.abs(p - q).sum(axis=-1)
     else:
         raise ValueError(f"unknown selection rule {rule!r}")
-    return per_group.sum(axis=1)
+    return per_group.max(axis=1)
 
 
 def to_unit(images: np.ndarray, bit_depth: int) -> np.ndarray:
