@@ -120,6 +120,14 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="16, 16"):
         loaded.predict_proba(np.zeros((2, 8, 8), np.float32))
 
+    smaller = fit_classifier(images, labels, "multiclass",
+                             FAST.model_copy(update={"epochs": 1, "input_size": SIZE // 2}),
+                             seed=0, progress=None)
+    trainer.save_classifier(tmp_path / "smaller", smaller)
+    reloaded = load_classifier(tmp_path / "smaller")
+    assert reloaded.net.input_size == SIZE // 2
+    np.testing.assert_array_equal(reloaded.predict_proba(images), smaller.predict_proba(images))
+
 
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:

@@ -302,3 +302,22 @@ def test_linear_probe_skips_columns_without_two_classes_and_says_why() -> None:
                                  "c": "one class in the training split"}
     empty = linear_probe_auc(x[:100], y_train, x[:0], y_test[:0], "multilabel", ["a", "b", "c"])
     assert empty["mean_auc"] is None and set(empty["skipped"]) == {"a", "b", "c"}
+
+
+def test_input_size_makes_the_networks_see_any_resolution_at_one_cost(tmp_path: Path) -> None:
+    """An image twice the input size (each pixel repeated 2x2) area-averages back to the small
+    image exactly, so the embedder and the classifier give what they give on the small one; the
+    size survives the embedder's weights file."""
+    from unpersonal.artifacts.embedder import load_feature_net
+    from unpersonal.models.classifier import ClassifierNet
+    from unpersonal.models.encoder import downsampled
+
+    small = torch.rand(3, 1, 8, 8)
+    large = small.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    assert torch.equal(downsampled(large, 8), small) and downsampled(small, 16) is small
+    for net in (FeatureNet(4, 6, input_size=8), ClassifierNet(4, 2, input_size=8)):
+        net.eval()
+        assert torch.allclose(net(large), net(small), atol=1e-6)
+    path = tmp_path / "embedder.safetensors"
+    save_feature_net(path, FeatureNet(4, 6, input_size=8).eval())
+    assert load_feature_net(path).input_size == 8

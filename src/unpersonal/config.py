@@ -232,6 +232,10 @@ class EmbedderConfig(Section):
         "one; it maps [B, 1, R, R] images in [0, 1] to [B, D] features")
     dim: int = Field(128, ge=2, description="size of the unit-norm feature")
     width: int = Field(16, ge=4, description="channels of the encoder's first stage")
+    input_size: int | None = Field(
+        None, ge=8, description="larger images are area-downsampled to this side inside the "
+        "network, so that its cost does not grow with data.resolution (none: full resolution)",
+        json_schema_extra=KEYED_ONLY_OFF_DEFAULT)
     steps: int = Field(600, ge=1)
     batch_size: int = Field(128, ge=4)
     lr: float = Field(2e-3, gt=0.0)
@@ -296,6 +300,10 @@ class ClassifierConfig(Section):
     """
 
     width: int = Field(16, ge=4, description="channels of the encoder's first stage")
+    input_size: int | None = Field(
+        None, ge=8, description="larger images are area-downsampled to this side inside the "
+        "network (none: full resolution); each halving costs about 4x less",
+        json_schema_extra=KEYED_ONLY_OFF_DEFAULT)
     epochs: int = Field(10, ge=1, description="passes over the training images (the cosine "
                                               "learning-rate schedule spans them)")
     batch_size: int = Field(64, ge=2)

@@ -58,7 +58,8 @@ def load_classifier(folder: Path) -> Classifier:
     """A saved classifier in eval mode, rebuilt from classifier.json alone (no config needed)."""
     meta = json.loads((folder / "classifier.json").read_text())
     architecture = meta["architecture"]
-    net = ClassifierNet(architecture["width"], architecture["outputs"])
+    net = ClassifierNet(architecture["width"], architecture["outputs"],
+                        architecture.get("input_size"))
     net.load_state_dict(load_file(str(folder / "classifier.safetensors")))
     net.to(pick_device()).eval().requires_grad_(False)
     return Classifier(net, meta["label_kind"], list(meta["label_names"]), int(meta["resolution"]),

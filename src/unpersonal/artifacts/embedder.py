@@ -88,7 +88,7 @@ def load_feature_net(path: Path) -> FeatureNet:
         if arch.get("in_channels", 1) != 1:
             raise ValueError(f"in_channels {arch['in_channels']}, expected 1 (grey images)")
         network = FeatureNet(int(arch["width"]), int(arch["dim"]),
-                             int(arch.get("blocks_per_stage", 1)))
+                             int(arch.get("blocks_per_stage", 1)), arch.get("input_size"))
         network.load_state_dict(load_file(str(path)))
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as error:
         raise UserError(f"{path}: weights do not match the architecture in its metadata "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from unpersonal.models.encoder import ResNetEncoder
+from unpersonal.models.encoder import ResNetEncoder, downsampled
 
 
 class FeatureNet(nn.Module):
@@ -19,12 +19,14 @@ class FeatureNet(nn.Module):
     feature size at `dim` whatever the encoder width, and is trained with everything else.
     """
 
-    def __init__(self, width: int, dim: int, blocks_per_stage: int = 1) -> None:
+    def __init__(self, width: int, dim: int, blocks_per_stage: int = 1,
+                 input_size: int | None = None) -> None:
         super().__init__()
+        self.input_size = input_size
         self.encoder = ResNetEncoder(in_channels=1, width=width, blocks_per_stage=blocks_per_stage)
         self.head = nn.Linear(self.encoder.out_features, dim)
         self.architecture = {"in_channels": 1, "width": width, "blocks_per_stage": blocks_per_stage,
-                             "dim": dim}
+                             "dim": dim, **({} if input_size is None else {"input_size": input_size})}
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.encoder(images))
+        return self.head(self.encoder(downsampled(images, self.input_size)))

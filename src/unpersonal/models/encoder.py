@@ -11,6 +11,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def downsampled(images: Tensor, size: int | None) -> Tensor:
+    """Images larger than `size` area-averaged down to it (every pixel counts once, nothing
+    aliases); smaller ones, or any with `size` None, as they are. Lets a network trained at a
+    fixed cost serve data of any resolution."""
+    if size is None or images.shape[-1] <= size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="area")
+
+
 def unit_norm(x: Tensor, eps: float = 1e-8) -> Tensor:
     """Rows scaled to unit L2 norm, so inner products are cosine similarities."""
     return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)

@@ -16,10 +16,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unpersonal.models.encoder import ResNetEncoder, unit_norm
+from unpersonal.models.encoder import ResNetEncoder, downsampled, unit_norm
 
 
 class ReidNet(nn.Module):
@@ -44,10 +43,7 @@ class ReidNet(nn.Module):
         self.bias = nn.Parameter(torch.tensor(-5.0))
 
     def embed(self, images: Tensor) -> Tensor:
-        if self.input_size is not None and images.shape[-1] > self.input_size:
-            # Area averaging: every pixel counts once, nothing aliases.
-            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="area")
-        return unit_norm(self.head(self.encoder(images)))
+        return unit_norm(self.head(self.encoder(downsampled(images, self.input_size))))
 
     def logit(self, cosine: Tensor) -> Tensor:
         """The pre-sigmoid score: an increasing affine map of the cosine (BCE works on this)."""

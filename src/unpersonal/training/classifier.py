@@ -63,6 +63,8 @@ def architecture(classifier: Classifier) -> dict[str, Any]:
     return {"encoder": "ResNetEncoder", "in_channels": 1, "width": classifier.net.width,
             "blocks_per_stage": 1, "outputs": len(classifier.label_names),
             "input": "grey [B, 1, R, R] in [0, 1]",
+            **({} if classifier.net.input_size is None
+               else {"input_size": classifier.net.input_size}),
             "parameters": count_parameters(classifier.net)}
 
 
@@ -101,7 +103,7 @@ def fit_classifier(images: np.ndarray, labels: np.ndarray, label_kind: str,
     device = pick_device()
     with torch.random.fork_rng(devices=[]):  # seeded initial weights, caller's RNG left alone
         torch.manual_seed(seed)
-        net = ClassifierNet(settings.width, train_y.shape[1]).to(device)
+        net = ClassifierNet(settings.width, train_y.shape[1], settings.input_size).to(device)
     classifier = Classifier(net, label_kind, names, int(train_x.shape[-1]))
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr,
                                   weight_decay=settings.weight_decay)

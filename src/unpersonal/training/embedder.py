@@ -133,7 +133,7 @@ def train(settings: EmbedderConfig, seed: int, train_split: CanonicalDataset, ch
     # A batch larger than the split would hold copies of one image, negatives of each other.
     batch = min(settings.batch_size, n)
     torch.manual_seed(seed)
-    network = FeatureNet(settings.width, settings.dim).to(device)
+    network = FeatureNet(settings.width, settings.dim, input_size=settings.input_size).to(device)
     model = nn.ModuleDict({"features": network, "projector": projector(settings.dim)}).to(device)
     decay = [p for p in model.parameters() if p.ndim >= 2]  # no weight decay on norms, biases
     no_decay = [p for p in model.parameters() if p.ndim < 2]
