@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/latent.py throughput       # denoiser images/s, pixel vs latent
     .venv/bin/python benchmarks/latent.py autoencoders     # MONAI's AutoencoderKL vs our own
     .venv/bin/python benchmarks/latent.py quality          # the chosen one through the CLI
+    .venv/bin/python benchmarks/latent.py ceiling          # what the latents keep for a classifier
 
 Each part adds its figures to `benchmarks/results/latent.json` under its name.
 
@@ -14,8 +15,12 @@ Each part adds its figures to `benchmarks/results/latent.json` under its name.
   steps and seeds, trained by `unpersonal.training.autoencoder.train` on Kermany's 128 px
   training split (`runs/latent-data`); validation PSNR / SSIM and training images/s. Settings are
   chosen on the validation split.
-* quality: `unpersonal fit-autoencoder` on Kermany 128 px with the default settings, then PSNR
+* quality: `unpersonal fit-autoencoder` on Kermany 128 px at the cpu-128 preset, then PSNR
   and SSIM of the test images' reconstructions (the test split reports, once).
+* ceiling: classifiers (the classifier section's settings, `--input-size` px inside the network)
+  trained on the autoencoder's reconstructions of the real training images and on the originals,
+  same seeds, early-stopped on the real validation images, tested on the real test images: the
+  most a latent release could teach, against the real baseline.
 """
 
 from __future__ import annotations
@@ -147,8 +152,7 @@ def prepared() -> Path:
     """The Kermany 128 px run whose prepare stage the autoencoders train on."""
     if not DATA.is_file():
         raise SystemExit(f"needs {DATA}")
-    unpersonal("prepare", "--out", str(RUN), "--data", str(DATA), "--preset", "cpu",
-               "--set", "data.resolution=128")
+    unpersonal("prepare", "--out", str(RUN), "--data", str(DATA), "--preset", "cpu-128")
     return RUN
 
 
@@ -174,8 +178,7 @@ def autoencoders(steps: int) -> dict[str, Any]:
 
 def quality() -> dict[str, Any]:
     run = prepared()
-    seconds = unpersonal("fit-autoencoder", "--out", str(run), "--preset", "cpu",
-                         "--set", "data.resolution=128")
+    seconds = unpersonal("fit-autoencoder", "--out", str(run), "--preset", "cpu-128")
     meta = json.loads((run / "fit-autoencoder" / "autoencoder.json").read_text())
     dataset = load_canonical(run / "prepare")
     from unpersonal.artifacts.autoencoder import load_codec
@@ -188,19 +191,61 @@ def quality() -> dict[str, Any]:
             "stage_seconds": seconds, "val": meta["reconstruction"]["val"], "test": test}
 
 
+def ceiling(seeds: int, input_size: int) -> dict[str, Any]:
+    from unpersonal.artifacts.autoencoder import load_codec
+    from unpersonal.config import ClassifierConfig
+    from unpersonal.metrics.auc import roc_auc_per_class
+    from unpersonal.training.classifier import fit_classifier
+
+    run = RUN
+    dataset = load_canonical(run / "prepare")
+    codec = load_codec(run / "fit-autoencoder", 0.5)
+    train, val, test = (dataset.subset(split) for split in ("train", "val", "test"))
+    with torch.no_grad():
+        reconstructed = torch.cat([
+            codec.decode(codec.encode(trainer.to_model_range(train, slice(start, start + 64))))
+            for start in range(0, len(train), 64)])
+    sets = {"original": train.images_float(),
+            "reconstructed": ((reconstructed[:, 0] + 1) / 2).numpy()}
+    settings = ClassifierConfig(input_size=input_size)
+    aucs: dict[str, list[float]] = {name: [] for name in sets}
+    for seed in range(seeds):
+        for name, images in sets.items():
+            model = fit_classifier(images, train.labels, train.label_kind, settings, seed,
+                                   val.images_float(), val.labels, progress=None,
+                                   label_names=train.label_names)
+            probs = model.predict_proba(test.images_float())
+            aucs[name].append(roc_auc_per_class(test.labels, probs, test.label_kind,
+                                                test.label_names)["mean"])
+            print(name, seed, aucs[name][-1], flush=True)
+    gaps = [100 * (r - o) for r, o in zip(aucs["reconstructed"], aucs["original"])]
+    return {"classifier": settings.model_dump(), "seeds": seeds,
+            "test_auc": {name: {"mean": round(statistics.mean(v), 4),
+                                "per_seed": [round(x, 4) for x in v]} for name, v in aucs.items()},
+            "gap_pp_per_seed": [round(g, 2) for g in gaps],
+            "gap_pp_mean": round(statistics.mean(gaps), 2),
+            "target": "reconstructed within 0.5 points of original",
+            "target_met": statistics.mean(gaps) >= -0.5}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("throughput", "autoencoders", "quality"))
+    parser.add_argument("part", choices=("throughput", "autoencoders", "quality", "ceiling"))
     parser.add_argument("--steps", type=int, default=1000, help="autoencoders: training steps")
     parser.add_argument("--batch", type=int, default=32, help="throughput: images per step")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=3, help="ceiling: classifier seeds")
+    parser.add_argument("--input-size", type=int, default=64,
+                        help="ceiling: the classifier's input side")
     options = parser.parse_args()
     if options.part == "throughput":
         save("throughput", throughput(options.batch, options.rounds, steps=2))
     elif options.part == "autoencoders":
         save("autoencoders", autoencoders(options.steps))
-    else:
+    elif options.part == "quality":
         save("quality", quality())
+    else:
+        save("ceiling", ceiling(options.seeds, options.input_size))
 
 
 if __name__ == "__main__":

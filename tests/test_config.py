@@ -69,3 +69,12 @@ def test_fields_added_later_enter_the_cache_key_only_off_their_default() -> None
     dumped = latent.section_dump(("diffusion", "reid"))
     assert dumped["diffusion"]["space"] == "latent"
     assert dumped["reid"]["copy_augment"]["flip"] is False
+
+
+def test_the_cpu_128_preset_is_the_cpu_preset_in_latent_space_at_128_px() -> None:
+    cpu, latent = load_config("cpu"), load_config("cpu-128")
+    assert (latent.data.resolution, latent.diffusion.space) == (128, "latent")
+    assert latent.diffusion.model_dump() == cpu.diffusion.model_copy(
+        update={"space": "latent"}).model_dump()  # the same denoiser, on 32 px latents
+    assert latent.generate == cpu.generate and latent.sampling == cpu.sampling
+    assert (latent.embedder.input_size, latent.reid.input_size) == (32, 32)

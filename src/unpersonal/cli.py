@@ -41,7 +41,8 @@ DataOption = Annotated[Optional[Path], typer.Option(
     "--data", "-d", help="dataset: .npz, image folder or CSV, DICOM or NIfTI folder; none = demo "
     "phantoms")]
 PresetOption = Annotated[Optional[str], typer.Option(
-    "--preset", "-p", help="demo, cpu or gpu (default: demo without --data, cpu with it)")]
+    "--preset", "-p", help="demo, cpu or gpu (default: demo without --data, cpu with it); "
+    "cpu-128 is latent diffusion at 128 px, not yet run end to end on real data")]
 ConfigOption = Annotated[Optional[Path], typer.Option(
     "--config", "-c", help="YAML config file (default: the run directory's config.yaml)")]
 SetOption = Annotated[Optional[list[str]], typer.Option(

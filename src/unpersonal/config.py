@@ -1,6 +1,6 @@
 """The one config object of a run.
 
-A run is fully described by a `Config`: a preset (`demo`, `cpu`, `gpu`) gives the defaults, a YAML
+A run is fully described by a `Config`: a preset (`demo`, `cpu`, `cpu-128`, `gpu`) gives the defaults, a YAML
 file may change any of them, and `--set section.field=value` on the command line changes any
 field last. Unknown keys are errors, never silently ignored: a typo in a privacy threshold must
 not fall back to a default without the user knowing.
@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from unpersonal.errors import UserError
 
-PresetName = Literal["demo", "cpu", "gpu"]
-PRESETS: tuple[str, ...] = ("demo", "cpu", "gpu")
+PresetName = Literal["demo", "cpu", "cpu-128", "gpu"]
+PRESETS: tuple[str, ...] = ("demo", "cpu", "cpu-128", "gpu")
 
 
 # A field added after runs existed carries this marker: at its default it stays out of the cache
@@ -500,6 +500,23 @@ def _keyed(section: Section, dumped: dict[str, Any]) -> dict[str, Any]:
                     == KEYED_ONLY_OFF_DEFAULT and getattr(section, name) == info.default)}
 
 
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+_CPU: dict[str, Any] = {
+    "data": {"resolution": 32}, "generate": {"guidance": 0.0, "attempts": 2},
+    "sampling": {"steps": 10},
+    "diffusion": {"model_channels": 32, "num_blocks": 1, "attn_resolutions": [],
+                  "steps": 1200, "batch_size": 64, "lr_ref_steps": 1000}}
+
+
 # Presets only state what differs from the field defaults above.
 _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
     # Budgets measured on a 2-core CPU (BENCHMARKS.md): a 24-channel, one-block UNet trains at
@@ -525,10 +542,17 @@ _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
     # 1,200 steps: over three pipeline seeds the release taught the classifier 1.0 point more
     # than at 2,400 (mean gap to real -0.8 against -1.8 pp) and 4,800 less still, in half the
     # time; the closer fit to the training pool carries less over to the test split.
-    "cpu": {"data": {"resolution": 32}, "generate": {"guidance": 0.0, "attempts": 2},
-            "sampling": {"steps": 10},
-            "diffusion": {"model_channels": 32, "num_blocks": 1, "attn_resolutions": [],
-                          "steps": 1200, "batch_size": 64, "lr_ref_steps": 1000}},
+    "cpu": _CPU,
+    # The cpu preset at 128 px: the denoiser works on the 4 x 32 x 32 latents of a factor-4
+    # autoencoder, where the cpu preset's UNet trains 27x faster than on the 128 px pixels and
+    # at the cost it has at 32 px (benchmarks/latent.py). The embedder and the re-ID network see
+    # 32 px copies, as at 32 px; the classifier (the label gate and the utility figures) sees
+    # 64 px, at 4x the 32 px cost where 128 px would cost 16x. Restoration utility is left to
+    # the 32 px presets: its networks work at the full resolution.
+    "cpu-128": _deep_merge(_CPU, {
+        "data": {"resolution": 128}, "diffusion": {"space": "latent"},
+        "embedder": {"input_size": 32}, "classifier": {"input_size": 64},
+        "evaluate": {"restoration": False}}),
     "gpu": {"data": {"resolution": 128},
             "diffusion": {"model_channels": 128, "channel_mult": [1, 2, 2, 2],
                           "attn_resolutions": [16, 8], "num_blocks": 3, "steps": 100000,
@@ -629,16 +653,6 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise UserError(f"--set {dotted}: {part} is a field, not a section")
     node[leaf] = value
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def _describe(error: ValidationError) -> str:
