@@ -219,3 +219,16 @@ def test_sample_at_guidance_zero_against_the_labels_is_the_class_conditional_mod
     unconditional, report = _sampled(run)
     assert report["guidance_against"] == "empty" and report["nfe_per_image"] == 5
     assert not np.array_equal(labels_only, unconditional)
+
+
+def test_messages_name_an_epoch_that_exists() -> None:
+    from unpersonal.training.loop import TrainingLoop
+
+    loop = TrainingLoop("fit-classifier", None, 110, checkpoint_every=10, max_minutes=None,
+                        epoch_steps=11)
+    said = []
+    for step in (0, 11, 109, 110):
+        loop.step = step
+        said.append(loop._where())
+    assert said == ["step 0 of 110 (epoch 1 of 10)", "step 11 of 110 (epoch 2 of 10)",
+                    "step 109 of 110 (epoch 10 of 10)", "step 110 of 110 (epoch 10 of 10)"]

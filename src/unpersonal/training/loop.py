@@ -280,7 +280,8 @@ class TrainingLoop:
         where = f"step {self.step} of {self.total}"
         if self.epoch_steps is not None:
             epochs = math.ceil(self.total / self.epoch_steps)
-            where += f" (epoch {self.step // self.epoch_steps + 1} of {epochs})"
+            # The step about to be taken is in this epoch; after the last step, the last epoch.
+            where += f" (epoch {min(self.step // self.epoch_steps + 1, epochs)} of {epochs})"
         return where
 
 
