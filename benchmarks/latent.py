@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/latent.py throughput       # denoiser images/s, pixel vs latent
     .venv/bin/python benchmarks/latent.py autoencoders     # MONAI's AutoencoderKL vs our own
+    .venv/bin/python benchmarks/latent.py speed            # their training steps side by side
     .venv/bin/python benchmarks/latent.py quality          # the chosen one through the CLI
     .venv/bin/python benchmarks/latent.py ceiling          # what the latents keep for a classifier
 
@@ -11,10 +12,11 @@ Each part adds its figures to `benchmarks/results/latent.json` under its name.
   on the 32 px latents of a factor-4 autoencoder and on the 16 px latents of a factor-8 one,
   rounds alternating so machine noise hits all alike; medians. Latents are encoded once before
   training, so the denoiser's step is the whole per-step cost.
-* autoencoders: MONAI's AutoencoderKL and `OwnAutoencoder` below, same widths, same loss, same
-  steps and seeds, trained by `unpersonal.training.autoencoder.train` on Kermany's 128 px
-  training split (`runs/latent-data`); validation PSNR / SSIM and training images/s. Settings are
-  chosen on the validation split.
+* autoencoders: MONAI's AutoencoderKL and ours (`unpersonal.models.autoencoder`), same widths,
+  same loss, same steps and seeds, trained by `unpersonal.training.autoencoder.train` on
+  Kermany's 128 px training split (`runs/latent-data`); validation PSNR / SSIM and training
+  images/s. Settings are chosen on the validation split.
+* speed: one training step of each (batch 16, 128 px), rounds alternating; medians.
 * quality: `unpersonal fit-autoencoder` on Kermany 128 px at the cpu-128 preset, then PSNR
   and SSIM of the test images' reconstructions (the test split reports, once).
 * ceiling: classifiers (the classifier section's settings, `--input-size` px inside the network)
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from runner import provenance, unpersonal
 from unpersonal.config import AutoencoderConfig
@@ -102,50 +104,22 @@ def throughput(batch: int, rounds: int, steps: int) -> dict[str, Any]:
 # autoencoders
 
 
-class ResBlock(nn.Module):
-    def __init__(self, channels: int, groups: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.GroupNorm(groups, channels), nn.SiLU(),
-                                  nn.Conv2d(channels, channels, 3, 1, 1),
-                                  nn.GroupNorm(groups, channels), nn.SiLU(),
-                                  nn.Conv2d(channels, channels, 3, 1, 1))
+def monai_autoencoder(width: int, factor: int, latent_channels: int, res_blocks: int
+                      ) -> nn.Module:
+    """MONAI's AutoencoderKL at the widths of ours, without attention."""
+    import warnings
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.body(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from monai.networks.nets import AutoencoderKL
 
-
-class OwnAutoencoder(nn.Module):
-    """The same plan as AutoencoderKL written plainly: one residual block per resolution,
-    stride-2 convolutions down, nearest-neighbour upsampling and a convolution up, a Gaussian
-    posterior per latent pixel. Its encode/decode match MONAI's, so the same trainer runs it."""
-
-    def __init__(self, width: int, factor: int, latent_channels: int, res_blocks: int) -> None:
-        super().__init__()
-        levels, groups = int(math.log2(factor)), math.gcd(width, 8)
-        widths = [width * 2 ** level for level in range(levels + 1)]
-        down: list[nn.Module] = [nn.Conv2d(1, widths[0], 3, 1, 1)]
-        for level, channels in enumerate(widths):
-            down += [ResBlock(channels, groups) for _ in range(res_blocks)]
-            if level < levels:
-                down.append(nn.Conv2d(channels, widths[level + 1], 3, 2, 1))
-        down += [nn.GroupNorm(groups, widths[-1]), nn.SiLU(),
-                 nn.Conv2d(widths[-1], 2 * latent_channels, 3, 1, 1)]
-        self.encoder = nn.Sequential(*down)
-        up: list[nn.Module] = [nn.Conv2d(latent_channels, widths[-1], 3, 1, 1)]
-        for level in range(levels, -1, -1):
-            up += [ResBlock(widths[level], groups) for _ in range(res_blocks)]
-            if level > 0:
-                up += [nn.Upsample(scale_factor=2.0, mode="nearest"),
-                       nn.Conv2d(widths[level], widths[level - 1], 3, 1, 1)]
-        up += [nn.GroupNorm(groups, widths[0]), nn.SiLU(), nn.Conv2d(widths[0], 1, 3, 1, 1)]
-        self.decoder = nn.Sequential(*up)
-
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mu, log_var = self.encoder(x).chunk(2, dim=1)
-        return mu, torch.exp(0.5 * log_var.clamp(-30.0, 20.0))
-
-    def decode(self, z: Tensor) -> Tensor:
-        return self.decoder(z)
+    levels = int(math.log2(factor))
+    return AutoencoderKL(
+        spatial_dims=2, in_channels=1, out_channels=1,
+        channels=tuple(width * 2 ** level for level in range(levels + 1)),
+        num_res_blocks=res_blocks, attention_levels=(False,) * (levels + 1),
+        latent_channels=latent_channels, norm_num_groups=math.gcd(width, 8),
+        with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False)
 
 
 def prepared() -> Path:
@@ -160,7 +134,7 @@ def autoencoders(steps: int) -> dict[str, Any]:
     dataset = load_canonical(prepared() / "prepare")
     settings = AutoencoderConfig(steps=steps)
     device = torch.device("cpu")
-    builders = {"monai": trainer.build_autoencoder, "own": OwnAutoencoder}
+    builders = {"monai": monai_autoencoder, "ours": trainer.build_autoencoder}
     figures: dict[str, Any] = {"settings": settings.model_dump()}
     for name, build in builders.items():
         trainer.build_autoencoder = build
@@ -174,6 +148,42 @@ def autoencoders(steps: int) -> dict[str, Any]:
             "val": trainer.reconstruction_quality(result.network, dataset.subset("val"), device)}
         print(name, figures[name], flush=True)
     return figures
+
+
+def speed(rounds: int, steps: int, batch: int = 16) -> dict[str, Any]:
+    """Training steps per second of MONAI's and our autoencoder side by side, alternating."""
+    settings = AutoencoderConfig()
+    shape = (settings.width, settings.factor, settings.latent_channels, settings.res_blocks)
+    torch.manual_seed(0)
+    nets = {"monai": monai_autoencoder(*shape), "ours": trainer.build_autoencoder(*shape)}
+    optimizers = {name: torch.optim.Adam(net.parameters(), lr=1e-4) for name, net in nets.items()}
+    images = torch.rand(batch, 1, 128, 128) * 2 - 1
+    structure = trainer.ssim_loss(2.0)
+
+    def step(name: str) -> None:
+        mu, sigma = nets[name].encode(images)
+        reconstruction = nets[name].decode(mu + sigma * torch.randn_like(mu))
+        loss = ((reconstruction - images).abs().mean()
+                + settings.ssim_weight * structure(reconstruction, images).mean()
+                + settings.kl_weight * trainer.kl_divergence(mu, sigma))
+        optimizers[name].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers[name].step()
+
+    for name in nets:
+        step(name)
+    rates: dict[str, list[float]] = {name: [] for name in nets}
+    for _ in range(rounds):
+        for name in nets:
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(name)
+            rates[name].append(steps * batch / (time.perf_counter() - start))
+    medians = {name: round(statistics.median(r), 2) for name, r in rates.items()}
+    return {"batch": batch, "rounds": rounds, "train_img_per_s": medians,
+            "parameters": {name: sum(p.numel() for p in net.parameters())
+                           for name, net in nets.items()},
+            "ratio_ours_over_monai": round(medians["ours"] / medians["monai"], 2)}
 
 
 def quality() -> dict[str, Any]:
@@ -230,7 +240,8 @@ def ceiling(seeds: int, input_size: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("throughput", "autoencoders", "quality", "ceiling"))
+    parser.add_argument("part", choices=("throughput", "autoencoders", "speed", "quality",
+                                         "ceiling"))
     parser.add_argument("--steps", type=int, default=1000, help="autoencoders: training steps")
     parser.add_argument("--batch", type=int, default=32, help="throughput: images per step")
     parser.add_argument("--rounds", type=int, default=5)
@@ -242,6 +253,8 @@ def main() -> None:
         save("throughput", throughput(options.batch, options.rounds, steps=2))
     elif options.part == "autoencoders":
         save("autoencoders", autoencoders(options.steps))
+    elif options.part == "speed":
+        save("speed", speed(options.rounds, steps=2))
     elif options.part == "quality":
         save("quality", quality())
     else:

@@ -108,7 +108,7 @@ class PhantomConfig(Section):
 class AutoencoderConfig(Section):
     """`fit-autoencoder`: the image <-> latent map of latent diffusion (`diffusion.space: latent`).
 
-    A KL-regularised convolutional autoencoder (MONAI's `AutoencoderKL`) trained on the training
+    A KL-regularised convolutional autoencoder (`models.autoencoder`) trained on the training
     split alone with L1, SSIM and a small KL term; no loss needs downloaded weights.
     """
 
@@ -123,8 +123,8 @@ class AutoencoderConfig(Section):
         1e-6, ge=0.0, description="weight of the KL term: small, so the latents keep detail while "
         "their scale stays bounded")
     ssim_weight: float = Field(
-        0.2, ge=0.0, description="weight of 1 - SSIM beside the L1 loss: structure as well as "
-        "grey levels")
+        0.2, ge=0.0, description="weight of 1 - SSIM (MONAI's SSIMLoss) beside the L1 loss: "
+        "structure as well as grey levels")
     steps: int = Field(3000, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(5e-4, gt=0.0, description="Adam peak learning rate (cosine decay)")
