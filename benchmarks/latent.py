@@ -32,6 +32,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,22 @@ def save(part: str, figures: dict[str, Any]) -> None:
     print(json.dumps(results[part], indent=2), flush=True)
 
 
+def side_by_side(names: list[str], step: Callable[[str], None], rounds: int, steps: int,
+                 batch: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Images per second of `step(name)` for each name, after one warm-up step each, in rounds
+    that alternate between them so that machine noise hits all alike: (medians, every round)."""
+    for name in names:
+        step(name)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(name)
+            rates[name].append(steps * batch / (time.perf_counter() - start))
+    return {name: round(statistics.median(r), 2) for name, r in rates.items()}, rates
+
+
 # ---------------------------------------------------------------------------------------------
 # throughput
 
@@ -83,16 +100,7 @@ def throughput(batch: int, rounds: int, steps: int) -> dict[str, Any]:
         loss.backward()
         optimizers[name].step()
 
-    for name in nets:
-        step(name)  # warm-up
-    rates: dict[str, list[float]] = {name: [] for name in nets}
-    for _ in range(rounds):
-        for name in nets:
-            start = time.perf_counter()
-            for _ in range(steps):
-                step(name)
-            rates[name].append(steps * batch / (time.perf_counter() - start))
-    medians = {name: round(statistics.median(r), 2) for name, r in rates.items()}
+    medians, rates = side_by_side(list(nets), step, rounds, steps, batch)
     pixel = medians["pixel 128 px"]
     return {"batch": batch,
             "rounds": rounds, "denoiser": DENOISER,
@@ -170,16 +178,7 @@ def speed(rounds: int, steps: int, batch: int = 16) -> dict[str, Any]:
         loss.backward()
         optimizers[name].step()
 
-    for name in nets:
-        step(name)
-    rates: dict[str, list[float]] = {name: [] for name in nets}
-    for _ in range(rounds):
-        for name in nets:
-            start = time.perf_counter()
-            for _ in range(steps):
-                step(name)
-            rates[name].append(steps * batch / (time.perf_counter() - start))
-    medians = {name: round(statistics.median(r), 2) for name, r in rates.items()}
+    medians, _ = side_by_side(list(nets), step, rounds, steps, batch)
     return {"batch": batch, "rounds": rounds, "train_img_per_s": medians,
             "parameters": {name: sum(p.numel() for p in net.parameters())
                            for name, net in nets.items()},

@@ -34,7 +34,7 @@ from unpersonal.data.canonical import CanonicalDataset
 from unpersonal.errors import UserError
 from unpersonal.models.autoencoder import architecture, build_autoencoder, kl_divergence
 from unpersonal.rundir import write_atomic
-from unpersonal.training.common import cosine_lr, cpu_state
+from unpersonal.training.common import cosine_lr, cpu_state, descend
 from unpersonal.training.loop import SeededBatches, TrainingLoop, write_log
 
 LOG_FIELDS = ("step", "loss", "lr", "images_per_s", "elapsed_s")
@@ -99,11 +99,7 @@ def train(settings: AutoencoderConfig, seed: int, train_split: CanonicalDataset,
                     + settings.ssim_weight * structure(reconstruction, images).mean()
                     + settings.kl_weight * kl_divergence(mu, sigma))
             lr = cosine_lr(step, settings.steps, settings.lr, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            descend(optimizer, loss, lr)
             loop.record(loss.item(), lr=lr)
     return TrainingResult(network.eval(), loop.log, loop.step, loop.elapsed())
 

@@ -36,7 +36,7 @@ from unpersonal.models.classifier import ClassifierNet
 from unpersonal.models.edm import count_parameters
 from unpersonal.rundir import write_atomic
 from unpersonal.torch_utils import pick_device
-from unpersonal.training.common import cosine_lr, cpu_state
+from unpersonal.training.common import cosine_lr, cpu_state, descend
 from unpersonal.training.loop import BestSoFar, SeededBatches, TrainingLoop, write_log
 from unpersonal.training.views import shift_and_jitter
 
@@ -119,16 +119,12 @@ def fit_classifier(images: np.ndarray, labels: np.ndarray, label_kind: str,
     net.train()
     with loop.running(progress, print_every=steps_per_epoch):
         for step in loop.steps(stop=lambda: best.stale >= settings.patience):
-            lr = cosine_lr(step, total_steps, settings.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             indices, generator = batches.draw(step)
             x = shift_and_jitter(train_x[indices].to(device), settings.augment_shift,
                                  settings.augment_intensity, generator, (0.0, 1.0))
             loss = classification_loss(net(x), train_y[indices].to(device), label_kind)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            lr = cosine_lr(step, total_steps, settings.lr)
+            descend(optimizer, loss, lr)
             loop.record(loss.item())
             if (step + 1) % steps_per_epoch == 0:
                 _end_epoch(loop, best, classifier, lr, validation)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,17 @@ def install_sigterm_as_interrupt() -> None:
 
     if os.name == "posix":
         signal.signal(signal.SIGTERM, handler)
+
+
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float,
+            backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward) -> None:
+    """One optimiser step on `loss` at learning rate `lr` (every parameter group), the lines each
+    trainer's step ends with; `backward` is accelerate's under several processes."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    backward(loss)
+    optimizer.step()
 
 
 def cosine_lr(step: int, total_steps: int, peak: float, warmup_steps: int = 0) -> float:

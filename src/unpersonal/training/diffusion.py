@@ -46,7 +46,7 @@ from unpersonal.models.conditioning import Conditioner, label_code
 from unpersonal.models.edm import EDM2Loss, count_parameters, learning_rate
 from unpersonal.models.pixel_pca import PixelPCA
 from unpersonal.rundir import write_atomic
-from unpersonal.training.common import cpu_state
+from unpersonal.training.common import cpu_state, descend
 from unpersonal.training.loop import SeededBatches, Snapshot, TrainingLoop, write_log
 from unpersonal.training.views import shift_and_jitter
 
@@ -176,12 +176,8 @@ def train(settings: DiffusionConfig, seed: int, data: TrainingData, checkpoint: 
                                      data.pseudo[indices].to(accelerator.device))
             cond = conditioner.drop(cond, settings.cond_dropout, generator)
             lr = learning_rate(step, settings.lr, settings.lr_ref_steps, settings.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             loss = loss_fn(model, images, cond, generator=generator).mean()
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
+            descend(optimizer, loss, lr, accelerator.backward)
             _update_ema(ema, accelerator.unwrap_model(model), step + 1, ema_exponent)
             if step + 1 == guide_step:
                 guide.take(ema)

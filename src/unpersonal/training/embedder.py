@@ -52,7 +52,7 @@ from unpersonal.metrics.probe import linear_probe_auc
 from unpersonal.models.embedder import FeatureNet
 from unpersonal.models.encoder import unit_norm
 from unpersonal.rundir import sha256_file, write_atomic
-from unpersonal.training.common import cosine_lr, cpu_state
+from unpersonal.training.common import cosine_lr, cpu_state, descend
 from unpersonal.training.loop import SeededBatches, TrainingLoop, write_log
 from unpersonal.training.views import random_views
 
@@ -158,11 +158,7 @@ def train(settings: EmbedderConfig, seed: int, train_split: CanonicalDataset, ch
             else:
                 loss = vicreg(z_a, z_b)
             lr = cosine_lr(step, settings.steps, settings.lr, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            descend(optimizer, loss, lr)
             loop.record(loss.item(), lr=lr)
     return TrainingResult(network.eval(), loop.log, loop.step, loop.elapsed())
 
