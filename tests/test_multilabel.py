@@ -48,7 +48,7 @@ def test_run_on_a_multilabel_png_folder_reports_every_label(cli, tmp_path: Path)
     for trained_on in ("real", "synthetic"):
         assert list(classification[trained_on]["per_class"]) == NAMES
     page = (run / "report" / "index.html").read_text()
-    assert "Test ROC-AUC per label" in page
+    assert "Test ROC-AUC per label" in page and "images, per label</h2>" in page
     for name in (*NAMES, "no label"):
         assert f"<b>{name}</b>: real training images" in page
     with open(run / "export" / "labels.csv", newline="") as handle:

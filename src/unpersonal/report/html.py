@@ -64,6 +64,7 @@ def render(inputs: ReportInputs) -> str:
         versions=versions(), verdicts=release_verdicts(metrics, privacy),
         privacy_note=privacy_note(privacy),
         grids=class_grids(train, released.images, released.labels),
+        multilabel=train.label_kind == "multilabel",
         pairs=nearest_pairs(inputs.embedder, inputs.dataset, released.images, released.names,
                             inputs.seed),
         heldout_q01=privacy["dcr"]["embedding"]["heldout_q01"],
