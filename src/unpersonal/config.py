@@ -1,9 +1,9 @@
 """The one config object of a run.
 
-A run is fully described by a `Config`: a preset (`demo`, `cpu`, `cpu-128`, `gpu`) gives the defaults, a YAML
-file may change any of them, and `--set section.field=value` on the command line changes any
-field last. Unknown keys are errors, never silently ignored: a typo in a privacy threshold must
-not fall back to a default without the user knowing.
+A run is fully described by a `Config`: a preset (`demo`, `cpu`, `cpu-128`, `gpu`) gives the
+defaults, a YAML file may change any of them, and `--set section.field=value` on the command
+line changes any field last. Unknown keys are errors, never silently ignored: a typo in a
+privacy threshold must not fall back to a default without the user knowing.
 
 Each pipeline stage declares which sections it depends on; the run directory re-runs a stage when
 those sections (or the stage's inputs) change, and skips it otherwise.
@@ -113,7 +113,8 @@ class AutoencoderConfig(Section):
     """
 
     factor: Literal[4, 8] = Field(
-        4, description="downsampling factor: a 128 px image becomes a 32 px (4) or 16 px (8) latent")
+        4, description="downsampling factor: a 128 px image becomes a 32 px (4) or 16 px (8) "
+        "latent")
     latent_channels: int = Field(4, ge=1, le=16)
     width: int = Field(
         8, ge=4, description="channels at full resolution, doubled at each halving; the "

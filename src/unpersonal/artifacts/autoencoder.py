@@ -46,10 +46,6 @@ class LatentCodec:
     def factor(self) -> int:
         return int(self.meta["architecture"]["factor"])
 
-    @property
-    def channels(self) -> int:
-        return int(self.meta["architecture"]["latent_channels"])
-
     def to(self, device: torch.device) -> LatentCodec:
         self.network.to(device)
         self.mean, self.std = self.mean.to(device), self.std.to(device)
@@ -58,8 +54,12 @@ class LatentCodec:
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
         """Images [B, 1, R, R] in [-1, 1] -> scaled latents [B, C, R/f, R/f]."""
-        mu, _ = self.network.encode(images)
-        return (mu - self.mean[:, None, None]) / self.std[:, None, None] * self.sigma_data
+        return self.standardise(self.network.encode(images)[0])
+
+    def standardise(self, means: Tensor) -> Tensor:
+        """Posterior means -> the scaled latents the denoiser learns, on the means' device."""
+        mean, std = self.mean.to(means.device), self.std.to(means.device)
+        return (means - mean[:, None, None]) / std[:, None, None] * self.sigma_data
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:

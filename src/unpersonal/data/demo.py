@@ -19,6 +19,7 @@ from unpersonal.data.phantoms import FINDINGS, PhantomSet, generate_phantoms
 from unpersonal.data.source import Source
 from unpersonal.errors import UserError
 
+
 def label_names(findings: int) -> list[str]:
     """The label columns: "finding" for the binary demo, else the kinds of finding."""
     return ["finding"] if findings == 1 else [kind.name for kind in FINDINGS[:findings]]

@@ -356,7 +356,7 @@ def _draw_texture(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.
 
 def _draw_finding(
     rng: np.random.Generator, anatomy: _Anatomy, n_scans: int, finding_rate: float,
-    kind: _FindingKind = FINDINGS[0],
+    kind: _FindingKind,
 ) -> tuple[bool, _Finding]:
     """Decide whether the patient has a finding of this kind and where it sits in which lung.
 

@@ -26,7 +26,9 @@ class FeatureNet(nn.Module):
         self.encoder = ResNetEncoder(in_channels=1, width=width, blocks_per_stage=blocks_per_stage)
         self.head = nn.Linear(self.encoder.out_features, dim)
         self.architecture = {"in_channels": 1, "width": width, "blocks_per_stage": blocks_per_stage,
-                             "dim": dim, **({} if input_size is None else {"input_size": input_size})}
+                             "dim": dim}
+        if input_size is not None:  # absent at the default, so older weights files read the same
+            self.architecture["input_size"] = input_size
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.encoder(downsampled(images, self.input_size)))

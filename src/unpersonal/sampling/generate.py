@@ -141,7 +141,7 @@ class Generation:
     judge: CandidateJudge
     conditioning: str
     """What the denoiser was trained to be told (`diffusion.conditioning`)."""
-    latent: dict[str, Any] | None = None
+    latent: dict[str, Any] | None
     """The latent space the denoiser works in (model.json's "latent"); None: pixel space."""
 
     def block(self, positions: np.ndarray) -> Block:

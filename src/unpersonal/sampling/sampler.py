@@ -5,10 +5,10 @@
     batch = sampler.draw(rows, seeds, guidance=w)   # images [M, R, R] at the data's bit depth
 
 A latent denoiser draws latents, which its autoencoder decodes here: whatever the sampler
-returns is an image. The models are loaded once and kept apart from what is drawn with them (as diffusers keeps its
-models apart from its schedulers): which training row conditions an image, its noise seed and
-its guidance weight are the caller's (`schedule`), the solver is `solvers.sample`. `unpersonal
-sample` and `unpersonal generate` both draw through here.
+returns is an image. The models are loaded once and kept apart from what is drawn with them (as
+diffusers keeps its models apart from its schedulers): which training row conditions an image,
+its noise seed and its guidance weight are the caller's (`schedule`), the solver is
+`solvers.sample`. `unpersonal sample` and `unpersonal generate` both draw through here.
 """
 
 from __future__ import annotations

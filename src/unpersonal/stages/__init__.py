@@ -384,7 +384,8 @@ def check_inputs(chain: list[Stage], config: Config, run: RunDir) -> None:
 def reads(entry: Stage, config: Config) -> tuple[str, ...]:
     """The stages `entry` must read under `config`: its reads, and those of its
     reads_if_needed that the config needs."""
-    return (*entry.reads, *(name for name in entry.reads_if_needed if is_needed(stage(name), config)))
+    return (*entry.reads,
+            *(name for name in entry.reads_if_needed if is_needed(stage(name), config)))
 
 
 def is_needed(entry: Stage, config: Config) -> bool:

@@ -9,7 +9,7 @@ downloaded weights:
 
     run/.work/fit-autoencoder/checkpoint.pt   resumable state (weights, Adam, step, log)
     run/fit-autoencoder/                      published when training ends:
-        autoencoder.safetensors  the weights (MONAI AutoencoderKL, `models.autoencoder`)
+        autoencoder.safetensors  the weights (`models.autoencoder.KLAutoencoder`)
         autoencoder.json         architecture, latent statistics of the training split,
                                  reconstruction PSNR / SSIM on the validation split
         training_log.csv         step, loss, learning rate, images/s, elapsed seconds

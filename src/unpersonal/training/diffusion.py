@@ -46,6 +46,7 @@ from unpersonal.models.conditioning import Conditioner, label_code
 from unpersonal.models.edm import EDM2Loss, count_parameters, learning_rate
 from unpersonal.models.pixel_pca import PixelPCA
 from unpersonal.rundir import write_atomic
+from unpersonal.training.autoencoder import encode_means
 from unpersonal.training.common import cpu_state, descend
 from unpersonal.training.loop import SeededBatches, Snapshot, TrainingLoop, write_log
 from unpersonal.training.views import shift_and_jitter
@@ -90,17 +91,15 @@ def load_training_data(dataset: CanonicalDataset, settings: DiffusionConfig,
     train = dataset.subset("train")
     if len(train) == 0:
         raise UserError("the training split is empty: nothing to train the diffusion model on")
-    max_value = float((1 << train.bit_depth) - 1)
-    images = torch.from_numpy(train.images.astype(np.int32)).unsqueeze(1)
-    if codec is not None:
-        if codec.meta["resolution"] != train.resolution:
-            raise UserError(f"the autoencoder was trained at {codec.meta['resolution']} px but "
-                            f"the prepared data is {train.resolution} px; rerun fit-autoencoder")
-        device = codec.mean.device
-        images = torch.cat([codec.encode((part.to(device, torch.float32) * (2.0 / max_value)
-                                          - 1.0)).cpu() for part in images.split(64)])
+    if codec is None:
+        images = torch.from_numpy(train.images.astype(np.int32)).unsqueeze(1)
+    elif codec.meta["resolution"] != train.resolution:
+        raise UserError(f"the autoencoder was trained at {codec.meta['resolution']} px but "
+                        f"the prepared data is {train.resolution} px; rerun fit-autoencoder")
+    else:
+        images = codec.standardise(encode_means(codec.network, train, codec.mean.device))
     return TrainingData(
-        images=images, max_value=max_value, resolution=train.resolution,
+        images=images, max_value=float((1 << train.bit_depth) - 1), resolution=train.resolution,
         codes=torch.from_numpy(label_code(train.labels, train.label_kind)),
         pseudo=torch.from_numpy(_pseudo_features(dataset, train, settings, *pseudo)),
         pseudo_source=pseudo[0] if "pseudo" in settings.conditioning else "none", codec=codec)
