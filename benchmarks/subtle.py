@@ -1,7 +1,7 @@
 """The small, subtle task: Kermany's three subtypes from about 700 training images, trained
 several times, each release scored labels-only against diversity-aware.
 
-    .venv/bin/python benchmarks/subtle.py [--trainings 3] [--images 700]
+    .venv/bin/python benchmarks/subtle.py [--trainings 3] [--images 700] [--only T ...]
 
 1. Writes `runs/subtle-data/kermany_subtypes_64.npz` from the shared Kermany file: the training
    split cut to whole patients drawn at random (seeded) until at least `--images` images, the
@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--trainings", type=int, default=3)
     parser.add_argument("--images", type=int, default=700)
     parser.add_argument("--seeds", type=int, default=3, help="classifier training seeds")
+    parser.add_argument("--only", type=int, nargs="+", metavar="T",
+                        help="run only these trainings (for example one per core, in parallel)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="write the data file and prepare the runs, train nothing")
     options = parser.parse_args()
@@ -77,7 +79,7 @@ def main() -> None:
         sys.exit(f"needs {SOURCE}")
     data = subset_file(options.images, 0, ROOT / "runs" / "subtle-data"
                        / "kermany_subtypes_64.npz")
-    for training in range(options.trainings):
+    for training in options.only or range(options.trainings):
         run = ROOT / "runs" / f"bench-subtle-{training}"
         common = ("--out", str(run), "--data", str(data), "--preset", "cpu",
                   *sets(f"seed={training}", "evaluate.restoration=false",

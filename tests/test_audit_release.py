@@ -48,13 +48,13 @@ def test_the_runs_own_release_gets_the_runs_own_figures(cli, run: Path) -> None:
 
 
 def test_the_exported_release_is_read_in_its_layout(cli, run: Path) -> None:
-    """export/ keeps images in images/ and names them bare in labels.csv."""
+    """export/ keeps images in images/ and lists them, from the folder, in metadata.csv."""
     result = cli("audit", "--out", run, "--release", run / "export", "--to", run / "exported",
                  *RELEASE_SETTINGS)
     assert result.code == 0, result
     audited = json.loads((run / "exported" / "privacy.json").read_text())
     own = json.loads((run / "audit" / "privacy.json").read_text())
-    assert audited["tests"] == own["tests"]
+    assert audited["tests"] == own["tests"] and audited["release"]["labelled"]
 
 
 def test_training_images_at_another_size_fail_the_audit(cli, run: Path, tmp_path: Path) -> None:

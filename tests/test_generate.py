@@ -22,7 +22,7 @@ from unpersonal.config import GenerateConfig, SamplingConfig, load_config
 from unpersonal.data.canonical import load_canonical
 from unpersonal.models.conditioning import neighbour_conditions
 from unpersonal.privacy.filter import FilterPolicy
-from unpersonal.release import encode_set, read_files, read_names, read_pixels, write_files
+from unpersonal.release import encode_set, export_files, read_names, read_pixels, write_files
 from unpersonal.rundir import RunDir
 from unpersonal.sampling.blocks import (block_count, block_positions, load_block, owned_blocks,
                                         save_block)
@@ -459,7 +459,10 @@ def test_the_release_format_reads_back_what_it_wrote(tmp_path: Path) -> None:
     names = read_names(tmp_path / "set")
     assert names == ["syn-000000.png", "syn-000001.png", "syn-000002.png"]
     np.testing.assert_array_equal(np.stack(list(read_pixels(tmp_path / "set", names))), images)
-    copied = read_files(tmp_path / "set", names, images_in="images")
-    assert list(copied) == [f"images/{name}" for name in names] + ["labels.csv"]
-    assert copied["labels.csv"] == b"path,a,b\nsyn-000000.png,1,0\nsyn-000001.png,0,1\n" \
-                                   b"syn-000002.png,1,1\n"
+    assert (tmp_path / "set" / "labels.csv").read_bytes() == (
+        b"path,a,b\nsyn-000000.png,1,0\nsyn-000001.png,0,1\nsyn-000002.png,1,1\n")
+    exported = export_files(tmp_path / "set", names[::-1])  # the order of the names it is given
+    assert list(exported) == [f"images/{name}" for name in names[::-1]] + ["metadata.csv"]
+    assert exported["images/syn-000001.png"] == (tmp_path / "set" / names[1]).read_bytes()
+    assert exported["metadata.csv"] == (b"file_name,a,b\nimages/syn-000002.png,1,1\n"
+                                        b"images/syn-000001.png,0,1\nimages/syn-000000.png,1,0\n")

@@ -68,7 +68,7 @@ def test_export_carries_no_patient_id_source_reference_or_real_image(released_ru
         "*.png"))
     # An allow-list: these files and nothing else (no log, no cache, no stray real image).
     assert sorted(str(path.relative_to(export)) for path in files) == sorted(
-        ["labels.csv", "DATASHEET.md", "datasheet.json",
+        ["metadata.csv", "README.md", "datasheet.json", "croissant.json",
          *(f"images/{name}" for name in released_names)])
     for path in files:
         content = path.read_bytes()
@@ -84,6 +84,59 @@ def test_export_carries_no_patient_id_source_reference_or_real_image(released_ru
     assert sheet["what"]["images"] == len(images)
     assert {v["figure"] for v in sheet["privacy"]["verdicts"]} >= {
         "planted near-copies of training images caught by the audit"}
+
+
+def _card_code(card: str, folder: Path) -> list[str]:
+    """The Python blocks of a dataset card, reading `folder`."""
+    from unpersonal.report.card import FOLDER_PLACEHOLDER
+
+    blocks = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    return [block.replace(FOLDER_PLACEHOLDER, str(folder)) for block in blocks]
+
+
+def test_the_export_loads_as_its_card_says(released_run: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each way the card shows (Hugging Face imagefolder, MONAI, Croissant) gives the released
+    images with their labels, and the card carries the Hub's metadata header."""
+    pytest.importorskip("datasets")
+    pytest.importorskip("mlcroissant")
+    import yaml
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no cache outside the test
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    export = released_run / "export"
+    card = (export / "README.md").read_text()
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert header["task_categories"] == ["image-classification"] and "synthetic" in header["tags"]
+    assert "# Datasheet" in card and "## Privacy audit" in card
+    with open(export / "metadata.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    expected = {row["file_name"]: int(row["finding"]) for row in rows}
+    pixels = {row["file_name"]: np.asarray(Image.open(export / row["file_name"]))
+              for row in rows}
+    hub, monai, croissant = _card_code(card, export)
+    space: dict = {}
+    exec(hub, space)
+    release = space["release"]
+    assert len(release) == len(rows) and release.column_names == ["image", "finding"]
+    loaded = sorted((np.asarray(item["image"]).tobytes(), item["finding"]) for item in release)
+    assert loaded == sorted((pixels[name].tobytes(), label) for name, label in expected.items())
+    exec(monai, space)
+    release, first = space["release"], rows[0]["file_name"]
+    assert len(release) == len(rows) and tuple(space["image"].shape) == (1, *pixels[first].shape)
+    assert space["label"] == [expected[first]]
+    image = np.asarray(space["image"])[0]
+    assert float(image.min()) == 0.0 and float(image.max()) == 1.0
+    exec(croissant, space)
+    assert space["label"] == expected[space["record"]["samples/file_name"].decode()]
+    records = space["mlcroissant"].Dataset(jsonld=str(export / "croissant.json")).records(
+        "samples")  # a fresh iterator: the card's is part-read
+    by_name = {r["samples/file_name"].decode(): r for r in records}
+    assert sorted(by_name) == sorted(expected)
+    for name, record in by_name.items():  # mlcroissant hands images over as RGB
+        assert record["samples/finding"] == expected[name]
+        assert np.array_equal(np.asarray(record["samples/image"].convert("L")), pixels[name])
 
 
 def _tampered(released_run: Path, tmp_path: Path) -> Path:

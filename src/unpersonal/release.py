@@ -3,9 +3,11 @@
     syn-000000.png ...   grey PNGs at the data's bit depth (8 or 16), no text chunks
     labels.csv           path (the PNG's name), then one 0/1 or class column per label
 
-`generate` writes it (generate/synthetic/) and `export` copies it (export/images/ and
-export/labels.csv), both through here, so the format is defined once. Nothing in it points back
-at a patient: file names are numbers, and the labels are the only data.
+`generate` writes it (generate/synthetic/) and `export` copies it (export/images/, with the same
+table as export/metadata.csv, whose `file_name` column is the path from the export folder: the
+layout Hugging Face's `imagefolder` loader reads), both through here, so the format is defined
+once. Nothing in it points back at a patient: file names are numbers, and the labels are the
+only data.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from PIL import Image
 from unpersonal.rundir import write_atomic
 
 LABELS_FILE = "labels.csv"
+METADATA_FILE = "metadata.csv"
+IMAGES_FOLDER = "images"
 
 
 def image_names(count: int) -> list[str]:
@@ -35,11 +39,12 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def labels_csv(names: list[str], labels: np.ndarray, label_names: list[str]) -> bytes:
+def labels_csv(names: list[str], labels: np.ndarray, label_names: list[str],
+               path_column: str = "path") -> bytes:
     """The table of a set: one row per image, its file name and its labels."""
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["path", *label_names])
+    writer.writerow([path_column, *label_names])
     for name, row in zip(names, labels):
         writer.writerow([name, *(int(value) for value in row)])
     return table.getvalue().encode()
@@ -55,8 +60,13 @@ def encode_set(images: np.ndarray, labels: np.ndarray, label_names: list[str]
 
 def read_names(folder: Path) -> list[str]:
     """The image files a set's labels.csv lists, in its order."""
+    return [row["path"] for row in read_table(folder)]
+
+
+def read_table(folder: Path) -> list[dict[str, str]]:
+    """The rows of a set's labels.csv."""
     with open(folder / LABELS_FILE, newline="") as handle:
-        return [row["path"] for row in csv.DictReader(handle)]
+        return list(csv.DictReader(handle))
 
 
 def read_pixels(folder: Path, names: list[str]) -> Iterable[np.ndarray]:
@@ -64,12 +74,17 @@ def read_pixels(folder: Path, names: list[str]) -> Iterable[np.ndarray]:
     return (np.asarray(Image.open(folder / name)) for name in names)
 
 
-def read_files(folder: Path, names: list[str], images_in: str = "") -> dict[str, bytes]:
-    """A set's files as stored, the named images under `images_in` (a folder, or '' beside
-    labels.csv), then labels.csv: what a copy of the set writes."""
-    prefix = f"{images_in}/" if images_in else ""
-    return {**{f"{prefix}{name}": (folder / name).read_bytes() for name in names},
-            LABELS_FILE: (folder / LABELS_FILE).read_bytes()}
+def export_files(folder: Path, names: list[str]) -> dict[str, bytes]:
+    """The set's data files as the export lays them out: the named images, as stored, under
+    images/, and their rows of labels.csv as metadata.csv, each path given from the export
+    folder (`file_name`, the column Hugging Face's `imagefolder` loader joins on)."""
+    rows = {row["path"]: row for row in read_table(folder)}
+    label_names = [column for column in next(iter(rows.values())) if column != "path"]
+    labels = np.array([[int(rows[name][label]) for label in label_names] for name in names],
+                      np.int64).reshape(len(names), len(label_names))
+    return {**{f"{IMAGES_FOLDER}/{name}": (folder / name).read_bytes() for name in names},
+            METADATA_FILE: labels_csv([f"{IMAGES_FOLDER}/{name}" for name in names], labels,
+                                      label_names, path_column="file_name")}
 
 
 def write_files(folder: Path, files: Iterable[tuple[str, bytes]]) -> None:

@@ -2,7 +2,9 @@
 tool, by another generator, or by hand.
 
     DIR/labels.csv    optional: `path` then one column per label of the run (as `generate`
-                      and `export` write it); the images it lists are the release
+                      writes it); the images it lists are the release
+    DIR/metadata.csv  read the same way when there is no labels.csv, its first column
+                      `file_name` (as `export` writes it, the table Hugging Face reads)
     DIR/*.png ...     otherwise every PNG/JPEG/TIFF/BMP file in DIR (or, when DIR has none, in
                       DIR/images/, as `export` lays a release out); other files are ignored
 
@@ -26,15 +28,15 @@ from PIL import Image, UnidentifiedImageError
 from unpersonal.data.pixels import fit_square, resize, to_grey
 from unpersonal.data.readers.images import IMAGE_SUFFIXES, pil_to_float
 from unpersonal.errors import UserError
-from unpersonal.release import LABELS_FILE
+from unpersonal.release import IMAGES_FOLDER, LABELS_FILE, METADATA_FILE
 
-IMAGES_SUBFOLDER = "images"
+PATH_COLUMNS = {LABELS_FILE: "path", METADATA_FILE: "file_name"}
 
 
 @dataclass
 class ExternalRelease:
     """A folder's images at the run's resolution, float [N, R, R] in [0, 1], and their labels
-    when the folder has a labels.csv."""
+    when the folder has a labels.csv or metadata.csv."""
 
     images: np.ndarray
     names: list[str]
@@ -47,9 +49,9 @@ def read_release_folder(folder: Path, resolution: int, fit: str, label_names: li
     """Read and check a release folder; see the module docstring."""
     if not folder.is_dir():
         raise UserError(f"--release {folder}: no such folder")
-    table = folder / LABELS_FILE
-    if table.is_file():
-        names, labels = _read_labels(table, label_names)
+    table = next((folder / name for name in PATH_COLUMNS if (folder / name).is_file()), None)
+    if table is not None:
+        names, labels = _read_labels(table, PATH_COLUMNS[table.name], label_names)
         paths = [_listed_file(folder, table, line, name)
                  for line, name in enumerate(names, start=2)]
     else:
@@ -71,10 +73,11 @@ def read_release_folder(folder: Path, resolution: int, fit: str, label_names: li
     return ExternalRelease(images, names, labels, notes)
 
 
-def _read_labels(table: Path, label_names: list[str]) -> tuple[list[str], np.ndarray]:
-    """labels.csv: `path` and the run's label columns, one 0/1 value per cell (a multi-class
-    label is one column per class, as `generate` writes it)."""
-    expected = ["path", *label_names]
+def _read_labels(table: Path, path_column: str, label_names: list[str]
+                 ) -> tuple[list[str], np.ndarray]:
+    """labels.csv or metadata.csv: the path column and the run's label columns, one 0/1 value
+    per cell (a multi-class label is one column per class, as `generate` writes it)."""
+    expected = [path_column, *label_names]
     try:
         with open(table, newline="") as handle:
             reader = csv.DictReader(handle)
@@ -93,29 +96,28 @@ def _read_labels(table: Path, label_names: list[str]) -> tuple[list[str], np.nda
             if value not in ("0", "1"):
                 raise UserError(f"{table} line {line}: {name} is {value!r}, expected 0 or 1")
             labels[line - 2, column] = int(value)
-    return [row["path"] for row in rows], labels
+    return [row[path_column] for row in rows], labels
 
 
 def _listed_file(folder: Path, table: Path, line: int, name: str) -> Path:
-    """A file labels.csv names: beside it, or in images/ (the export's layout); never outside
-    the folder."""
-    for base in (folder, folder / IMAGES_SUBFOLDER):
+    """A file the table names: beside it, or in images/; never outside the folder."""
+    for base in (folder, folder / IMAGES_FOLDER):
         path = (base / name).resolve()
         if path.is_file() and path.is_relative_to(folder.resolve()):
             return path
     raise UserError(f"{table} line {line}: {name!r} is not a file in {folder} or its "
-                    f"{IMAGES_SUBFOLDER}/ folder")
+                    f"{IMAGES_FOLDER}/ folder")
 
 
 def _image_files(folder: Path) -> list[Path]:
     """The image files in the folder, or else in its images/ subfolder, by name."""
-    for base in (folder, folder / IMAGES_SUBFOLDER):
+    for base in (folder, folder / IMAGES_FOLDER):
         found = sorted(path for path in base.glob("*")
                        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
         if found:
             return found
     raise UserError(f"--release {folder}: no images (PNG, JPEG, TIFF or BMP files) in it or in "
-                    f"its {IMAGES_SUBFOLDER}/ folder")
+                    f"its {IMAGES_FOLDER}/ folder")
 
 
 def _load(path: Path, name: str) -> np.ndarray:

@@ -2,9 +2,13 @@
 
     run/export/
         images/syn-000000.png ...   the released synthetic images, as generate wrote them
-        labels.csv                  path, one column per label (`unpersonal.release`)
-        DATASHEET.md                what the data is, how it was made, its privacy audit with
-        datasheet.json              baselines, its utility, intended use and limits
+        metadata.csv                file_name, one column per label (`unpersonal.release`)
+        README.md                   the dataset card: the Hub's metadata header, the datasheet
+                                    (what the data is, how it was made, its privacy audit with
+                                    baselines, its utility, intended use and limits), and how
+                                    to load it (`unpersonal.report.card`)
+        datasheet.json              the datasheet as data
+        croissant.json              Croissant 1.0 metadata
 
 Export refuses (and writes nothing) unless every file it would write passes three checks:
 
@@ -31,7 +35,8 @@ from unpersonal.data.canonical import CanonicalDataset
 from unpersonal.errors import UserError
 from unpersonal.privacy.filter import PrivacyFilter
 from unpersonal.progress import track
-from unpersonal.release import read_pixels
+from unpersonal.release import LABELS_FILE, METADATA_FILE, read_pixels
+from unpersonal.report.card import summary
 from unpersonal.report.summary import release_verdicts, verdict_table
 
 DATASHEET_SCHEMA = 1
@@ -76,7 +81,7 @@ def check_no_identifiers(files: dict[str, bytes], dataset: CanonicalDataset) -> 
 
     Text is matched on whole tokens, so "P1" is not found inside "P12" and an ID does not hide
     inside a longer word. A short all-digit ID ("17") would also match counts and figures, so
-    those are checked in file names and labels.csv's path column only; an ID with a letter or
+    those are checked in file names and the label table's path column only; an ID with a letter or
     of six characters or more is checked everywhere.
 
     Each set of secrets is one compiled alternation: a real dataset has ten thousand IDs and
@@ -96,7 +101,7 @@ def check_no_identifiers(files: dict[str, bytes], dataset: CanonicalDataset) -> 
         elif not found:
             text = content.decode("utf-8")
             found = _tokens(in_text, text)
-            if relative == "labels.csv":
+            if relative in (LABELS_FILE, METADATA_FILE):
                 paths = "\n".join(row.split(",", 1)[0] for row in text.splitlines()[1:])
                 found += _tokens(in_names, paths)
         if found:
@@ -179,12 +184,9 @@ def datasheet(dataset: CanonicalDataset, images: int, metrics: dict[str, Any],
 
 
 def datasheet_markdown(sheet: dict[str, Any]) -> str:
-    what, how, utility = sheet["what"], sheet["how"], sheet["utility"]
+    how, utility = sheet["how"], sheet["utility"]
     lines = [
-        "# Datasheet", "",
-        f"{what['images']:,} synthetic {what['resolution']} px grey images "
-        f"({what['bit_depth']}-bit) with {what['label_kind']} labels "
-        f"({', '.join(what['labels'])}), made with {sheet['made_with']}.", "",
+        "# Datasheet", "", summary(sheet) + ".", "",
         "## How it was made", "", f"* Generator: {how['generator']}.",
         f"* Privacy filter: {how['filter']}.",
         f"* Acceptance: {how['acceptance_rate']:.1%} of source images yielded an image; "

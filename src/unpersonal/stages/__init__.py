@@ -295,7 +295,9 @@ STAGES: tuple[Stage, ...] = (
           reads=("prepare", "generate", "audit", "eval", "audit-embedder"),
           line=_line("report")),
     Stage("export", "export",
-          "Write the shareable release: images, labels.csv, DATASHEET.md, datasheet.json.\n\n"
+          "Write the shareable release: images/, metadata.csv (the labels), README.md (a dataset "
+          "card with the datasheet), datasheet.json and croissant.json; it loads with Hugging "
+          "Face's imagefolder, MONAI or Croissant.\n\n"
           "Refuses, writing nothing, if any file would carry a patient ID or source reference, "
           "if an image equals a real one, or if an image was not accepted or fails the filter "
           "again.",

@@ -6,7 +6,8 @@ import json
 
 from unpersonal.data.canonical import load_canonical
 from unpersonal.progress import track
-from unpersonal.release import read_files, read_names, write_files
+from unpersonal.release import METADATA_FILE, export_files, read_names, write_files
+from unpersonal.report.card import croissant_json, dataset_card
 from unpersonal.report.export import (check_no_identifiers, check_released_images, datasheet,
                                       datasheet_markdown)
 from unpersonal.stages import StageTask
@@ -24,9 +25,10 @@ def build_export(task: StageTask) -> None:
     privacy = json.loads((task.input("audit") / "privacy.json").read_text())
     generation = json.loads((task.input("generate") / "generate.json").read_text())
     sheet = datasheet(dataset, len(names), metrics, privacy, generation)
-    files = read_files(source, names, images_in="images")
+    files = export_files(source, names)
     files["datasheet.json"] = (json.dumps(sheet, indent=2) + "\n").encode()
-    files["DATASHEET.md"] = datasheet_markdown(sheet).encode()
+    files["README.md"] = dataset_card(sheet, datasheet_markdown(sheet)).encode()
+    files["croissant.json"] = croissant_json(sheet, files[METADATA_FILE])
     check_no_identifiers(files, dataset)
     with task.output() as folder:
         write_files(folder, track(files.items(), len(files), "export: writing"))
