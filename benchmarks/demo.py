@@ -38,7 +38,7 @@ def main() -> None:
             sys.exit(f"make demo failed:\n{demo.stderr[-3000:]}")
         report = clone / "runs" / "demo" / "report" / "index.html"
         export = clone / "runs" / "demo" / "export"
-        if not report.is_file() or not (export / "DATASHEET.md").is_file():
+        if not report.is_file() or not (export / "README.md").is_file():
             sys.exit("make demo finished without runs/demo/report/index.html or runs/demo/export")
         summary = json.loads((clone / "runs" / "demo" / "generate" / "generate.json").read_text())
         images = len(list((export / "images").glob("*.png")))
