@@ -96,6 +96,25 @@ def test_trains_on_one_set_and_scores_another() -> None:
     assert roc_auc_score(real_labels[:, 0], guess.predict_proba(real)[:, 0]) < 0.75
 
 
+def test_fine_tuning_starts_from_the_pretrained_weights() -> None:
+    """The pretrain-then-fine-tune row: trained from `init`, a classifier keeps what the first
+    set taught it; from its seed, the same short training on uninformative labels learns nothing."""
+    images, labels = blob_data("binary", 192, seed=3)
+    test_images, test_labels = blob_data("binary", 96, seed=4)
+    pretrained = fit_classifier(images, labels, "binary", FAST, seed=0, progress=None)
+    noise = np.random.default_rng(1).integers(0, 2, labels.shape).astype(np.uint8)
+    brief = FAST.model_copy(update={"epochs": 1, "lr": 1e-4})
+    tuned = fit_classifier(images, noise, "binary", brief, seed=1, progress=None,
+                           init=pretrained)
+    scratch = fit_classifier(images, noise, "binary", brief, seed=1, progress=None)
+    auc = {name: roc_auc_score(test_labels[:, 0], model.predict_proba(test_images)[:, 0])
+           for name, model in (("pretrained", pretrained), ("tuned", tuned),
+                               ("scratch", scratch))}
+    assert auc["pretrained"] > 0.95 and auc["tuned"] > 0.9 and auc["scratch"] < 0.75, auc
+    assert not np.array_equal(tuned.predict_proba(test_images),
+                              pretrained.predict_proba(test_images))  # it did train
+
+
 def test_same_seed_same_predictions_other_seed_different() -> None:
     images, labels = blob_data("multilabel", 64, seed=5)
     settings = FAST.model_copy(update={"epochs": 2})

@@ -11,6 +11,7 @@ from PIL import Image
 
 from unpersonal.config import load_config
 from unpersonal.data.canonical import load_canonical
+from unpersonal.evaluation.evaluate import TRAINING_SETS
 from unpersonal.evaluation.sets import AUDIT_EMBEDDER
 from unpersonal.stages import audit_config
 from unpersonal.stages.evaluate import evaluate_run_set
@@ -28,7 +29,7 @@ def test_evaluate_writes_every_figure_with_its_reference(released_run: Path) -> 
         assert key in fidelity, key
     classes = metrics["utility"]["classification"]
     assert classes["seeds"] == 2
-    for name in ("real", "synthetic", "real+synthetic"):
+    for name in TRAINING_SETS:
         figures = classes[name]
         assert len(figures["per_seed"]) == 2
         assert figures["mean"] == pytest.approx(np.mean(figures["per_seed"]))
@@ -49,7 +50,7 @@ def test_the_saved_test_probabilities_give_the_reported_aucs(released_run: Path)
     test = dataset.subset("test")
     with np.load(released_run / "eval" / "test_probs.npz") as saved:
         np.testing.assert_array_equal(saved["labels"], test.labels)
-        for name in ("real", "synthetic", "real+synthetic"):
+        for name in TRAINING_SETS:
             per_seed = [roc_auc_per_class(test.labels, probs, test.label_kind,
                                           test.label_names)["mean"] for probs in saved[name]]
             reported = metrics["utility"]["classification"][name]["per_seed"]
@@ -73,6 +74,7 @@ def test_the_training_set_judged_as_if_synthetic_is_a_perfect_copy(released_run:
     config = load_config(config_file=released_run / "config.yaml").model_copy()
     config.evaluate.restoration = False
     config.evaluate.real_plus_synthetic = False
+    config.evaluate.pretrain_finetune = False
     config.evaluate.bootstrap = 20
     dataset = load_canonical(released_run / "prepare")
     train = dataset.subset("train")

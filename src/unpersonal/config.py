@@ -453,6 +453,9 @@ class EvaluateConfig(Section):
         "(a classifier's test AUC moves with its seed: use 5 or more for a release)")
     real_plus_synthetic: bool = Field(
         True, description="also train on real + synthetic images together")
+    pretrain_finetune: bool = Field(
+        True, description="also pretrain on the synthetic images, then fine-tune on the real "
+        "training images with the same settings")
     prdc_k: int = Field(5, ge=1, description="neighbours for precision/recall/density/coverage")
     kid_subsets: int = Field(100, ge=1)
     kid_subset_size: int = Field(1000, ge=2)
@@ -462,6 +465,11 @@ class EvaluateConfig(Section):
     restoration_batch: int = Field(32, ge=1)
     restoration_width: int = Field(32, ge=4)
     noise_sigma: float = Field(0.1, gt=0.0, lt=1.0, description="test noise of the denoiser")
+    equivalence_psnr_db: float = Field(
+        0.5, gt=0.0, description="restoration: a synthetic-trained network is equivalent to the "
+        "real-trained one when its mean PSNR is within this many dB (two one-sided tests)")
+    equivalence_ssim: float = Field(
+        0.01, gt=0.0, description="restoration: the same margin for the mean SSIM")
     bootstrap: int = Field(1000, ge=10, description="bootstrap resamples of every interval")
 
 

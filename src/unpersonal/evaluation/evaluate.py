@@ -16,8 +16,8 @@ or choose anything), because a number alone does not say whether it is good:
                   "prdc_real_test", "vendi": {"synthetic", "real_train", "real_test"},
                   "retrieval": {"synthetic", "real_test", "queries"}},
      "utility": {"classification": {"seeds", "test_images", "real" | "synthetic" |
-                                    "real+synthetic": {"mean", "std_over_seeds", "ci95",
-                                                       "per_class"},
+                                    "real+synthetic" | "synthetic-then-real":
+                                        {"mean", "std_over_seeds", "ci95", "per_class"},
                                     "gap_pp", "gap_pp_ci95", "gap_pp_real+synthetic", ...},
                  "restoration": {"denoise": {...}, "sr": {...}}   (see restoration.py)},
      "privacy": the audit's privacy.json when the audit has run}
@@ -45,15 +45,21 @@ from unpersonal.metrics.auc import bootstrap_auc_ci, bootstrap_auc_gap_ci, roc_a
 from unpersonal.progress import console
 
 SCHEMA = 1
-TRAINING_SETS = ("real", "synthetic", "real+synthetic")
+# "synthetic-then-real": pretrained on the synthetic set, then fine-tuned on the real training
+# set with the same settings (the strongest published use of synthetic chest X-rays).
+TRAINING_SETS = ("real", "synthetic", "real+synthetic", "synthetic-then-real")
+TRAINING_SET_TITLES = {"real": "real", "synthetic": "synthetic",
+                       "real+synthetic": "real + synthetic",
+                       "synthetic-then-real": "synthetic, then fine-tuned on real"}
 
 
 class TrainClassifier(Protocol):
-    """Trains a classifier on one set (images float [N, R, R], labels [N, C]) with a seed,
-    early-stopped on the real validation split: the evaluation's only use of a trainer."""
+    """Trains a classifier on one set (images float [N, R, R], labels [N, C]) with a seed, from
+    `init`'s weights when given, early-stopped on the real validation split: the evaluation's
+    only use of a trainer."""
 
-    def __call__(self, images: np.ndarray, labels: np.ndarray, seed: int, progress: str
-                 ) -> Classifier: ...
+    def __call__(self, images: np.ndarray, labels: np.ndarray, seed: int, progress: str,
+                 init: Classifier | None = None) -> Classifier: ...
 
 
 def evaluate_set(dataset: CanonicalDataset, images: np.ndarray, labels: np.ndarray,
@@ -115,21 +121,25 @@ def classification_utility(dataset: CanonicalDataset, images: np.ndarray, labels
                            train_classifier: TrainClassifier,
                            real_probs: np.ndarray | None = None
                            ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Train on real, synthetic and both; test each on the real test split (`seeds` times).
+    """Train on real, synthetic and both, and pretrain on synthetic then fine-tune on real; test
+    each on the real test split (`seeds` times).
 
     Seed 0's real classifier is fit-classifier's (same settings, same seed); the others are
     trained here. Validation (early stopping) is on the real validation split for all of them.
     """
     train, test = dataset.subset("train"), dataset.subset("test")
-    sets = {"real": (train.images_float(), train.labels),
-            "synthetic": (images, labels)}
+    real = (train.images_float(), train.labels)
+    sets = {"real": real, "synthetic": (images, labels)}
     if settings.real_plus_synthetic:
-        sets["real+synthetic"] = (np.concatenate([train.images_float(), images]),
-                                  np.concatenate([train.labels, labels]))
+        sets["real+synthetic"] = (np.concatenate([real[0], images]),
+                                  np.concatenate([real[1], labels]))
+    if settings.pretrain_finetune:
+        sets["synthetic-then-real"] = real
     test_images = test.images_float()
     probs: dict[str, list[np.ndarray]] = {name: [] for name in sets}
     for s in range(settings.classifier_seeds):
         seed = first_seed + s
+        trained: dict[str, Classifier] = {}
         for name, (x, y) in sets.items():
             if name == "real" and real_probs is not None:
                 probs[name].append(real_probs[s])
@@ -137,7 +147,10 @@ def classification_utility(dataset: CanonicalDataset, images: np.ndarray, labels
             if name == "real" and s == 0:
                 classifier = load_classifier(real_classifier)
             else:
-                classifier = train_classifier(x, y, seed, f"classifier on {name} (seed {seed})")
+                classifier = train_classifier(x, y, seed, f"classifier on {name} (seed {seed})",
+                                              init=trained.get("synthetic")
+                                              if name == "synthetic-then-real" else None)
+            trained[name] = classifier
             probs[name].append(classifier.predict_proba(test_images))
     figures: dict[str, Any] = {"seeds": settings.classifier_seeds, "test_images": len(test),
                                "bootstrap_unit": "patient"}
@@ -179,7 +192,8 @@ def restoration_utility(dataset: CanonicalDataset, images: np.ndarray, settings:
             train.images_float(), images, test.images_float(), task,
             steps=settings.restoration_steps, batch_size=settings.restoration_batch,
             seed=seed, noise_sigma=settings.noise_sigma, width=settings.restoration_width,
-            resamples=settings.bootstrap)
+            resamples=settings.bootstrap, test_patients=test.patient_id,
+            margins={"psnr": settings.equivalence_psnr_db, "ssim": settings.equivalence_ssim})
     return out
 
 

@@ -19,15 +19,14 @@ degradation from `seed`; so the same inputs and seed give the same figures (on t
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import wilcoxon
 from torch import Tensor, nn
 
+from unpersonal.metrics.bootstrap import equivalence, mean_interval, resample_weights
 from unpersonal.progress import LiveBar
 from unpersonal.torch_utils import batch_indices, pick_device, step_generator
 
@@ -307,21 +306,25 @@ def compare_restoration(real_train: np.ndarray, synthetic_train: np.ndarray,
                         test_images: np.ndarray, task: str, steps: int = 2000,
                         batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
                         noise_sigma: float = 0.1, depth: int = 6, width: int = 32,
-                        resamples: int = 1000, progress: bool = False) -> dict[str, Any]:
+                        resamples: int = 1000, progress: bool = False,
+                        test_patients: np.ndarray | None = None,
+                        margins: dict[str, float] | None = None) -> dict[str, Any]:
     """Train a restorer on the real and on the synthetic set alike; restore the same real tests.
 
     Returns plain JSON-able figures:
         {"task", "test_images", "settings": {...},
          "real" | "synthetic" | "baseline": {"psnr": {"mean", "ci95": [low, high]}, "ssim": {...}},
-         "difference": {"psnr": {"mean", "ci95", "wilcoxon_p"}, "ssim": {...}}}
+         "difference": {"psnr": {"mean", "ci95", "equivalence"}, "ssim": {...}}}
     "baseline" is doing nothing (the degraded input). "difference" is synthetic - real per test
-    image: its mean, a bootstrap interval, and the two-sided Wilcoxon signed-rank p-value. All
-    intervals are 95% percentile bootstraps over test images, from the same `resamples` draws of
-    the same seeded generator, so the intervals of one report are paired like the images.
+    image: its mean, a bootstrap interval and, with `margins` ({"psnr": dB, "ssim": ...},
+    declared before the run), the two one-sided tests of equivalence within them
+    (`metrics.bootstrap.equivalence`): the question "does synthetic data train as good a
+    restorer?" is one of equivalence, not of significance. All intervals are percentile
+    bootstraps over whole test patients (`test_patients`; each image its own patient when
+    None), from the same `resamples` draws, so the intervals of one report are paired like the
+    images.
     """
     _check_task(task)
-    if resamples < 1:
-        raise ValueError(f"need resamples >= 1, got {resamples}")
     training = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                     noise_sigma=noise_sigma, depth=depth, width=width)
     scores = {}
@@ -329,37 +332,25 @@ def compare_restoration(real_train: np.ndarray, synthetic_train: np.ndarray,
         net = fit_restorer(task, images, progress=progress, **training)
         scores[name] = evaluate_restorer(net, task, test_images, noise_sigma, seed)
     count = scores["real"]["images"]
-    draws = np.random.default_rng(seed).integers(0, count, (resamples, count))
+    patients = np.arange(count) if test_patients is None else np.asarray(test_patients)
+    if len(patients) != count:
+        raise ValueError(f"test_patients has {len(patients)} entries for {count} test images")
+    weights = resample_weights(patients, resamples, seed)
     summary: dict[str, Any] = {
-        "task": task, "test_images": count,
+        "task": task, "test_images": count, "test_patients": len(np.unique(patients)),
         "settings": {**training, "noise_sigma": noise_sigma if task == "denoise" else None,
-                     "resamples": resamples, "loss": "mse", "optimizer": "adam"}}
+                     "resamples": resamples, "resampling_unit": "patient", "loss": "mse",
+                     "optimizer": "adam"}}
     for name in ("real", "synthetic"):
-        summary[name] = {metric: _mean_ci(scores[name][metric], draws)
+        summary[name] = {metric: mean_interval(scores[name][metric], weights)
                          for metric in ("psnr", "ssim")}
-    summary["baseline"] = {metric: _mean_ci(scores["real"][f"baseline_{metric}"], draws)
+    summary["baseline"] = {metric: mean_interval(scores["real"][f"baseline_{metric}"], weights)
                            for metric in ("psnr", "ssim")}
     summary["difference"] = {}
     for metric in ("psnr", "ssim"):
         diff = scores["synthetic"][metric] - scores["real"][metric]
-        summary["difference"][metric] = {**_mean_ci(diff, draws), "wilcoxon_p": _wilcoxon_p(diff)}
+        summary["difference"][metric] = mean_interval(diff, weights)
+        if margins is not None:
+            summary["difference"][metric]["equivalence"] = equivalence(diff, weights,
+                                                                       margins[metric])
     return summary
-
-
-def _mean_ci(values: np.ndarray, draws: np.ndarray, level: float = 0.95) -> dict[str, Any]:
-    """The mean and its percentile bootstrap interval; `draws` [B, N] are the resampled rows."""
-    tail = (1 - level) / 2
-    low, high = np.quantile(values[draws].mean(axis=1), [tail, 1 - tail])
-    return {"mean": float(np.mean(values)), "ci95": [float(low), float(high)]}
-
-
-def _wilcoxon_p(differences: np.ndarray) -> float:
-    """Two-sided Wilcoxon signed-rank p-value of paired differences.
-
-    When every difference is zero (e.g. identical training sets) there is no evidence of any
-    difference and scipy has no statistic to compute: the p-value is 1.
-    """
-    if not np.any(differences != 0):
-        return 1.0
-    p = float(wilcoxon(differences).pvalue)
-    return 1.0 if math.isnan(p) else p

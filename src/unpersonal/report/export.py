@@ -33,11 +33,12 @@ from PIL import Image
 from unpersonal import __version__
 from unpersonal.data.canonical import CanonicalDataset
 from unpersonal.errors import UserError
+from unpersonal.evaluation.evaluate import TRAINING_SET_TITLES, TRAINING_SETS
 from unpersonal.privacy.filter import PrivacyFilter
 from unpersonal.progress import track
 from unpersonal.release import LABELS_FILE, METADATA_FILE, read_pixels
 from unpersonal.report.card import summary
-from unpersonal.report.summary import release_verdicts, verdict_table
+from unpersonal.report.summary import equivalence_verdict, release_verdicts, verdict_table
 
 DATASHEET_SCHEMA = 1
 
@@ -156,16 +157,15 @@ def datasheet(dataset: CanonicalDataset, images: int, metrics: dict[str, Any],
                     "identity_probes": privacy.get("identity_probes"),
                     "tests": privacy["tests"]},
         "utility": {"classification_auc": {name: classification[name]["mean"] for name in
-                                           ("real", "synthetic", "real+synthetic")
-                                           if name in classification},
+                                           TRAINING_SETS if name in classification},
                     "classification_auc_ci95": {name: classification[name]["ci95"] for name in
-                                                ("real", "synthetic", "real+synthetic")
-                                                if name in classification},
+                                                TRAINING_SETS if name in classification},
                     "gap_pp": classification["gap_pp"],
                     "classifier_seeds": classification["seeds"],
                     "restoration_psnr": {
                         task: {"real": r["real"]["psnr"]["mean"],
-                               "synthetic": r["synthetic"]["psnr"]["mean"]}
+                               "synthetic": r["synthetic"]["psnr"]["mean"],
+                               "equivalent": equivalence_verdict(r)}
                         for task, r in metrics["utility"].get("restoration", {}).items()}},
         "fidelity": {"fd": metrics["fidelity"]["fd"],
                      "fd_real_test": metrics["fidelity"]["fd_real_test"],
@@ -199,11 +199,13 @@ def datasheet_markdown(sheet: dict[str, Any]) -> str:
               "training seeds):", ""]
     for name, auc in utility["classification_auc"].items():
         low, high = utility["classification_auc_ci95"][name]
-        lines.append(f"* trained on {name}: {auc:.3f} (95% CI {low:.3f}-{high:.3f})")
+        lines.append(f"* trained on {TRAINING_SET_TITLES.get(name, name)}: {auc:.3f} "
+                     f"(95% CI {low:.3f}-{high:.3f})")
     lines.append(f"* gap, synthetic minus real: {utility['gap_pp']:+.1f} percentage points")
     for task, psnr in utility["restoration_psnr"].items():
         lines.append(f"* {task} network PSNR on real test images: {psnr['synthetic']:.2f} dB "
-                     f"trained on synthetic, {psnr['real']:.2f} dB trained on real")
+                     f"trained on synthetic, {psnr['real']:.2f} dB trained on real; "
+                     f"equivalent: {psnr['equivalent']}")
     lines += ["", "## Intended use", "", sheet["intended_use"], "", "## Limits", ""]
     lines += [f"* {limit}" for limit in sheet["limits"]]
     return "\n".join(lines) + "\n"

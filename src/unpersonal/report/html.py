@@ -23,9 +23,10 @@ from PIL import Image
 
 from unpersonal.artifacts.embedder import load_embedder
 from unpersonal.data.canonical import CanonicalDataset
+from unpersonal.evaluation.evaluate import TRAINING_SET_TITLES, TRAINING_SETS
 from unpersonal.evaluation.sets import SyntheticSet
 from unpersonal.privacy.knn import NeighbourIndex
-from unpersonal.report.summary import leak_sensitivity, release_verdicts
+from unpersonal.report.summary import equivalence_verdict, leak_sensitivity, release_verdicts
 
 GRID_COLUMNS = 8
 PAIRS = 12
@@ -54,8 +55,7 @@ def render(inputs: ReportInputs) -> str:
     train = inputs.dataset.subset("train")
     released, metrics, privacy = inputs.released, inputs.metrics, inputs.privacy
     classification = metrics["utility"]["classification"]
-    training_sets = [name for name in ("real", "synthetic", "real+synthetic")
-                     if name in classification]
+    training_sets = [name for name in TRAINING_SETS if name in classification]
     environment = Environment(loader=FileSystemLoader(Path(__file__).parent),
                               autoescape=select_autoescape(["html", "j2"]))
     return environment.get_template("template.html.j2").render(
@@ -70,6 +70,7 @@ def render(inputs: ReportInputs) -> str:
         heldout_q01=privacy["dcr"]["embedding"]["heldout_q01"],
         dcr_png=_read_b64(inputs.dcr_png), roc_png=_read_b64(inputs.roc_png),
         classification=classification, training_sets=training_sets,
+        titles=TRAINING_SET_TITLES, equivalence_cell=equivalence_verdict,
         per_label=per_label_rows(classification, training_sets),
         gaps={name: "" if name == "real" else
               f"{classification['gap_pp' + ('' if name == 'synthetic' else '_' + name)]:+.1f}"

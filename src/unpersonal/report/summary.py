@@ -131,3 +131,19 @@ def verdict_table(verdicts: list[dict[str, Any]]) -> list[str]:
 
 def _p(value: float) -> str:
     return f"{value:.2g}" if value >= 0.001 else "< 0.001"
+
+
+def equivalence_verdict(restoration: dict[str, Any]) -> str:
+    """One task's restoration equivalence in words: the verdict, then each metric's interval
+    against its margin."""
+    parts, verdicts = [], []
+    for metric, unit, digits in (("psnr", " dB", 2), ("ssim", "", 3)):
+        test = restoration["difference"][metric].get("equivalence")
+        if test is None:
+            return "not tested"
+        low, high = test["interval"]
+        verdicts.append(test["equivalent"])
+        parts.append(f"{metric.upper()} {low:+.{digits}f} to {high:+.{digits}f}{unit} "
+                     f"{'within' if test['equivalent'] else 'not within'} "
+                     f"±{test['margin']:.{digits}f}{unit}")
+    return f"{'yes' if all(verdicts) else 'no'} ({'; '.join(parts)})"

@@ -45,11 +45,12 @@ def evaluate_run_set(config: Config, run: RunDir, dataset: CanonicalDataset, ima
 
 
 def train_classifier(config: Config, dataset: CanonicalDataset, images: np.ndarray,
-                     labels: np.ndarray, seed: int, progress: str) -> Classifier:
-    """fit-classifier's trainer and settings on another training set, early-stopped on the
-    run's real validation split."""
+                     labels: np.ndarray, seed: int, progress: str,
+                     init: Classifier | None = None) -> Classifier:
+    """fit-classifier's trainer and settings on another training set (from `init`'s weights
+    when given), early-stopped on the run's real validation split."""
     val = dataset.subset("val")
     return fit_classifier(images, labels, dataset.label_kind, config.classifier, seed,
                           val_images=val.images_float() if len(val) else None,
                           val_labels=val.labels if len(val) else None, progress=progress,
-                          label_names=dataset.label_names)
+                          label_names=dataset.label_names, init=init)

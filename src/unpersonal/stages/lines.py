@@ -12,6 +12,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from unpersonal.evaluation.evaluate import TRAINING_SET_TITLES, TRAINING_SETS
 from unpersonal.report.summary import leak_sensitivity
 
 Lines = list[Any]
@@ -216,9 +217,10 @@ def evaluation_table(metrics: dict[str, Any]) -> Table:
                   f"{synthetic['mean']:.3f} ({synthetic['ci95'][0]:.3f}-{synthetic['ci95'][1]:.3f})",
                   f"{real['mean']:.3f} ({real['ci95'][0]:.3f}-{real['ci95'][1]:.3f})")
     table.add_row("gap to real (pp)", f"{classes['gap_pp']:+.1f}", "")
-    if "real+synthetic" in classes:
-        both = classes["real+synthetic"]
-        table.add_row("test ROC-AUC, real + synthetic", f"{both['mean']:.3f}", "")
+    for name in TRAINING_SETS[2:]:
+        if name in classes:
+            table.add_row(f"test ROC-AUC, {TRAINING_SET_TITLES[name]}",
+                          f"{classes[name]['mean']:.3f}", "")
     table.add_row("Fréchet distance to train", f"{fidelity['fd']:.4f}",
                   f"{fidelity['fd_real_test']:.4f}")
     for name in ("precision", "recall", "coverage"):

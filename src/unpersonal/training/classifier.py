@@ -87,7 +87,8 @@ def fit_classifier(images: np.ndarray, labels: np.ndarray, label_kind: str,
                    val_labels: np.ndarray | None = None,
                    progress: str | None = "training classifier",
                    label_names: list[str] | None = None,
-                   checkpoint: Path | None = None, stage: str = "fit-classifier") -> Classifier:
+                   checkpoint: Path | None = None, stage: str = "fit-classifier",
+                   init: Classifier | None = None) -> Classifier:
     """Train a classifier on any arrays: images float [N, R, R] in [0, 1], labels uint8 [N, C].
 
     The initial weights come from `seed` and every random draw of step t (batch, augmentation)
@@ -95,7 +96,9 @@ def fit_classifier(images: np.ndarray, labels: np.ndarray, label_kind: str,
     may differ in the last bits), and a run resumed from `checkpoint` ends where an uninterrupted
     one would (`stage` names it in the messages). Without validation arrays there is no early
     stopping and the last epoch's weights are kept. `progress` is the bar's description (None:
-    no bar).
+    no bar). `init`, a classifier of the same settings and labels, gives the starting weights
+    instead of the seed (fine-tuning: a classifier pretrained on synthetic images, then trained
+    on real ones with the same schedule).
     """
     names = label_names or [f"class_{c}" for c in range(np.asarray(labels).shape[-1])]
     train_x, train_y = _training_tensors(images, labels, label_kind, names, "training")
@@ -104,6 +107,8 @@ def fit_classifier(images: np.ndarray, labels: np.ndarray, label_kind: str,
     with torch.random.fork_rng(devices=[]):  # seeded initial weights, caller's RNG left alone
         torch.manual_seed(seed)
         net = ClassifierNet(settings.width, train_y.shape[1], settings.input_size).to(device)
+    if init is not None:
+        net.load_state_dict(init.net.state_dict())
     classifier = Classifier(net, label_kind, names, int(train_x.shape[-1]))
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr,
                                   weight_decay=settings.weight_decay)
