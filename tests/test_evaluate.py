@@ -68,14 +68,19 @@ def test_the_audit_models_train_apart_and_leave_the_run_config_alone(released_ru
     assert meta != filter_meta
 
 
-def test_the_training_set_judged_as_if_synthetic_is_a_perfect_copy(released_run: Path) -> None:
-    """Worst case for privacy, best for fidelity: FD 0, every training image retrieved."""
-    run = RunDir(released_run)
-    config = load_config(config_file=released_run / "config.yaml").model_copy()
+def classification_only(run: Path):
+    """The run's config with evaluate's figures cut to fidelity and the synthetic classifier."""
+    config = load_config(config_file=run / "config.yaml").model_copy()
     config.evaluate.restoration = False
     config.evaluate.real_plus_synthetic = False
     config.evaluate.pretrain_finetune = False
     config.evaluate.bootstrap = 20
+    return config
+
+
+def test_the_training_set_judged_as_if_synthetic_is_a_perfect_copy(released_run: Path) -> None:
+    """Worst case for privacy, best for fidelity: FD 0, every training image retrieved."""
+    run, config = RunDir(released_run), classification_only(released_run)
     dataset = load_canonical(released_run / "prepare")
     train = dataset.subset("train")
     metrics, _ = evaluate_run_set(config, run, dataset, train.images_float(), train.labels)
@@ -87,3 +92,25 @@ def test_the_training_set_judged_as_if_synthetic_is_a_perfect_copy(released_run:
         fidelity["retrieval"]["queries"] / len(train))
     # Trained on the real images, seed for seed: the same classifier, a zero gap.
     assert metrics["utility"]["classification"]["gap_pp"] == pytest.approx(0, abs=1e-6)
+
+
+def test_a_setting_is_measured_on_the_validation_split(released_run: Path) -> None:
+    """Choosing a setting reads the validation split, so the test split reports once."""
+    from unpersonal.evaluation.fidelity import frechet_distance
+    from unpersonal.evaluation.sets import read_synthetic_set
+
+    run, config = RunDir(released_run), classification_only(released_run)
+    config.evaluate.classifier_seeds = 1
+    dataset = load_canonical(released_run / "prepare")
+    released = read_synthetic_set(released_run / "generate" / "synthetic", dataset.label_names)
+    metrics, curves = evaluate_run_set(config, run, dataset, released.images, released.labels,
+                                       split="val")
+    val = dataset.subset("val")
+    assert metrics["measured_on"] == "val" and len(val) != len(dataset.subset("test"))
+    assert metrics["utility"]["classification"]["test_images"] == len(val)
+    np.testing.assert_array_equal(curves["labels"], val.labels)
+    features = np.load(released_run / AUDIT_EMBEDDER / "features.npy")
+    assert metrics["fidelity"]["fd_real_test"] == pytest.approx(frechet_distance(
+        features[dataset.split == "train"], features[dataset.split == "val"]))
+    reported = json.loads((released_run / "eval" / "metrics.json").read_text())
+    assert reported["measured_on"] == "test"

@@ -36,12 +36,13 @@ def build_evaluate(task: StageTask) -> dict[str, Any]:
 
 
 def evaluate_run_set(config: Config, run: RunDir, dataset: CanonicalDataset, images: np.ndarray,
-                     labels: np.ndarray, real_probs: np.ndarray | None = None
-                     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """`evaluate_set` with a run's models and settings (the benchmarks score other sets too)."""
+                     labels: np.ndarray, real_probs: np.ndarray | None = None,
+                     split: str = "test") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """`evaluate_set` with a run's models and settings (the benchmarks score other sets too,
+    and on the validation split, `split="val"`, when they choose a setting)."""
     return evaluate_set(dataset, images, labels, config.evaluate, config.seed,
                         run.stage_path(AUDIT_EMBEDDER), run.stage_path("fit-classifier"),
-                        partial(train_classifier, config, dataset), real_probs)
+                        partial(train_classifier, config, dataset), real_probs, split)
 
 
 def train_classifier(config: Config, dataset: CanonicalDataset, images: np.ndarray,
