@@ -16,7 +16,8 @@ from sklearn.metrics import roc_auc_score
 from unpersonal.artifacts.classifier import Classifier, load_classifier
 from unpersonal.config import ClassifierConfig
 from unpersonal.errors import Interrupted, UserError
-from unpersonal.metrics.auc import bootstrap_auc_ci, roc_auc_per_class
+from unpersonal.metrics.auc import (bootstrap_auc_ci, bootstrap_auc_over_trainings,
+                                    roc_auc_per_class)
 from unpersonal.training import classifier as trainer
 from unpersonal.training.classifier import fit_classifier
 from unpersonal.training.common import cosine_lr
@@ -297,6 +298,32 @@ def test_bootstrap_over_patients_is_not_fooled_by_repeated_images() -> None:
     by_image = bootstrap_auc_ci(copies, np.repeat(probs, 5, axis=0), "binary", n=300, seed=4)
     assert by_patient == pytest.approx(unique)
     assert by_image[1] - by_image[0] < 0.7 * (unique[1] - unique[0])
+
+
+def test_an_interval_over_trainings_covers_their_spread() -> None:
+    """Three trainings that agree give about the test patients' interval alone; three that
+    disagree (one much worse) give a wider one, around their mean; the gap to a shared baseline
+    is paired."""
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 2, (300, 1))
+    patients = np.arange(300) // 3
+
+    def scores(signal: float, noise_seed: int) -> np.ndarray:
+        noise = np.random.default_rng(noise_seed).random((300, 1))
+        return np.clip(signal * labels + (1 - signal) * noise, 0, 1)[None]  # one seed
+
+    same = np.stack([scores(0.3, 0)] * 3)
+    alone = bootstrap_auc_ci(labels, same[0], "binary", n=400, seed=1, groups=patients)
+    agreed = bootstrap_auc_over_trainings(labels, same, "binary", n=400, seed=1, groups=patients)
+    assert agreed == pytest.approx(alone, abs=0.01)
+    apart = np.stack([scores(0.3, 0), scores(0.3, 1), scores(0.05, 2)])
+    low, high = bootstrap_auc_over_trainings(labels, apart, "binary", n=400, seed=1,
+                                             groups=patients)
+    means = [roc_auc_per_class(labels, one[0], "binary", ["x"])["mean"] for one in apart]
+    assert low < np.mean(means) < high and high - low > 1.5 * (alone[1] - alone[0])
+    gap = bootstrap_auc_over_trainings(labels, same, "binary", n=200, seed=1, groups=patients,
+                                       baseline=same[0])
+    assert gap == pytest.approx((0.0, 0.0))
 
 
 def test_bootstrap_refuses_labels_without_both_values() -> None:

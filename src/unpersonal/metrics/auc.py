@@ -72,6 +72,53 @@ def bootstrap_auc_gap_ci(labels: np.ndarray, probs: np.ndarray, baseline: np.nda
     return _bootstrap(labels, groups, n, seed, level, gap)
 
 
+def bootstrap_auc_over_trainings(labels: np.ndarray, probs: np.ndarray, label_kind: str,
+                                 n: int = 1000, seed: int = 0,
+                                 groups: np.ndarray | None = None, level: float = 0.95,
+                                 baseline: np.ndarray | None = None) -> tuple[float, float]:
+    """Interval of a mean ROC-AUC over T trainings of the whole pipeline, probs [T, S, N, C].
+
+    A figure averaged over trainings is uncertain twice: in the test patients, and in which
+    trainings happened to be drawn (one training's synthetic set differs from the next by about
+    2 points on Kermany). Each resample draws T trainings with replacement and the test
+    patients (`groups`) with replacement, and takes the mean over the drawn trainings of their
+    seed-mean AUC on the drawn images. With `baseline` ([T, S, N, C] paired with each training,
+    or [S, N, C] shared by all) each resample's figure is the gap to the baseline's, as in
+    `bootstrap_auc_gap_ci`.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 4:
+        raise ValueError(f"probs must be [trainings, seeds, N, C], got shape {probs.shape}")
+    checked_labels, _ = _checked_stack(labels, probs[0], label_kind)
+    stacks = [_checked_stack(labels, one, label_kind)[1] for one in probs]
+    bases: list[np.ndarray] | None = None
+    if baseline is not None:
+        baseline = np.asarray(baseline, dtype=np.float64)
+        per_training = baseline if baseline.ndim == 4 else np.stack([baseline] * len(probs))
+        bases = [_checked_stack(labels, one, label_kind)[1] for one in per_training]
+    if n < 1 or not 0 < level < 1:
+        raise ValueError(f"need n >= 1 and 0 < level < 1, got n={n}, level={level}")
+    members = _group_members(len(checked_labels), groups)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n):
+        trainings = rng.integers(0, len(stacks), len(stacks))
+        rows = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        truth = checked_labels[rows]
+        scores = [_seed_mean_auc(truth, stacks[t][:, rows]) for t in trainings]
+        if bases is not None:
+            scores = [None if score is None or (base := _seed_mean_auc(
+                truth, bases[t][:, rows])) is None else score - base
+                for score, t in zip(scores, trainings)]
+        if all(score is not None for score in scores):
+            values.append(float(np.mean(scores)))
+    if not values:
+        raise ValueError("no class has both positive and negative examples: the AUC is undefined")
+    tail = (1 - level) / 2
+    low, high = np.quantile(values, [tail, 1 - tail])
+    return float(low), float(high)
+
+
 def _checked_stack(labels: np.ndarray, probs: np.ndarray, label_kind: str
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Labels [N, C] and probabilities as [S, N, C], each classifier's checked."""
