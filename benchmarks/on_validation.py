@@ -5,7 +5,8 @@
 The protocol (BENCHMARKS.md, top) chooses every setting on the validation split; the test split
 reports the chosen one once. For each run this trains the run's classifier on its released set
 (and reuses the run's real-trained one), measures both on the validation split with the run's
-audit embedder for fidelity, and adds the audit's verdict, which needs no test images. Results:
+audit embedder for fidelity, and adds the audit's verdict, which needs no test images
+(`--all-rows`: real + synthetic and synthetic-then-real too). Results:
 benchmarks/results/validation-NAME.json, one entry per run with its config's differences from
 the first run.
 """
@@ -28,11 +29,14 @@ from unpersonal.stages.evaluate import evaluate_run_set
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def score(run: Path, seeds: int) -> dict[str, Any]:
-    """The release's validation figures and its audit's verdict."""
+def score(run: Path, seeds: int, rows: bool) -> dict[str, Any]:
+    """The release's validation figures and its audit's verdict (`rows`: also real + synthetic
+    and synthetic then real)."""
     config = load_config(config_file=run / "config.yaml").model_copy(deep=True)
     config.evaluate.restoration = False
     config.evaluate.classifier_seeds = seeds
+    config.evaluate.real_plus_synthetic = rows
+    config.evaluate.pretrain_finetune = rows
     dataset = load_canonical(run / "prepare")
     released = read_synthetic_set(run / "generate" / "synthetic", dataset.label_names)
     metrics, _ = evaluate_run_set(config, RunDir(run), dataset, released.images,
@@ -67,11 +71,13 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--name", required=True)
     parser.add_argument("--seeds", type=int, default=1, help="classifier training seeds")
+    parser.add_argument("--all-rows", action="store_true",
+                        help="also real + synthetic and synthetic then real (3x the classifiers)")
     options = parser.parse_args()
     missing = [run for run in options.runs if not (run / "audit" / "privacy.json").is_file()]
     if missing:
         sys.exit(f"{missing[0]}: no audit yet; run `unpersonal run` there first")
-    rows = [score(run, options.seeds) for run in options.runs]
+    rows = [score(run, options.seeds, options.all_rows) for run in options.runs]
     for row in rows[1:]:
         row["differs_from_first"] = differences(rows[0]["config"], row["config"])
     for row in rows:

@@ -51,6 +51,6 @@ def test_run_on_a_multilabel_png_folder_reports_every_label(cli, tmp_path: Path)
     assert "Test ROC-AUC per label" in page and "images, per label</h2>" in page
     for name in (*NAMES, "no label"):
         assert f"<b>{name}</b>: real training images" in page
-    with open(run / "export" / "labels.csv", newline="") as handle:
+    with open(run / "export" / "metadata.csv", newline="") as handle:
         header = next(csv.reader(handle))
-    assert [column for column in header if column in NAMES] == NAMES
+    assert header == ["file_name", *NAMES]
