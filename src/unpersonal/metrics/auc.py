@@ -49,7 +49,7 @@ def bootstrap_auc_ci(labels: np.ndarray, probs: np.ndarray, label_kind: str, n: 
     """
     labels, stack = _checked_stack(labels, probs, label_kind)
     return _bootstrap(labels, groups, n, seed, level,
-                      lambda rows: _seed_mean_auc(labels[rows], stack[:, rows]))
+                      lambda rows, _: _seed_mean_auc(labels[rows], stack[:, rows]))
 
 
 def bootstrap_auc_gap_ci(labels: np.ndarray, probs: np.ndarray, baseline: np.ndarray,
@@ -64,7 +64,7 @@ def bootstrap_auc_gap_ci(labels: np.ndarray, probs: np.ndarray, baseline: np.nda
     labels, stack = _checked_stack(labels, probs, label_kind)
     _, base = _checked_stack(labels, baseline, label_kind)
 
-    def gap(rows: np.ndarray) -> float | None:
+    def gap(rows: np.ndarray, _: np.random.Generator) -> float | None:
         ours, theirs = _seed_mean_auc(labels[rows], stack[:, rows]), _seed_mean_auc(
             labels[rows], base[:, rows])
         return None if ours is None or theirs is None else ours - theirs
@@ -96,27 +96,17 @@ def bootstrap_auc_over_trainings(labels: np.ndarray, probs: np.ndarray, label_ki
         baseline = np.asarray(baseline, dtype=np.float64)
         per_training = baseline if baseline.ndim == 4 else np.stack([baseline] * len(probs))
         bases = [_checked_stack(labels, one, label_kind)[1] for one in per_training]
-    if n < 1 or not 0 < level < 1:
-        raise ValueError(f"need n >= 1 and 0 < level < 1, got n={n}, level={level}")
-    members = _group_members(len(checked_labels), groups)
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n):
-        trainings = rng.integers(0, len(stacks), len(stacks))
-        rows = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+    def mean_over_drawn_trainings(rows: np.ndarray, rng: np.random.Generator) -> float | None:
         truth = checked_labels[rows]
+        trainings = rng.integers(0, len(stacks), len(stacks))
         scores = [_seed_mean_auc(truth, stacks[t][:, rows]) for t in trainings]
         if bases is not None:
             scores = [None if score is None or (base := _seed_mean_auc(
                 truth, bases[t][:, rows])) is None else score - base
                 for score, t in zip(scores, trainings)]
-        if all(score is not None for score in scores):
-            values.append(float(np.mean(scores)))
-    if not values:
-        raise ValueError("no class has both positive and negative examples: the AUC is undefined")
-    tail = (1 - level) / 2
-    low, high = np.quantile(values, [tail, 1 - tail])
-    return float(low), float(high)
+        return None if any(score is None for score in scores) else float(np.mean(scores))
+
+    return _bootstrap(checked_labels, groups, n, seed, level, mean_over_drawn_trainings)
 
 
 def _checked_stack(labels: np.ndarray, probs: np.ndarray, label_kind: str
@@ -138,7 +128,7 @@ def _bootstrap(labels: np.ndarray, groups: np.ndarray | None, n: int, seed: int,
     values = []
     for _ in range(n):
         chosen = rng.integers(0, len(members), len(members))
-        value = statistic(np.concatenate([members[g] for g in chosen]))
+        value = statistic(np.concatenate([members[g] for g in chosen]), rng)
         if value is not None:
             values.append(value)
     if not values:
