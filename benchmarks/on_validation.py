@@ -22,6 +22,7 @@ from typing import Any
 
 from unpersonal.config import load_config
 from unpersonal.data.canonical import load_canonical
+from unpersonal.evaluation.evaluate import TRAINING_SETS
 from unpersonal.evaluation.sets import read_synthetic_set
 from unpersonal.rundir import RunDir, write_atomic
 from unpersonal.stages.evaluate import evaluate_run_set
@@ -46,10 +47,8 @@ def score(run: Path, seeds: int, rows: bool) -> dict[str, Any]:
     failed = [name for name, test in privacy["tests"]["by_figure"].items() if test["rejected"]]
     return {"run": run.name, "config": config.model_dump(mode="json"),
             "validation_images": classes["test_images"],
-            "auc": {name: classes[name]["mean"] for name in classes
-                    if isinstance(classes[name], dict) and "mean" in classes[name]},
-            "auc_ci": {name: classes[name]["ci95"] for name in classes
-                       if isinstance(classes[name], dict) and "ci95" in classes[name]},
+            "auc": {name: classes[name]["mean"] for name in TRAINING_SETS if name in classes},
+            "auc_ci": {name: classes[name]["ci95"] for name in TRAINING_SETS if name in classes},
             "gap_pp": classes["gap_pp"], "gap_pp_ci": classes["gap_pp_ci95"],
             "fd": metrics["fidelity"]["fd"], "coverage": metrics["fidelity"]["prdc"]["coverage"],
             "audit_passed": privacy["tests"]["passed"], "audit_failed": failed}

@@ -128,7 +128,7 @@ def classification_utility(dataset: CanonicalDataset, images: np.ndarray, labels
                            real_probs: np.ndarray | None = None, split: str = "test"
                            ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Train on real, synthetic and both, and pretrain on synthetic then fine-tune on real; test
-    each on the real test split (`seeds` times).
+    each on the real held-out `split` (`seeds` times).
 
     Seed 0's real classifier is fit-classifier's (same settings, same seed); the others are
     trained here. Validation (early stopping) is on the real validation split for all of them.

@@ -89,13 +89,14 @@ def bootstrap_auc_over_trainings(labels: np.ndarray, probs: np.ndarray, label_ki
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 4:
         raise ValueError(f"probs must be [trainings, seeds, N, C], got shape {probs.shape}")
-    checked_labels, _ = _checked_stack(labels, probs[0], label_kind)
-    stacks = [_checked_stack(labels, one, label_kind)[1] for one in probs]
+    checked = [_checked_stack(labels, one, label_kind) for one in probs]
+    checked_labels, stacks = checked[0][0], [stack for _, stack in checked]
     bases: list[np.ndarray] | None = None
     if baseline is not None:
         baseline = np.asarray(baseline, dtype=np.float64)
         per_training = baseline if baseline.ndim == 4 else np.stack([baseline] * len(probs))
         bases = [_checked_stack(labels, one, label_kind)[1] for one in per_training]
+
     def mean_over_drawn_trainings(rows: np.ndarray, rng: np.random.Generator) -> float | None:
         truth = checked_labels[rows]
         trainings = rng.integers(0, len(stacks), len(stacks))

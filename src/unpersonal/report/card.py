@@ -123,7 +123,7 @@ image, label = record["samples/image"], record["samples/{first}"]
 def croissant(sheet: dict[str, Any], metadata_csv: bytes) -> dict[str, Any]:
     """croissant.json for a release whose labels are `metadata_csv` (as export writes it)."""
     def field(name: str, data_type: str, source: dict[str, Any], **more: Any) -> dict[str, Any]:
-        return {"@type": "cr:Field", "@id": f"{name}", "name": name, "dataType": data_type,
+        return {"@type": "cr:Field", "@id": name, "name": name, "dataType": data_type,
                 "source": source, **more}
 
     def column(name: str) -> dict[str, Any]:
