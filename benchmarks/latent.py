@@ -36,14 +36,13 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from runner import provenance, unpersonal
+from runner import provenance, side_by_side, unpersonal
 from unpersonal.config import AutoencoderConfig
 from unpersonal.data.canonical import load_canonical
 from unpersonal.models import UNet
@@ -63,22 +62,6 @@ def save(part: str, figures: dict[str, Any]) -> None:
     results[part] = {**provenance(), "threads": torch.get_num_threads(), **figures}
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results[part], indent=2), flush=True)
-
-
-def side_by_side(names: list[str], step: Callable[[str], None], rounds: int, steps: int,
-                 batch: int) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Images per second of `step(name)` for each name, after one warm-up step each, in rounds
-    that alternate between them so that machine noise hits all alike: (medians, every round)."""
-    for name in names:
-        step(name)
-    rates: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(rounds):
-        for name in names:
-            start = time.perf_counter()
-            for _ in range(steps):
-                step(name)
-            rates[name].append(steps * batch / (time.perf_counter() - start))
-    return {name: round(statistics.median(r), 2) for name, r in rates.items()}, rates
 
 
 # ---------------------------------------------------------------------------------------------

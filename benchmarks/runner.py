@@ -12,9 +12,11 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,22 @@ def write_table(document: Path, name: str, table: str) -> bool:
     # Blank lines around the table, so that Markdown does not read a marker as part of it.
     write_atomic(document, text[:start] + "\n" + table.strip("\n") + "\n\n" + text[end:])
     return True
+
+
+def side_by_side(names: list[str], step: Callable[[str], None], rounds: int, steps: int,
+                 batch: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Images per second of `step(name)` for each name, after one warm-up step each, in rounds
+    that alternate between them so that machine noise hits all alike: (medians, every round)."""
+    for name in names:
+        step(name)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(name)
+            rates[name].append(steps * batch / (time.perf_counter() - start))
+    return {name: round(statistics.median(r), 2) for name, r in rates.items()}, rates
 
 
 def sets(*overrides: str) -> list[str]:

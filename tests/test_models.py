@@ -298,8 +298,8 @@ def test_loss_is_finite_per_sample_and_reproducible() -> None:
 
 def test_loss_is_the_uncertainty_weighted_edm_error() -> None:
     """With D = 0 and u = 0.7: weight(sigma) * exp(-0.7) * mean(y^2) + 0.7 per image."""
-    def zero_denoiser(x: Tensor, sigma: Tensor, cond: Tensor | None, return_logvar: bool
-                      ) -> tuple[Tensor, Tensor]:
+    def zero_denoiser(x: Tensor, sigma: Tensor, cond: Tensor | None, return_logvar: bool,
+                      sigma_checked: bool = False) -> tuple[Tensor, Tensor]:
         return torch.zeros_like(x), torch.full((len(x), 1, 1, 1), 0.7)
 
     images = torch.randn(3, 2, 4, 4)

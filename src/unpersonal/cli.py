@@ -55,6 +55,9 @@ CsvOption = Annotated[Optional[Path], typer.Option(
 ReleaseOption = Annotated[Optional[Path], typer.Option(
     "--release", help="audit this folder of images (with an optional labels.csv) instead of the "
     "run's released set: any generator's output, against the run's private data")]
+InitOption = Annotated[Optional[Path], typer.Option(
+    "--init", help="start from another run's denoiser (a run folder, or a folder with model.json "
+    "and ema.safetensors), e.g. one trained on public data: the same as --set diffusion.init=RUN")]
 ToOption = Annotated[Optional[Path], typer.Option(
     "--to", help="where --release's audit is written (default: RUN/audit-release/FOLDER_NAME)")]
 
@@ -130,9 +133,18 @@ def _stage_command(command: str, chain: list[Stage]) -> None:
         resolved, run_dir = resolve_run(out, None, preset, config, set_)
         audit_folder(chain, resolved, run_dir, release, to)
 
+    def run_chain_from_weights(out: OutOption = None, data: DataOption = None,
+                               preset: PresetOption = None, config: ConfigOption = None,
+                               set_: SetOption = None, force: ForceOption = False,
+                               no_patient_ids: NoPatientIdsOption = False, csv: CsvOption = None,
+                               init: InitOption = None) -> None:
+        extra = [*(set_ or []), *([f"diffusion.init={init}"] if init is not None else [])]
+        run_chain(out, data, preset, config, extra, force, no_patient_ids, csv)
+
     reads_data = any("data_format" in entry.extra_options for entry in chain)
     audits_folders = "release" in chain[-1].extra_options
-    declared = (run_chain if reads_data else
+    declared = (run_chain_from_weights if "init" in chain[-1].extra_options else
+                run_chain if reads_data else
                 run_chain_or_audit_a_folder if audits_folders else run_chain_on_a_run)
     declared.__doc__ = chain[-1].help
     app.command(command)(declared)

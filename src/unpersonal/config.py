@@ -133,6 +133,27 @@ class AutoencoderConfig(Section):
     checkpoint_every: int = Field(250, ge=1)
 
 
+class DiffusionPrivacy(Section):
+    """Differentially private training of the denoiser (DP-SGD at the level of patients)."""
+
+    epsilon: float = Field(
+        ..., gt=0.0, description="the privacy budget the whole training may spend; the noise is "
+        "calibrated so that the accountant's epsilon after `diffusion.steps` steps is this")
+    delta: float | None = Field(
+        None, gt=0.0, lt=1.0, description="the accountant's delta; default: the largest power of "
+        "ten below 1 / (training patients); must be below 1 / (training patients)")
+    max_grad_norm: float = Field(
+        1.0, gt=0.0, description="each patient's gradient is clipped to this L2 norm")
+    noise_levels: int = Field(
+        2, ge=1, description="noise levels drawn per image and step, averaged before clipping "
+        "(noise multiplicity: the EDM loss is an expectation over noise levels)")
+    images_per_patient: int = Field(
+        1, ge=1, description="images drawn (with replacement) from each sampled patient per step")
+    accountant: Literal["prv", "rdp"] = Field(
+        "prv", description="Opacus's privacy accountant: prv (privacy random variables, tighter) "
+        "or rdp (Renyi DP)")
+
+
 class DiffusionConfig(Section):
     """The generator: an EDM2-style denoiser, how it is conditioned, and its training budget."""
 
@@ -177,6 +198,24 @@ class DiffusionConfig(Section):
     augment_flip: bool = Field(
         False, description="left-right flips; off by default since anatomy is lateral")
     checkpoint_every: int = Field(250, ge=1, description="steps between resumable checkpoints")
+    privacy: DiffusionPrivacy | None = Field(
+        None, description="train with patient-level differential privacy (DP-SGD through Opacus's "
+        "accountant); batch_size is then the expected number of patients per step",
+        json_schema_extra=KEYED_ONLY_OFF_DEFAULT)
+    init: Path | None = Field(
+        None, description="start from another run's denoiser (a run folder, or a folder with "
+        "model.json and ema.safetensors), for example one trained on public data",
+        json_schema_extra=KEYED_ONLY_OFF_DEFAULT)
+
+    @model_validator(mode="after")
+    def _private_training_is_possible(self) -> DiffusionConfig:
+        if self.privacy is not None and self.space == "latent":
+            raise ValueError("privacy needs space: pixel (the autoencoder is trained without "
+                             "differential privacy, and its decoder would carry what it learnt)")
+        if self.privacy is not None and self.dropout > 0:
+            raise ValueError("privacy needs dropout: 0 (per-patient gradients are taken "
+                             "without dropout)")
+        return self
 
 
 class SamplingConfig(Section):
@@ -608,6 +647,8 @@ def load_config(
         config.data.csv = config.data.csv.expanduser().resolve()
     if config.diffusion.pseudo_features is not None:
         config.diffusion.pseudo_features = config.diffusion.pseudo_features.expanduser().resolve()
+    if config.diffusion.init is not None:
+        config.diffusion.init = config.diffusion.init.expanduser().resolve()
     if config.embedder.extractor is not None:
         config.embedder.extractor = config.embedder.extractor.expanduser().resolve()
     return config

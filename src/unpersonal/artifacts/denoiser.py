@@ -62,3 +62,31 @@ def load_denoiser_codec(folder: Path, meta: dict[str, Any]) -> LatentCodec | Non
     if meta.get("latent") is None:
         return None
     return load_codec(folder, meta["sigma_data"])
+
+
+def initial_weights(denoiser: Denoiser, source: Path) -> dict[str, Any]:
+    """Load another run's denoiser into `denoiser` (`diffusion.init`, `fit-diffusion --init`),
+    for example one trained on public data before fine-tuning under differential privacy.
+
+    `source` is a run folder or a folder with model.json and ema.safetensors. The UNet must be
+    the same; tensors of another shape (the label embedding of data with other labels) keep
+    their fresh initialisation. Returns what the datasheet says of the starting point."""
+    folder = source / "fit-diffusion" if (source / "fit-diffusion" / "model.json").is_file() else source
+    if not (folder / "model.json").is_file() or not (folder / "ema.safetensors").is_file():
+        raise UserError(f"diffusion.init {source}: neither a run with a trained diffusion model "
+                        "nor a folder with model.json and ema.safetensors")
+    meta = json.loads((folder / "model.json").read_text())
+    ours = denoiser.state_dict()
+    theirs = load_file(str(folder / "ema.safetensors"))
+    matching = {name: value for name, value in theirs.items()
+                if name in ours and ours[name].shape == value.shape}
+    if len(matching) < len(ours) // 2:
+        raise UserError(f"diffusion.init {source}: its UNet ({meta['unet']}) is not this run's; "
+                        "set diffusion.model_channels, channel_mult, num_blocks and "
+                        "attn_resolutions as it was trained")
+    denoiser.load_state_dict(matching, strict=False)
+    dataset = folder.parent / "prepare" / "dataset.json"
+    trained_on = (json.loads(dataset.read_text()).get("source", "not recorded")
+                  if dataset.is_file() else "not recorded")
+    return {"trained_on": trained_on, "steps": meta.get("steps_done"),
+            "tensors_loaded": len(matching), "tensors_fresh": sorted(set(ours) - set(matching))}

@@ -58,13 +58,19 @@ class Denoiser(nn.Module):
         return c_skip, c_out, c_in, c_noise
 
     def forward(self, x: Tensor, sigma: Tensor | float, cond: Tensor | None = None,
-                return_logvar: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                 return_logvar: bool = False, sigma_checked: bool = False
+                 ) -> Tensor | tuple[Tensor, Tensor]:
         """Denoised `x` (float32, x's shape); with `return_logvar`, also log(variance) [B, 1, 1, 1].
 
         `sigma` is one noise level per sample ([B]) or one for all (a scalar); it must be > 0.
+        `sigma_checked`: the caller drew `sigma` > 0 itself, so the check is skipped (under
+        `torch.func.vmap`, which cannot branch on a tensor's values).
         """
         x = x.to(torch.float32)
-        sigma = _per_sample_sigma(sigma, batch=x.shape[0], device=x.device)
+        if sigma_checked:
+            sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)
+        else:
+            sigma = _per_sample_sigma(sigma, batch=x.shape[0], device=x.device)
         c_skip, c_out, c_in, c_noise = (c.reshape(-1, 1, 1, 1)
                                         for c in self.preconditioning(sigma))
         raw = self.net(c_in * x, c_noise.reshape(-1), cond)
@@ -105,8 +111,15 @@ class EDM2Loss:
                  generator: torch.Generator | None = None) -> Tensor:
         images = images.to(torch.float32)
         sigma = self.sample_sigma(images.shape[0], images.device, generator)
-        noise = torch.randn(images.shape, generator=generator, device=images.device) * sigma
-        denoised, logvar = denoiser(images + noise, sigma.reshape(-1), cond, return_logvar=True)
+        noise = torch.randn(images.shape, generator=generator, device=images.device)
+        return self.given(denoiser, images, sigma, noise, cond)
+
+    def given(self, denoiser: nn.Module, images: Tensor, sigma: Tensor, noise: Tensor,
+              cond: Tensor | None) -> Tensor:
+        """The per-sample loss at noise levels `sigma` [B, 1, 1, 1] (> 0) with unit `noise`
+        already drawn: nothing random inside, so `torch.func` can take it per patient."""
+        denoised, logvar = denoiser(images + noise * sigma, sigma, cond, return_logvar=True,
+                                    sigma_checked=True)
         weighted = self.weight(sigma) / logvar.exp() * (denoised - images) ** 2 + logvar
         return weighted.mean(dim=tuple(range(1, weighted.ndim)))
 

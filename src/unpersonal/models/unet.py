@@ -120,6 +120,16 @@ class MPConv(nn.Module):
         return F.conv2d(x, weight, padding=weight.shape[-1] // 2)
 
 
+@torch.no_grad()
+def renormalize_weights(module: nn.Module) -> None:
+    """Forced weight normalisation of every MPConv in `module`, as a forward in training mode
+    does: for trainers that take gradients in eval mode (per-patient gradients through
+    `torch.func`, where the in-place renormalisation cannot run)."""
+    for layer in module.modules():
+        if isinstance(layer, MPConv):
+            layer.weight.copy_(normalize(layer.weight))
+
+
 # ---------------------------------------------------------------------------------------------
 # Blocks
 

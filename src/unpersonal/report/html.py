@@ -175,7 +175,8 @@ def fidelity_rows(fidelity: dict[str, Any]) -> list[tuple[str, str, str]]:
 def generation_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     settings = summary["settings"]
     reasons = ", ".join(f"{k} {v}" for k, v in summary["rejections_by_reason"].items())
-    return [("sources (training images)", f"{summary['sources']:,}"),
+    return [("generator", settings.get("generator", "EDM-preconditioned diffusion model")),
+            ("sources (training images)", f"{summary['sources']:,}"),
             ("accepted", f"{summary['accepted_sources']:,} ({summary['acceptance_rate']:.1%})"),
             ("skipped after every attempt", f"{summary['skipped_sources']:,}"),
             *([("released per label", "; ".join(

@@ -141,8 +141,8 @@ class Generation:
     judge: CandidateJudge
     conditioning: str
     """What the denoiser was trained to be told (`diffusion.conditioning`)."""
-    latent: dict[str, Any] | None
-    """The latent space the denoiser works in (model.json's "latent"); None: pixel space."""
+    model: dict[str, Any]
+    """The denoiser's model.json: its latent space, its differential privacy, its starting point."""
 
     def block(self, positions: np.ndarray) -> Block:
         """Search the sources at `positions` (one block), timed."""
@@ -287,20 +287,33 @@ def _settings(generation: Generation) -> dict[str, Any]:
             "distance_floors": settings.distance_floors,
             "pseudo_condition": settings.pseudo_condition,
             "pseudo_neighbours": settings.pseudo_neighbours,
-            "generator": generator(generation.latent),
+            "generator": generator(generation.model),
+            "differential_privacy": generation.model.get("privacy"),
+            "pretrained_on": (generation.model.get("init") or {}).get("trained_on"),
             "drawn_from": drawn_from(generation.conditioning, sampling.guide,
                                      sampling.guidance_against,
                                      guidance_at(settings, sampling, 0),
                                      settings.pseudo_condition)}
 
 
-def generator(latent: dict[str, Any] | None) -> str:
-    """The generator in words, for generate.json and the datasheet."""
+def generator(model: dict[str, Any]) -> str:
+    """The generator in words, for generate.json and the datasheet (`model`: its model.json)."""
+    latent, privacy, init = model.get("latent"), model.get("privacy"), model.get("init")
+    words = "EDM-preconditioned diffusion model"
     if latent is None:
-        return "EDM-preconditioned diffusion model on the pixels"
-    return (f"EDM-preconditioned diffusion model in the {latent['channels']}-channel latent space "
-            f"({latent['factor']}x downsampled) of an autoencoder trained on the training split, "
-            "each image decoded before the filter judged it")
+        words += " on the pixels"
+    else:
+        words += (f" in the {latent['channels']}-channel latent space ({latent['factor']}x "
+                  "downsampled) of an autoencoder trained on the training split, each image "
+                  "decoded before the filter judged it")
+    if init is not None:
+        words += f", started from a denoiser trained on {init['trained_on']}"
+    if privacy is not None:
+        words += (f", trained with patient-level differential privacy (DP-SGD, epsilon = "
+                  f"{privacy['epsilon']:.2f}, delta = {privacy['delta']:g}, accountant "
+                  f"{privacy['accountant']}): its weights change little whether or not any one "
+                  "training patient was in the data")
+    return words
 
 
 def drawn_from(conditioning: str, guide: str, against: str, first_weight: float,

@@ -233,11 +233,13 @@ STAGES: tuple[Stage, ...] = (
           "Train the diffusion model on the training split; Ctrl-C saves, rerunning resumes.\n\n"
           "Runs on the CPU, one GPU, or many processes with `accelerate launch -m unpersonal "
           "...`. With diffusion.space=latent it denoises the latents of fit-autoencoder's "
-          "autoencoder.",
+          "autoencoder. With diffusion.privacy.epsilon=E it trains with patient-level "
+          "differential privacy (DP-SGD); --init RUN starts from another run's denoiser.",
           build="unpersonal.stages.fit_diffusion:build_fit_diffusion", reads=("prepare",),
           reads_if_present=("fit-embedder",), reads_if_needed=("fit-autoencoder",),
           sections=("diffusion",),
-          key_inputs=_pseudo_inputs, line=_line("fit_diffusion"), summary_file="model.json"),
+          key_inputs=_pseudo_inputs, line=_line("fit_diffusion"), summary_file="model.json",
+          extra_options=("init",)),
     Stage("sample", "sample",
           "Draw unfiltered images from the trained model, with a real-vs-synthetic grid to look "
           "at.\n\nSolver, steps, guidance and count come from the sampling section, e.g. --set "

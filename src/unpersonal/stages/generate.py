@@ -73,4 +73,4 @@ def assemble(task: StageTask, device: torch.device) -> Generation:
     order = source_indices(config.seed, config.generate.count or len(train), len(train))
     return Generation(config.generate, config.sampling, train, train.images_float(), order,
                       CandidateDrawer(sampler, order, config.seed, config.generate), judge,
-                      sampler.conditioner.mode, sampler.meta.get("latent"))
+                      sampler.conditioner.mode, sampler.meta)

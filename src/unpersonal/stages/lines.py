@@ -76,8 +76,16 @@ def fit_autoencoder(meta: dict[str, Any], folder: Path) -> Lines:
 
 def fit_diffusion(meta: dict[str, Any], folder: Path) -> Lines:
     space = "" if meta.get("latent") is None else " latent"
-    return [f"trained {meta['parameters']:,}-parameter{space} denoiser for {meta['steps_done']} "
-            f"steps in {meta['seconds']:.0f} s -> {folder}"]
+    lines = [f"trained {meta['parameters']:,}-parameter{space} denoiser for "
+             f"{meta['steps_done']} steps in {meta['seconds']:.0f} s -> {folder}"]
+    if meta.get("init") is not None:
+        lines.append(f"started from a denoiser trained on {meta['init']['trained_on']}")
+    if meta.get("privacy") is not None:
+        privacy = meta["privacy"]
+        lines.append(f"patient-level differential privacy: epsilon {privacy['epsilon']:.2f} "
+                     f"(target {privacy['epsilon_target']:g}), delta {privacy['delta']:g}, noise "
+                     f"multiplier {privacy['noise_multiplier']:.2f}, {privacy['accountant']}")
+    return lines
 
 
 def sample(report: dict[str, Any], folder: Path) -> Lines:

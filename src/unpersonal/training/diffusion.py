@@ -38,15 +38,18 @@ from safetensors.torch import save_file
 
 from unpersonal.artifacts import autoencoder as autoencoder_files
 from unpersonal.artifacts.autoencoder import LatentCodec
-from unpersonal.artifacts.denoiser import build_denoiser
+from unpersonal.artifacts.denoiser import build_denoiser, initial_weights
 from unpersonal.config import DiffusionConfig
 from unpersonal.data.canonical import CanonicalDataset
 from unpersonal.errors import UserError
 from unpersonal.models.conditioning import Conditioner, label_code
 from unpersonal.models.edm import EDM2Loss, count_parameters, learning_rate
 from unpersonal.models.pixel_pca import PixelPCA
+from unpersonal.models.unet import renormalize_weights
 from unpersonal.rundir import write_atomic
 from unpersonal.training.autoencoder import encode_means
+from unpersonal.torch_utils import step_generator
+from unpersonal.training import private
 from unpersonal.training.common import cpu_state, descend
 from unpersonal.training.loop import SeededBatches, Snapshot, TrainingLoop, write_log
 from unpersonal.training.views import shift_and_jitter
@@ -67,6 +70,7 @@ class TrainingData:
     pseudo: torch.Tensor  # pseudo features [N, D] (empty D when unused)
     pseudo_source: str = "none"  # where they came from (see `pseudo_source`)
     codec: LatentCodec | None = None  # the autoencoder, in latent space
+    patients: np.ndarray | None = None  # the patient of each row [N] (differential privacy's unit)
 
 
 def pseudo_source(settings: DiffusionConfig, embedder: Path | None) -> tuple[str, Path | None]:
@@ -102,7 +106,8 @@ def load_training_data(dataset: CanonicalDataset, settings: DiffusionConfig,
         images=images, max_value=float((1 << train.bit_depth) - 1), resolution=train.resolution,
         codes=torch.from_numpy(label_code(train.labels, train.label_kind)),
         pseudo=torch.from_numpy(_pseudo_features(dataset, train, settings, *pseudo)),
-        pseudo_source=pseudo[0] if "pseudo" in settings.conditioning else "none", codec=codec)
+        pseudo_source=pseudo[0] if "pseudo" in settings.conditioning else "none", codec=codec,
+        patients=train.patient_id)
 
 
 def _pseudo_features(dataset: CanonicalDataset, train: CanonicalDataset,
@@ -135,6 +140,8 @@ class TrainingResult:
     parameters: int
     conditioner: Conditioner
     world_size: int
+    privacy: dict[str, Any] | None = None  # the accountant's figures (`PrivacyPlan.to_json`)
+    init: dict[str, Any] | None = None  # where the starting weights came from (`initial_weights`)
 
 
 def train(settings: DiffusionConfig, seed: int, data: TrainingData, checkpoint: Path,
@@ -148,6 +155,7 @@ def train(settings: DiffusionConfig, seed: int, data: TrainingData, checkpoint: 
     torch.manual_seed(seed)  # the same initial weights in every process
     conditioner = conditioner_for(settings, data)
     denoiser = build_denoiser(settings, data.images.shape[-1], conditioner, data.images.shape[1])
+    init = initial_weights(denoiser, settings.init) if settings.init is not None else None
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     guide = Snapshot()  # the EMA after `guide_at` of training: the autoguidance guide
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=settings.lr, betas=(0.9, 0.99), eps=1e-8)
@@ -166,24 +174,110 @@ def train(settings: DiffusionConfig, seed: int, data: TrainingData, checkpoint: 
     guide_step = _guide_step(settings)
     batches = SeededBatches(seed, len(data.images), settings.batch_size // world,
                             accelerator.device, rank, world)
+    private = (PrivateSteps(settings, data, conditioner, loss_fn, seed, accelerator, denoiser)
+               if settings.privacy is not None else None)
     with loop.running("training diffusion"):
         for step in loop.steps():
-            indices, generator = batches.draw(step)
-            images = _augmented(data, indices, settings, generator, accelerator.device)
-            images = images.contiguous(memory_format=torch.channels_last)
-            cond = conditioner.build(data.codes[indices].to(accelerator.device),
-                                     data.pseudo[indices].to(accelerator.device))
-            cond = conditioner.drop(cond, settings.cond_dropout, generator)
             lr = learning_rate(step, settings.lr, settings.lr_ref_steps, settings.warmup_steps)
-            loss = loss_fn(model, images, cond, generator=generator).mean()
-            descend(optimizer, loss, lr, accelerator.backward)
+            if private is None:
+                indices, generator = batches.draw(step)
+                images = _augmented(data, indices, settings, generator, accelerator.device)
+                images = images.contiguous(memory_format=torch.channels_last)
+                cond = conditioner.build(data.codes[indices].to(accelerator.device),
+                                         data.pseudo[indices].to(accelerator.device))
+                cond = conditioner.drop(cond, settings.cond_dropout, generator)
+                loss = loss_fn(model, images, cond, generator=generator).mean()
+                descend(optimizer, loss, lr, accelerator.backward)
+                loss = loss.item()
+            else:
+                loss = private.descend(accelerator.unwrap_model(model), optimizer, step, lr)
             _update_ema(ema, accelerator.unwrap_model(model), step + 1, ema_exponent)
             if step + 1 == guide_step:
                 guide.take(ema)
-            loop.record(loss.item(), lr=lr)
+            if loss is not None:  # a private step may sample no patient of this process
+                loop.record(loss, lr=lr)
+    if private is not None:
+        private.check_processes_agree(accelerator.unwrap_model(model))
     ema_state = cpu_state(ema)
     return TrainingResult(ema_state, guide.weights or ema_state, loop.log, loop.step,
-                          count_parameters(denoiser), conditioner, world)
+                          count_parameters(denoiser), conditioner, world,
+                          private.plan.to_json(loop.step) if private is not None else None, init)
+
+
+class PrivateSteps:
+    """The step of patient-level DP-SGD (`training.private`): sample patients, one clipped
+    gradient each, sum over processes, add the calibrated noise, descend."""
+
+    def __init__(self, settings: DiffusionConfig, data: TrainingData, conditioner: Conditioner,
+                 loss_fn: EDM2Loss, seed: int, accelerator: Any, net: torch.nn.Module) -> None:
+        privacy = settings.privacy
+        assert privacy is not None and data.patients is not None
+        private.check_layers(net)
+        self.settings, self.data, self.conditioner, self.loss_fn = settings, data, conditioner, loss_fn
+        self.seed, self.accelerator = seed, accelerator
+        self.plan = private.plan(privacy, len(np.unique(data.patients)), settings.batch_size,
+                                 settings.steps)
+        self.sampler = private.PatientSampler(
+            data.patients, self.plan.sample_rate, privacy.images_per_patient, seed,
+            accelerator.process_index, accelerator.num_processes)
+
+    def descend(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                lr: float) -> float | None:
+        """One private step; the mean loss of this process's patients (None without any)."""
+        net.eval()  # gradients through torch.func: no in-place weight renormalisation inside
+        renormalize_weights(net)  # ... so it is done here, as a forward in training mode would
+        summed, losses = self._clipped_sum(net, self.sampler.draw(step), step)
+        if self.accelerator.num_processes > 1:
+            summed = {name: self.accelerator.reduce(value, "sum") for name, value in summed.items()}
+        noisy = private.add_noise(summed, self.plan, self.seed, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for name, parameter in net.named_parameters():
+            parameter.grad = noisy[name]
+        optimizer.step()
+        return float(losses.mean()) if len(losses) else None
+
+    def check_processes_agree(self, net: torch.nn.Module) -> None:
+        """Every process must end with the same weights: each applies the same reduced sum and
+        the same noise, with no DDP in between to repair a difference."""
+        if self.accelerator.num_processes == 1:
+            return
+        total = torch.stack([p.detach().double().sum() for p in net.parameters()]).sum()
+        totals = self.accelerator.gather(total.reshape(1).to(self.accelerator.device))
+        if not bool((totals == totals[0]).all()):
+            raise RuntimeError(f"private training: the processes' weights differ ({totals.tolist()})")
+
+    def _clipped_sum(self, net: torch.nn.Module, rows: np.ndarray, step: int
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        device = self.accelerator.device
+        summed = {name: torch.zeros_like(p) for name, p in net.named_parameters()}
+        if len(rows) == 0:
+            return summed, torch.zeros(0)
+        repeats = self.settings.privacy.noise_levels
+        flat = torch.from_numpy(rows.reshape(-1)).repeat_interleave(repeats)
+        generator = step_generator(self.seed, step, device, self.accelerator.process_index)
+        images = _augmented(self.data, flat, self.settings, generator, device)
+        cond = self.conditioner.build(self.data.codes[flat].to(device),
+                                      self.data.pseudo[flat].to(device))
+        cond = self.conditioner.drop(cond, self.settings.cond_dropout, generator)
+        sigma = self.loss_fn.sample_sigma(len(flat), device, generator)
+        noise = torch.randn(images.shape, generator=generator, device=device)
+        inputs = [images, sigma, noise] + ([cond] if cond is not None else [])
+        inputs = [t.reshape(len(rows), -1, *t.shape[1:]) for t in inputs]
+
+        def loss_of_rows(denoiser: Any, x: torch.Tensor, s: torch.Tensor, n: torch.Tensor,
+                         c: torch.Tensor | None = None) -> torch.Tensor:
+            return self.loss_fn.given(denoiser, x, s, n, c)
+
+        losses = []
+        for start in range(0, len(rows), private.PATIENTS_PER_CALL):
+            part = tuple(t[start:start + private.PATIENTS_PER_CALL] for t in inputs)
+            grads, loss = private.per_patient_gradients(net, loss_of_rows, part)
+            clipped, _ = private.clip_and_sum(grads, self.plan.max_grad_norm)
+            for name, value in clipped.items():
+                summed[name] += value
+            losses.append(loss.detach())
+        return summed, torch.cat(losses)
 
 
 def _guide_step(settings: DiffusionConfig) -> int:
@@ -252,6 +346,10 @@ def publish(folder: Path, result: TrainingResult, data: TrainingData,
         "parameters": result.parameters, "processes": result.world_size,
         "seconds": round(result.log[-1]["elapsed_s"], 1) if result.log else 0.0,
     }
+    if result.privacy is not None:
+        meta["privacy"] = result.privacy
+    if result.init is not None:
+        meta["init"] = result.init
     write_atomic(folder / "model.json", json.dumps(meta, indent=2) + "\n")
     write_log(folder / "training_log.csv", result.log, LOG_FIELDS)
     return meta
