@@ -4,7 +4,9 @@ trained without it and at epsilon 10, 4 and 1, the same steps and the same priva
     .venv/bin/python benchmarks/dp.py [--epsilons 10 4 1] [--seeds 3] [--only none 10 ...]
 
 1. `runs/dp-none`: `unpersonal run` on kermany_cxr_64.npz at the cpu preset, restoration off,
-   `--seeds` classifier seeds: the row without differential privacy.
+   `--seeds` classifier seeds, the denoiser told the labels alone (`diffusion.conditioning=class`,
+   as differential privacy needs; the cpu preset draws from the labels anyway): the row
+   without differential privacy.
 2. For each epsilon E, `runs/dp-E`: a copy of dp-none's prepare and privacy models (every stage
    before fit-diffusion), then `unpersonal run --set diffusion.privacy.epsilon=E`: the denoiser
    trains again with DP-SGD at the level of patients (same steps, `diffusion.batch_size`
@@ -48,7 +50,8 @@ def run_folder(row: str) -> Path:
 def train(row: str, seeds: int) -> None:
     """The row's run through the CLI, resuming what is done."""
     run = run_folder(row)
-    common = sets("evaluate.restoration=false", f"evaluate.classifier_seeds={seeds}")
+    common = sets("evaluate.restoration=false", f"evaluate.classifier_seeds={seeds}",
+                  "diffusion.conditioning=class")
     if row == "none":
         unpersonal("run", "--out", str(run), "--data", str(DATA), "--preset", "cpu", *common)
         return

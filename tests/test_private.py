@@ -18,7 +18,7 @@ from unpersonal.models.conditioning import Conditioner
 from unpersonal.models.edm import EDM2Loss
 from unpersonal.sampling.generate import generator
 from unpersonal.training import private
-from tests.conftest import TINY, assert_refused
+from tests.conftest import TINY, assert_refused, write_flat_npz
 
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
@@ -46,7 +46,7 @@ def test_the_default_delta_is_below_one_over_the_patients() -> None:
 def test_a_patient_with_many_images_is_sampled_as_one_unit() -> None:
     patient_of_row = np.array(["big"] * 40 + [f"p{i}" for i in range(99)])
     sampler = private.PatientSampler(patient_of_row, sample_rate=0.2, images_per_patient=2,
-                                     seed=3)
+                                     secret=3)
     big_steps, small_steps = 0, 0
     for step in range(2000):
         rows = sampler.draw(step)
@@ -57,7 +57,7 @@ def test_a_patient_with_many_images_is_sampled_as_one_unit() -> None:
         small_steps += int((patients[:, 0] != "big").sum())
     assert big_steps / 2000 == pytest.approx(0.2, abs=0.03)  # no more often for its 40 images
     assert small_steps / (2000 * 99) == pytest.approx(0.2, abs=0.01)
-    halves = [private.PatientSampler(patient_of_row, 0.2, 2, seed=3, rank=r, world=2).draw(7)
+    halves = [private.PatientSampler(patient_of_row, 0.2, 2, secret=3, rank=r, world=2).draw(7)
               for r in (0, 1)]
     assert sorted(np.concatenate(halves).ravel()) == sorted(sampler.draw(7).ravel())
 
@@ -122,32 +122,82 @@ def test_a_layer_that_mixes_the_batch_is_refused_by_name() -> None:
 
 def _private(*settings: str) -> tuple[str, ...]:
     return (*TINY, "--set", "diffusion.steps=4", "--set", "diffusion.checkpoint_every=100",
+            "--set", "diffusion.conditioning=class",
             *(item for setting in settings for item in ("--set", setting)))
 
 
-def test_private_training_states_its_epsilon_and_repeats_itself(cli, tmp_path: Path) -> None:
+PRIVATE = ("diffusion.privacy.epsilon=8", "diffusion.batch_size=3")
+
+
+def _weights(run: Path) -> bytes:
+    return (run / "fit-diffusion" / "ema.safetensors").read_bytes()
+
+
+def test_private_training_states_its_epsilon_and_its_noise_is_secret(cli, tmp_path: Path) -> None:
+    """The noise comes from a secret drawn per training, not from the config's seed: the same
+    config and seed give other weights, which an adversary who knows the config cannot
+    reproduce."""
     runs = [tmp_path / "a", tmp_path / "b"]
     for run in runs:
         assert cli("prepare", "--out", run, *TINY).code == 0
-        result = cli("fit-diffusion", "--out", run,
-                     *_private("diffusion.privacy.epsilon=8", "diffusion.batch_size=3"))
+        result = cli("fit-diffusion", "--out", run, *_private(*PRIVATE))
         assert result.code == 0, result.stderr
     assert "patient-level differential privacy: epsilon" in result.stderr
     meta = json.loads((runs[0] / "fit-diffusion" / "model.json").read_text())
     privacy = meta["privacy"]
     assert privacy["unit"] == "patient" and 7.5 <= privacy["epsilon"] <= 8
     assert privacy["delta"] < 1 / privacy["patients"] and privacy["steps"] == 4
+    assert privacy["delta_times_units"] == pytest.approx(privacy["delta"] * privacy["patients"],
+                                                         abs=1e-4)
     assert privacy["accountant"].startswith("prv (Opacus")
-    assert ((runs[0] / "fit-diffusion" / "ema.safetensors").read_bytes()
-            == (runs[1] / "fit-diffusion" / "ema.safetensors").read_bytes())
+    assert _weights(runs[0]) != _weights(runs[1])
+    assert not (runs[0] / ".work").exists()  # the secret went with the checkpoint
     words = generator(meta)
-    assert "patient-level differential privacy" in words and f"{privacy['epsilon']:.2f}" in words
+    assert "differential privacy per patient" in words and f"{privacy['epsilon']:.2f}" in words
+
+
+def test_a_resumed_private_training_repeats_an_uninterrupted_one(
+        cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(private, "new_secret", lambda: 12345)  # both trainings draw one secret
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for run in (straight, resumed):
+        assert cli("prepare", "--out", run, *TINY).code == 0
+    assert cli("fit-diffusion", "--out", straight, *_private(*PRIVATE)).code == 0
+    original = private.PatientSampler.draw
+
+    def interrupt_at_step_2(self, step: int):
+        if step == 2:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(private.PatientSampler, "draw", interrupt_at_step_2)
+    assert cli("fit-diffusion", "--out", resumed, *_private(*PRIVATE)).code == 130
+    monkeypatch.setattr(private.PatientSampler, "draw", original)
+    monkeypatch.setattr(private, "new_secret", lambda: 999)  # resuming must keep the saved one
+    again = cli("fit-diffusion", "--out", resumed, *_private(*PRIVATE))
+    assert again.code == 0 and "resuming at step 2" in again.stderr
+    assert _weights(resumed) == _weights(straight)
+
+
+def test_the_noise_has_the_calibrated_scale() -> None:
+    plan = private.PrivacyPlan(4.0, 1e-4, noise_multiplier=2.0, sample_rate=0.01,
+                               expected_patients=100, patients=10_000, steps=10, max_grad_norm=0.5,
+                               noise_levels=1, images_per_patient=1, accountant="rdp")
+    summed = {"w": torch.zeros(200_000), "b": torch.full((3,), 7.0)}
+    noisy = private.add_noise(summed, plan, secret=1, step=0)
+    assert noisy["w"].std().item() == pytest.approx(2.0 * 0.5 / 100, rel=0.02)  # sigma C / B
+    assert noisy["w"].mean().item() == pytest.approx(0.0, abs=1e-4)
+    again = private.add_noise(summed, plan, secret=1, step=0)
+    other = private.add_noise(summed, plan, secret=2, step=0)
+    assert torch.equal(noisy["w"], again["w"]) and not torch.equal(noisy["w"], other["w"])
 
 
 @pytest.mark.parametrize(("setting", "named"), [
     ("diffusion.privacy.epsilon=0", "diffusion.privacy.epsilon"),
     ("diffusion.privacy.delta=0.5", "diffusion.privacy.delta 0.5"),
     ("diffusion.batch_size=50", "diffusion.batch_size 50"),
+    ("diffusion.conditioning=class+pseudo", "diffusion.conditioning: class or uncond"),
+    ("diffusion.dropout=0.1", "diffusion.dropout: 0"),
 ])
 def test_settings_that_would_not_be_private_are_refused(cli, tmp_path: Path, setting: str,
                                                         named: str) -> None:
@@ -159,32 +209,44 @@ def test_settings_that_would_not_be_private_are_refused(cli, tmp_path: Path, set
 
 
 def test_latent_space_is_refused_under_privacy() -> None:
-    with pytest.raises(ValueError, match="privacy needs space: pixel"):
+    with pytest.raises(ValueError, match="diffusion.privacy needs diffusion.space: pixel"):
         DiffusionConfig(space="latent", privacy=DiffusionPrivacy(epsilon=1.0))
 
 
 def test_init_starts_from_another_run_s_denoiser(cli, tmp_path: Path) -> None:
     public, private_run = tmp_path / "public", tmp_path / "private"
-    for run in (public, private_run):
-        assert cli("prepare", "--out", run, *TINY).code == 0
+    data = write_flat_npz(tmp_path / "public.npz", count=40,
+                          patients=[f"public-{i // 2}" for i in range(40)])
+    assert cli("prepare", "--out", public, "--data", data, *TINY).code == 0
+    assert cli("prepare", "--out", private_run, *TINY).code == 0
     assert cli("fit-diffusion", "--out", public, *_private("diffusion.steps=20")).code == 0
     result = cli("fit-diffusion", "--out", private_run, "--init", public,
-                 *_private("diffusion.lr=1e-9", "diffusion.privacy.epsilon=8",
-                           "diffusion.privacy.max_grad_norm=1e-6", "diffusion.batch_size=3"))
+                 *_private(*PRIVATE, "diffusion.lr=1e-9",
+                           "diffusion.privacy.max_grad_norm=1e-6"))
     assert result.code == 0, result.stderr
-    assert "started from a denoiser trained on" in result.stderr
+    assert "started from a denoiser trained on 40 images from public.npz" in result.stderr
     meta = json.loads((private_run / "fit-diffusion" / "model.json").read_text())
-    assert meta["init"]["trained_on"].startswith("phantom scans") or "phantom" in meta["init"][
-        "trained_on"]
-    assert meta["init"]["tensors_fresh"] == []
+    assert meta["init"]["tensors_fresh"] == [] and meta["init"]["patients_checked"]
     x, sigma = torch.randn(2, 1, 16, 16), torch.full((2,), 1.0)
-    (started, _), (source, _) = (load_denoiser(run / "fit-diffusion") for run in (private_run, public))
+    (started, _), (source, _) = (load_denoiser(run / "fit-diffusion")
+                                 for run in (private_run, public))
     cond = torch.zeros(2, started.cond_dim)
     torch.testing.assert_close(started(x, sigma, cond), source(x, sigma, cond), atol=1e-3,
                                rtol=1e-3)  # a near-zero step from the public weights
-    wider = cli("fit-diffusion", "--out", tmp_path / "private", "--init", public, "--force",
+    wider = cli("fit-diffusion", "--out", private_run, "--init", public, "--force",
                 *_private("diffusion.model_channels=16"))
     assert_refused(wider, "diffusion.init", "is not this run's")
+
+
+def test_init_from_weights_that_saw_these_patients_is_refused_under_privacy(
+        cli, tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    for run in (first, second):
+        assert cli("prepare", "--out", run, *TINY).code == 0
+    assert cli("fit-diffusion", "--out", first, *_private()).code == 0
+    refused = cli("fit-diffusion", "--out", second, "--init", first, *_private(*PRIVATE))
+    assert_refused(refused, "diffusion.init", "of this run's training patients")
+    assert cli("fit-diffusion", "--out", second, "--init", first, *_private()).code == 0
 
 
 def test_two_processes_train_privately_in_step(cli, tmp_path: Path) -> None:

@@ -209,12 +209,19 @@ class DiffusionConfig(Section):
 
     @model_validator(mode="after")
     def _private_training_is_possible(self) -> DiffusionConfig:
-        if self.privacy is not None and self.space == "latent":
-            raise ValueError("privacy needs space: pixel (the autoencoder is trained without "
-                             "differential privacy, and its decoder would carry what it learnt)")
-        if self.privacy is not None and self.dropout > 0:
-            raise ValueError("privacy needs dropout: 0 (per-patient gradients are taken "
-                             "without dropout)")
+        if self.privacy is None:
+            return self
+        if self.space == "latent":
+            raise ValueError("diffusion.privacy needs diffusion.space: pixel (the autoencoder "
+                             "is trained without differential privacy, and its decoder would "
+                             "carry what it learnt)")
+        if "pseudo" in self.conditioning:
+            raise ValueError("diffusion.privacy needs diffusion.conditioning: class or uncond "
+                             "(pseudo-conditions are computed from every training patient "
+                             "without differential privacy)")
+        if self.dropout > 0:
+            raise ValueError("diffusion.privacy needs diffusion.dropout: 0 (per-patient "
+                             "gradients are taken without dropout)")
         return self
 
 

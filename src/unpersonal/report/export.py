@@ -188,13 +188,12 @@ def _privacy_limit(differential_privacy: dict[str, Any] | None) -> str:
         return ("Privacy figures are measured against this release's held-out patients; they "
                 "are evidence, not a formal guarantee such as differential privacy.")
     return ("The generator's weights are differentially private with respect to each training "
-            f"patient (epsilon = {differential_privacy['epsilon']:.2f}, delta = "
-            f"{differential_privacy['delta']:g}); the release as a whole is not: each image was "
-            "drawn for a training image (from its labels, or its embedding where said above), "
-            "and the privacy filter and the label gate chose among the drawn images by "
-            "comparing them with the real training images, none of which that guarantee "
-            "covers. The privacy figures, measured against held-out patients, are evidence "
-            "beside it.")
+            f"{differential_privacy['unit']} (epsilon = {differential_privacy['epsilon']:.2f}, "
+            f"delta = {differential_privacy['delta']:g}); the release as a whole is not: each "
+            "image was drawn for a training image (from its labels), and the privacy filter "
+            "and the label gate chose among the drawn images by comparing them with the real "
+            "training images, none of which that guarantee covers. The privacy figures, "
+            "measured against held-out patients, are evidence beside it.")
 
 
 def datasheet_markdown(sheet: dict[str, Any]) -> str:

@@ -308,11 +308,15 @@ def generator(model: dict[str, Any]) -> str:
                   "decoded before the filter judged it")
     if init is not None:
         words += f", started from a denoiser trained on {init['trained_on']}"
+        if privacy is not None and not init.get("patients_checked"):
+            words += " (taken to share no patient with these data: it could not be checked)"
     if privacy is not None:
-        words += (f", trained with patient-level differential privacy (DP-SGD, epsilon = "
+        unit = privacy["unit"]
+        words += (f", trained with differential privacy per {unit} (DP-SGD, epsilon = "
                   f"{privacy['epsilon']:.2f}, delta = {privacy['delta']:g}, accountant "
-                  f"{privacy['accountant']}): its weights change little whether or not any one "
-                  "training patient was in the data")
+                  f"{privacy['accountant']}): whether or not any one training {unit} was in the "
+                  "data changes the probability of any outcome of its training by at most a "
+                  "factor e^epsilon, plus delta")
     return words
 
 

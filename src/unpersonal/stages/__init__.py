@@ -131,12 +131,21 @@ def _extractor_inputs(config: Config, run: RunDir) -> dict[str, str]:
     return {} if extractor is None else {"extractor": sha256_file(existing_file(extractor))}
 
 
-def _pseudo_inputs(config: Config, run: RunDir) -> dict[str, str]:
+def _diffusion_inputs(config: Config, run: RunDir) -> dict[str, str]:
+    """What fit-diffusion reads besides the prepared data: the pseudo-conditions' file and the
+    starting weights (`diffusion.init`), by content."""
     from unpersonal.training.diffusion import pseudo_source
 
     kind, path = pseudo_source(config.diffusion, run.stage_path("fit-embedder")
                                if run.stage_record("fit-embedder") else None)
-    return {} if path is None else {f"pseudo_features ({kind})": sha256_file(path)}
+    inputs = {} if path is None else {f"pseudo_features ({kind})": sha256_file(path)}
+    init = config.diffusion.init
+    if init is not None:
+        weights = next((w for w in (init / "fit-diffusion" / "ema.safetensors",
+                                    init / "ema.safetensors") if w.is_file()), None)
+        if weights is not None:  # missing: fit-diffusion says so
+            inputs["init"] = sha256_file(weights)
+    return inputs
 
 
 def _latent(config: Config) -> bool:
@@ -238,7 +247,7 @@ STAGES: tuple[Stage, ...] = (
           build="unpersonal.stages.fit_diffusion:build_fit_diffusion", reads=("prepare",),
           reads_if_present=("fit-embedder",), reads_if_needed=("fit-autoencoder",),
           sections=("diffusion",),
-          key_inputs=_pseudo_inputs, line=_line("fit_diffusion"), summary_file="model.json",
+          key_inputs=_diffusion_inputs, line=_line("fit_diffusion"), summary_file="model.json",
           extra_options=("init",)),
     Stage("sample", "sample",
           "Draw unfiltered images from the trained model, with a real-vs-synthetic grid to look "

@@ -30,6 +30,7 @@ def build_fit_diffusion(task: StageTask) -> dict[str, Any] | None:
              .to(accelerator.device) if config.diffusion.space == "latent" else None)
     data = load_training_data(load_canonical(task.input("prepare")), config.diffusion,
                               pseudo_source(config.diffusion, embedder), codec)
+    data.patients_are_images = config.data.no_patient_ids
     result = train(config.diffusion, config.seed, data, work / "checkpoint.pt", accelerator,
                    task.name)
     meta = None

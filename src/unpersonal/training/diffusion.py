@@ -71,6 +71,7 @@ class TrainingData:
     pseudo_source: str = "none"  # where they came from (see `pseudo_source`)
     codec: LatentCodec | None = None  # the autoencoder, in latent space
     patients: np.ndarray | None = None  # the patient of each row [N] (differential privacy's unit)
+    patients_are_images: bool = False  # the data had no patient IDs: each image its own patient
 
 
 def pseudo_source(settings: DiffusionConfig, embedder: Path | None) -> tuple[str, Path | None]:
@@ -155,7 +156,11 @@ def train(settings: DiffusionConfig, seed: int, data: TrainingData, checkpoint: 
     torch.manual_seed(seed)  # the same initial weights in every process
     conditioner = conditioner_for(settings, data)
     denoiser = build_denoiser(settings, data.images.shape[-1], conditioner, data.images.shape[1])
-    init = initial_weights(denoiser, settings.init) if settings.init is not None else None
+    init = None
+    if settings.init is not None:
+        init = initial_weights(denoiser, settings.init)
+        if settings.privacy is not None:
+            init["patients_checked"] = private.check_init_never_saw(settings.init, data.patients)
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     guide = Snapshot()  # the EMA after `guide_at` of training: the autoguidance guide
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=settings.lr, betas=(0.9, 0.99), eps=1e-8)
@@ -163,23 +168,24 @@ def train(settings: DiffusionConfig, seed: int, data: TrainingData, checkpoint: 
                         checkpoint_every=settings.checkpoint_every,
                         max_minutes=settings.max_minutes, images_per_step=settings.batch_size,
                         main_process=accelerator.is_main_process)
-    loop.resume(model=denoiser, ema=ema, optimizer=optimizer, guide=guide)
+    loss_fn = EDM2Loss(settings.p_mean, settings.p_std, settings.sigma_data)
+    private_steps = (PrivateSteps(settings, data, conditioner, loss_fn, seed, accelerator, denoiser)
+                     if settings.privacy is not None else None)
+    parts: dict[str, Any] = {"privacy": private_steps} if private_steps is not None else {}
+    loop.resume(model=denoiser, ema=ema, optimizer=optimizer, guide=guide, **parts)
     # Channels-last memory layout: 12-20% more images/s for these convolutions on CPU
     # (benchmarks/diffusion_throughput.py), the same numbers.
     denoiser.to(memory_format=torch.channels_last)
     model, optimizer = accelerator.prepare(denoiser, optimizer)
     ema.to(accelerator.device)
-    loss_fn = EDM2Loss(settings.p_mean, settings.p_std, settings.sigma_data)
     ema_exponent = _ema_exponent(settings.ema_std)
     guide_step = _guide_step(settings)
     batches = SeededBatches(seed, len(data.images), settings.batch_size // world,
                             accelerator.device, rank, world)
-    private = (PrivateSteps(settings, data, conditioner, loss_fn, seed, accelerator, denoiser)
-               if settings.privacy is not None else None)
     with loop.running("training diffusion"):
         for step in loop.steps():
             lr = learning_rate(step, settings.lr, settings.lr_ref_steps, settings.warmup_steps)
-            if private is None:
+            if private_steps is None:
                 indices, generator = batches.draw(step)
                 images = _augmented(data, indices, settings, generator, accelerator.device)
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -190,46 +196,77 @@ def train(settings: DiffusionConfig, seed: int, data: TrainingData, checkpoint: 
                 descend(optimizer, loss, lr, accelerator.backward)
                 loss = loss.item()
             else:
-                loss = private.descend(accelerator.unwrap_model(model), optimizer, step, lr)
+                loss = private_steps.descend(accelerator.unwrap_model(model), optimizer, step, lr)
             _update_ema(ema, accelerator.unwrap_model(model), step + 1, ema_exponent)
             if step + 1 == guide_step:
                 guide.take(ema)
             if loss is not None:  # a private step may sample no patient of this process
                 loop.record(loss, lr=lr)
-    if private is not None:
-        private.check_processes_agree(accelerator.unwrap_model(model))
+    if private_steps is not None:
+        private_steps.check_processes_agree(accelerator.unwrap_model(model))
     ema_state = cpu_state(ema)
     return TrainingResult(ema_state, guide.weights or ema_state, loop.log, loop.step,
                           count_parameters(denoiser), conditioner, world,
-                          private.plan.to_json(loop.step) if private is not None else None, init)
+                          private_steps.figures(loop.step) if private_steps is not None else None,
+                          init)
 
 
 class PrivateSteps:
     """The step of patient-level DP-SGD (`training.private`): sample patients, one clipped
-    gradient each, sum over processes, add the calibrated noise, descend."""
+    gradient each, sum over processes, add the calibrated noise, descend.
+
+    A checkpoint part: it keeps the training's secret (the seed of the sampling and the noise)
+    and the noise multiplier it calibrated, so that a resumed training goes on with both."""
 
     def __init__(self, settings: DiffusionConfig, data: TrainingData, conditioner: Conditioner,
                  loss_fn: EDM2Loss, seed: int, accelerator: Any, net: torch.nn.Module) -> None:
+        from accelerate.utils import broadcast_object_list
+
         privacy = settings.privacy
         assert privacy is not None and data.patients is not None
         private.check_layers(net)
+        if getattr(accelerator, "mixed_precision", "no") != "no":
+            raise UserError("diffusion.privacy: train in float32 (accelerate's mixed precision "
+                            "would rescale the private gradient and skip steps)")
         self.settings, self.data, self.conditioner, self.loss_fn = settings, data, conditioner, loss_fn
         self.seed, self.accelerator = seed, accelerator
+        self.unit = "image" if data.patients_are_images else "patient"
         self.plan = private.plan(privacy, len(np.unique(data.patients)), settings.batch_size,
                                  settings.steps)
-        self.sampler = private.PatientSampler(
-            data.patients, self.plan.sample_rate, privacy.images_per_patient, seed,
-            accelerator.process_index, accelerator.num_processes)
+        self.secret = broadcast_object_list([private.new_secret()])[0]
+        self.sampler = self._sampler()
+
+    def _sampler(self) -> private.PatientSampler:
+        return private.PatientSampler(
+            self.data.patients, self.plan.sample_rate, self.settings.privacy.images_per_patient,
+            self.secret, self.accelerator.process_index, self.accelerator.num_processes)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"secret": str(self.secret), "noise_multiplier": self.plan.noise_multiplier}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["noise_multiplier"] != self.plan.noise_multiplier:
+            raise UserError(f"fit-diffusion: this training started with noise multiplier "
+                            f"{state['noise_multiplier']} and the accountant now calibrates "
+                            f"{self.plan.noise_multiplier} (another Opacus?); rerun with --force "
+                            "to train again from the start")
+        self.secret = int(state["secret"])
+        self.sampler = self._sampler()
+
+    def figures(self, steps_done: int) -> dict[str, Any]:
+        """model.json's "privacy": the accountant's figures after the steps taken."""
+        return self.plan.to_json(steps_done, self.unit)
 
     def descend(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
                 lr: float) -> float | None:
         """One private step; the mean loss of this process's patients (None without any)."""
+        rows = self.sampler.draw(step)
         net.eval()  # gradients through torch.func: no in-place weight renormalisation inside
         renormalize_weights(net)  # ... so it is done here, as a forward in training mode would
-        summed, losses = self._clipped_sum(net, self.sampler.draw(step), step)
+        summed, losses = self._clipped_sum(net, rows, step)
         if self.accelerator.num_processes > 1:
             summed = {name: self.accelerator.reduce(value, "sum") for name, value in summed.items()}
-        noisy = private.add_noise(summed, self.plan, self.seed, step)
+        noisy = private.add_noise(summed, self.plan, self.secret, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         for name, parameter in net.named_parameters():

@@ -24,16 +24,27 @@ we clip per patient. `torch.func.vmap` over patients of `torch.func.grad` of the
 model gives the exact per-patient gradient of any layer that runs batched, with no per-layer
 code.
 
-Every random draw of step t is a pure function of (seed, t): the patients and the privacy noise
-from streams shared by every process (so all processes sample the same patients, split them, and
-add the same noise after summing), the rest from the process's own stream, as without privacy.
+The patients and the privacy noise of step t come from a secret, not from the run's seed: DP-SGD
+needs noise the adversary cannot know, and the run's seed is in its config (whoever could retrain
+with one patient more or less and the same noise would see that patient's gradient exactly). The
+secret is 128 bits from the operating system, drawn once per training and shared by every
+process (so all sample the same patients, split them, and add the same noise after summing); it
+lives in the resumable checkpoint only, so a resumed training repeats an uninterrupted one and
+is gone once the weights are published. Two fresh trainings therefore differ, the one exception
+to "the same config and seed give the same weights". The rest of a step's randomness (which
+augmentation, noise level and condition dropout each row gets) comes from the process's seeded
+stream as without privacy: it does not enter the privacy analysis, which holds for any fixed
+choice of it. The noise is drawn by torch's Mersenne Twister, not a cryptographic generator, and
+in floating point: attacks on either are outside what is claimed.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,17 +53,27 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from unpersonal.config import DiffusionPrivacy
 from unpersonal.errors import UserError
-from unpersonal.torch_utils import step_seed
 
-# Streams of step t's generator that no process rank uses: shared by every process.
-PATIENT_STREAM = 1 << 30
-NOISE_STREAM = (1 << 30) + 1
+PATIENT_STREAM, NOISE_STREAM = 0, 1  # the secret's two streams of each step
 PATIENTS_PER_CALL = 16  # patients per vmapped call: their per-parameter gradients are in memory
 
 
+def new_secret() -> int:
+    """128 bits from the operating system's random source: the seed of the patient sampling and
+    the privacy noise of one training."""
+    return secrets.randbits(128)
+
+
+def secret_seed(secret: int, step: int, stream: int) -> int:
+    """The 64-bit seed of `stream` at `step`, from the training's secret."""
+    sequence = np.random.SeedSequence(secret, spawn_key=(step, stream))
+    return int(sequence.generate_state(1, np.uint64)[0])
+
+
 def default_delta(patients: int) -> float:
-    """The largest power of ten below 1 / patients: a chance of failure smaller than that of
-    naming one patient at random."""
+    """The largest power of ten below 1 / patients. delta bounds the chance that the guarantee
+    fails outright, so delta * patients, reported beside it, should be well below one; a data
+    holder who wants it smaller sets `diffusion.privacy.delta`."""
     exponent = math.floor(math.log10(1.0 / patients))
     delta = 10.0 ** exponent
     return delta if delta < 1.0 / patients else 10.0 ** (exponent - 1)
@@ -80,11 +101,12 @@ class PrivacyPlan:
         return spent_epsilon(self.noise_multiplier, self.sample_rate, steps, self.delta,
                              self.accountant)
 
-    def to_json(self, steps_done: int) -> dict[str, Any]:
+    def to_json(self, steps_done: int, unit: str = "patient") -> dict[str, Any]:
         import opacus
 
-        return {"unit": "patient", "epsilon": round(self.epsilon_after(steps_done), 4),
+        return {"unit": unit, "epsilon": round(self.epsilon_after(steps_done), 4),
                 "epsilon_target": self.epsilon_target, "delta": self.delta,
+                "delta_times_units": round(self.delta * self.patients, 4),
                 "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
                 "expected_patients_per_step": self.expected_patients, "patients": self.patients,
                 "steps": steps_done, "max_grad_norm": self.max_grad_norm,
@@ -112,9 +134,15 @@ def plan(settings: DiffusionPrivacy, patients: int, batch: int, steps: int) -> P
     sample_rate = batch / patients
     with warnings.catch_warnings():  # RDP's note that the best order is the largest it tried
         warnings.simplefilter("ignore")
-        sigma = get_noise_multiplier(target_epsilon=settings.epsilon, target_delta=delta,
-                                     sample_rate=sample_rate, steps=steps,
-                                     accountant=settings.accountant, epsilon_tolerance=0.01)
+        try:
+            sigma = get_noise_multiplier(target_epsilon=settings.epsilon, target_delta=delta,
+                                         sample_rate=sample_rate, steps=steps,
+                                         accountant=settings.accountant, epsilon_tolerance=0.01)
+        except ValueError as error:  # Opacus: "The privacy budget is too low."
+            raise UserError(f"diffusion.privacy.epsilon {settings.epsilon:g}: no noise level "
+                            f"reaches it over {steps} steps at {batch} of {patients} patients "
+                            f"per step ({error}); raise epsilon or lower diffusion.steps or "
+                            "diffusion.batch_size") from None
     return PrivacyPlan(settings.epsilon, delta, float(sigma), sample_rate, batch, patients, steps,
                        settings.max_grad_norm, settings.noise_levels, settings.images_per_patient,
                        settings.accountant)
@@ -131,7 +159,8 @@ def spent_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta
     ledger.history = [(noise_multiplier, sample_rate, steps)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return float(ledger.get_epsilon(delta))
+        # PRV's numerical bound can come out a hair below zero for very large noise.
+        return max(0.0, float(ledger.get_epsilon(delta)))
 
 
 def check_layers(model: torch.nn.Module) -> None:
@@ -154,7 +183,7 @@ class PatientSampler:
     """Which patients, and which of their images, step t trains on (Poisson sampling)."""
 
     def __init__(self, patient_of_row: np.ndarray, sample_rate: float, images_per_patient: int,
-                 seed: int, rank: int = 0, world: int = 1) -> None:
+                 secret: int, rank: int = 0, world: int = 1) -> None:
         patients, inverse = np.unique(patient_of_row, return_inverse=True)
         order = np.argsort(inverse, kind="stable")
         self.rows_by_patient = order  # rows grouped by patient
@@ -162,11 +191,11 @@ class PatientSampler:
         self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
         self.patients = len(patients)
         self.sample_rate, self.images_per_patient = sample_rate, images_per_patient
-        self.seed, self.rank, self.world = seed, rank, world
+        self.secret, self.rank, self.world = secret, rank, world
 
     def draw(self, step: int) -> np.ndarray:
         """This process's sampled patients' rows [P, images_per_patient] (P may be 0)."""
-        rng = np.random.default_rng(step_seed(self.seed, step, PATIENT_STREAM))
+        rng = np.random.default_rng(secret_seed(self.secret, step, PATIENT_STREAM))
         chosen = np.flatnonzero(rng.random(self.patients) < self.sample_rate)
         picks = rng.random((len(chosen), self.images_per_patient))  # drawn for every patient
         mine = slice(self.rank, None, self.world)
@@ -202,12 +231,30 @@ def clip_and_sum(grads: dict[str, torch.Tensor], max_norm: float
     return {name: torch.einsum("p,p...->...", factors, g) for name, g in grads.items()}, norms
 
 
-def add_noise(summed: dict[str, torch.Tensor], plan: PrivacyPlan, seed: int, step: int
+def add_noise(summed: dict[str, torch.Tensor], plan: PrivacyPlan, secret: int, step: int
               ) -> dict[str, torch.Tensor]:
     """(sum + N(0, sigma^2 C^2)) / expected patients: the private gradient. The noise comes from
-    the step's shared stream, the same in every process (after the sums are reduced)."""
+    the secret's stream of the step, the same in every process (after the sums are reduced)."""
     device = next(iter(summed.values())).device
-    generator = torch.Generator(device).manual_seed(step_seed(seed, step, NOISE_STREAM))
+    generator = torch.Generator(device).manual_seed(secret_seed(secret, step, NOISE_STREAM))
     std = plan.noise_multiplier * plan.max_grad_norm
     return {name: (value + std * torch.randn(value.shape, generator=generator, device=device))
             / plan.expected_patients for name, value in summed.items()}
+
+
+def check_init_never_saw(source: Path, patients: np.ndarray) -> bool:
+    """Refuse starting weights trained on any of these training patients (differential privacy
+    protects them only if nothing else the generator starts from has seen them). Returns whether
+    the starting run's patients could be checked (a bare weights folder has none to compare)."""
+    folder = source / "fit-diffusion" if (source / "fit-diffusion").is_dir() else source
+    arrays = folder.parent / "prepare" / "arrays.npz"
+    if not arrays.is_file():
+        return False
+    with np.load(arrays, allow_pickle=False) as data:
+        seen = set(data["patient_id"][data["split"] == "train"].tolist())
+    shared = seen & set(np.asarray(patients).tolist())
+    if shared:
+        raise UserError(f"diffusion.init {source}: its denoiser was trained on {len(shared)} of "
+                        "this run's training patients; differential privacy needs starting "
+                        "weights that never saw them (for example a public dataset's)")
+    return True
