@@ -18,6 +18,13 @@ Then, in the same process, the other rows of the table, each audited and evaluat
 * the reference recipe on the first `--reference-sources` sources (its full run would take days
   on 2 cores): cost and privacy only.
 
+The whole pipeline is trained `--trainings` times (pipeline seeds 0, 1, ...; runs
+bench-kermany-32, bench-kermany-32-t1, ...), each audited and evaluated; the headline figures
+(`auc_*`, `gap_pp*`, the privacy figures, `nfe_per_accepted_ours`, `wall_time_s`) are means over
+the trainings, each interval covering the test patients and the spread between trainings
+(`trainings.py`), and every training's own figure is kept beside them. The rows below come from
+the first training.
+
 Each row's figures are kept in runs/bench-kermany-32-rows/ (written atomically, keyed by the
 stages they come from), so a rerun after a crash or a kill picks up where it stopped; the
 reference run resumes block by block like any `generate`.
@@ -51,6 +58,8 @@ import numpy as np
 
 from runner import (DOWNSTREAM, copy_run_without, provenance, reference_run, sets, unpersonal,
                     write_table)
+from trainings import markdown as trainings_markdown
+from trainings import over_trainings
 from unpersonal.config import load_config
 from unpersonal.data.canonical import load_canonical
 from unpersonal.evaluation.audit import audit_set
@@ -72,13 +81,20 @@ STAGE_ORDER = ("prepare", "fit-embedder", "fit-reid", "calibrate", "fit-classifi
                "fit-diffusion", "generate", "audit-embedder", "audit-reid", "audit", "eval")
 
 
-def pipeline(run: Path, seeds: int) -> None:
-    """Our pipeline through the CLI; each command skips what is already done."""
+def pipeline(run: Path, seeds: int, seed: int = 0) -> None:
+    """Our pipeline through the CLI (pipeline seed `seed`); each command skips what is already
+    done. Trainings after the first skip the restoration rows, which the first reports."""
     unpersonal("prepare", "--data", str(DATA), "--out", str(run), "--preset", "cpu",
-               *sets("diffusion.conditioning=class+pseudo"))
+               *sets("diffusion.conditioning=class+pseudo", f"seed={seed}",
+                     *(["evaluate.restoration=false"] if seed else [])))
     for command in COMMANDS:
         extra = sets(f"evaluate.classifier_seeds={seeds}") if command == "evaluate" else []
         unpersonal(command, "--out", str(run), *extra)
+
+
+def training_runs(first: Path, trainings: int) -> list[Path]:
+    """The run folder of each training: the first, then FIRST-t1, FIRST-t2, ..."""
+    return [first, *(first.with_name(f"{first.name}-t{t}") for t in range(1, trainings))]
 
 
 def stage_seconds(run: Path) -> dict[str, float]:
@@ -223,6 +239,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "bench-kermany-32")
     parser.add_argument("--seeds", type=int, default=5, help="classifier training seeds")
+    parser.add_argument("--trainings", type=int, default=3,
+                        help="trainings of the whole pipeline (seeds 0, 1, ...): the headline "
+                        "figures are their means; the other rows come from the first")
     parser.add_argument("--reference-sources", type=int, default=40,
                         help="sources of the reference recipe: about 20 s each on 2 cores, so "
                         "40 keep the whole benchmark within 90 minutes")
@@ -230,7 +249,9 @@ def main() -> None:
     if not DATA.is_file():
         sys.exit(f"needs {DATA}")
     invoked = time.perf_counter()
-    pipeline(options.run, options.seeds)
+    runs = training_runs(options.run, options.trainings)
+    for seed, folder in enumerate(runs):
+        pipeline(folder, options.seeds, seed)
     rows_folder = options.run.with_name(options.run.name + "-rows")
     run = RunDir(options.run)
     config = load_config(config_file=options.run / "config.yaml")
@@ -329,33 +350,53 @@ def main() -> None:
          **privacy_row(ref_privacy), "wall_time_s": ref_generation["seconds_total"]},
     ]
     restoration = metrics["utility"].get("restoration", {})
+    summary = over_trainings(runs, config.evaluate.bootstrap, config.seed)
+    per_training = [stage_seconds(folder) for folder in runs]
+    sets_over = summary["training_sets"]
 
     def restored(task: str, name: str) -> float | None:
         return restoration.get(task, {}).get(name, {}).get("psnr", {}).get("mean")
 
+    # The headline keys are means over the trainings (`trainings.py`); "first_training" and
+    # the rows are the first training's, with the rows the others do not repeat.
     results = {
-        "auc_real": classification["real"]["mean"],
-        "auc_synthetic": classification["synthetic"]["mean"],
-        "auc_synthetic_ci": classification["synthetic"]["ci95"],
-        "auc_real_plus_synthetic": classification.get("real+synthetic", {}).get("mean"),
-        "gap_pp": classification["gap_pp"],
-        "gap_pp_ci": classification["gap_pp_ci95"],
-        "gap_pp_real_plus_synthetic": classification.get("gap_pp_real+synthetic"),
-        "auc_pretrain_finetune": classification.get("synthetic-then-real", {}).get("mean"),
-        "gap_pp_pretrain_finetune": classification.get("gap_pp_synthetic-then-real"),
+        "trainings": summary["trainings"],
+        "auc_real": sets_over["real"]["auc"],
+        "auc_synthetic": sets_over["synthetic"]["auc"],
+        "auc_synthetic_ci": sets_over["synthetic"]["auc_ci95"],
+        "auc_synthetic_per_training": sets_over["synthetic"]["auc_per_training"],
+        "auc_real_plus_synthetic": sets_over.get("real+synthetic", {}).get("auc"),
+        "gap_pp": sets_over["synthetic"]["gap_pp"],
+        "gap_pp_ci": sets_over["synthetic"]["gap_pp_ci95"],
+        "gap_pp_per_training": sets_over["synthetic"]["gap_pp_per_training"],
+        "gap_pp_real_plus_synthetic": sets_over.get("real+synthetic", {}).get("gap_pp"),
+        "gap_pp_real_plus_synthetic_ci": sets_over.get("real+synthetic", {}).get("gap_pp_ci95"),
+        "auc_pretrain_finetune": sets_over.get("synthetic-then-real", {}).get("auc"),
+        "gap_pp_pretrain_finetune": sets_over.get("synthetic-then-real", {}).get("gap_pp"),
+        "gap_pp_pretrain_finetune_ci": sets_over.get("synthetic-then-real", {}).get(
+            "gap_pp_ci95"),
+        "over_trainings": summary,
         "classifier_seeds": classification["seeds"],
-        "reid_rate_synthetic": privacy["reid_rate"]["synthetic"],
-        "reid_rate_heldout": privacy["reid_rate"]["heldout"],
-        "mia_auc": privacy_row(privacy)["mia_auc"],
+        "reid_rate_synthetic": summary["privacy"]["reid_rate_synthetic"]["mean"],
+        "reid_rate_heldout": summary["privacy"]["reid_rate_heldout"]["mean"],
+        "mia_auc": summary["privacy"]["mia_auc"]["mean"],
+        "audits_passed": summary["audits_passed"],
+        "first_training": {"auc_synthetic": classification["synthetic"]["mean"],
+                           "gap_pp": classification["gap_pp"],
+                           "mia_auc": privacy_row(privacy)["mia_auc"]},
         "mia_nonmember_split": privacy["membership_inference"]["nonmember_split"],
         "mia_auc_test_split_nonmembers": {attack: shifted[attack]["auc"]
                                           for attack in ("distance", "density_ratio")},
-        "pso_excess": privacy["singling_out"]["max_excess"],
-        "pso_excess_ci": privacy["singling_out"]["max_ci"],
+        "pso_excess": summary["privacy"]["pso_excess"]["mean"],
+        # The union of the trainings' intervals: every training's excess lies in its own.
+        "pso_excess_ci": [min(ci[0] for ci in summary["privacy"]["pso_excess_ci_per_training"]),
+                          max(ci[1] for ci in summary["privacy"]["pso_excess_ci_per_training"])],
         "fd": metrics["fidelity"]["fd"], "fd_real_test": metrics["fidelity"]["fd_real_test"],
         "recall": metrics["fidelity"]["prdc"]["recall"],
         "coverage": metrics["fidelity"]["prdc"]["coverage"],
-        "nfe_per_accepted_ours": generation["nfe_per_accepted"],
+        "nfe_per_accepted_ours": float(np.mean([
+            json.loads((folder / "generate" / "generate.json").read_text())["nfe_per_accepted"]
+            for folder in runs])),
         "nfe_per_accepted_reference": ref_generation["nfe_per_accepted"],
         "seconds_per_accepted_ours": generation["seconds_per_accepted"],
         "seconds_per_accepted_reference": ref_generation["seconds_per_accepted"],
@@ -373,13 +414,18 @@ def main() -> None:
         "restoration": restoration,
         "rows": rows,
         "stage_seconds": seconds,
-        "wall_time_s": round(sum(seconds.values()), 1),
+        # One training's wall time, the mean over trainings (each from its own stages), and
+        # the first's with the rows only it makes.
+        "wall_time_s": round(float(np.mean([sum(t.values()) for t in per_training])), 1),
+        "wall_time_s_per_training": [round(sum(t.values()), 1) for t in per_training],
+        "wall_time_s_first_with_rows": round(sum(seconds.values()), 1),
         "invocation_s": round(time.perf_counter() - invoked, 1),
         **provenance(),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_atomic(RESULTS / "kermany.json", json.dumps(results, indent=2) + "\n")
     tables = {"kermany.py rows": markdown(rows),
+              "kermany.py trainings": trainings_markdown(summary),
               "kermany.py restoration": restoration_markdown(restoration)}
     print(*tables.values(),
           json.dumps({"stage_seconds": seconds, "wall_time_s": results["wall_time_s"],
