@@ -122,13 +122,7 @@ def step_cost(rounds: int, steps: int) -> dict[str, Any]:
             inputs = [t.reshape(batch, levels, *t.shape[1:]) for t in rows(batch * levels)]
             net.eval()
             renormalize_weights(net)
-            summed = {k: torch.zeros_like(p) for k, p in net.named_parameters()}
-            for start in range(0, batch, private.PATIENTS_PER_CALL):
-                part = tuple(t[start:start + private.PATIENTS_PER_CALL] for t in inputs)
-                grads, _ = private.per_patient_gradients(
-                    net, lambda d, x, s, n, c: loss_fn.given(d, x, s, n, c), part)
-                for k, v in private.clip_and_sum(grads, 1.0)[0].items():
-                    summed[k] += v
+            summed, _ = private.clipped_sum(net, loss_fn.given, inputs, 1.0)
             for k, v in private.add_noise(summed, plan, 0, 0).items():
                 dict(net.named_parameters())[k].grad = v
         optimizer.step()

@@ -64,6 +64,13 @@ def load_denoiser_codec(folder: Path, meta: dict[str, Any]) -> LatentCodec | Non
     return load_codec(folder, meta["sigma_data"])
 
 
+def init_folder(source: Path) -> Path:
+    """The folder of `diffusion.init`'s weights: a run's fit-diffusion folder, or `source`
+    itself (a folder with model.json and ema.safetensors)."""
+    published = source / "fit-diffusion"
+    return published if (published / "model.json").is_file() else source
+
+
 def initial_weights(denoiser: Denoiser, source: Path) -> dict[str, Any]:
     """Load another run's denoiser into `denoiser` (`diffusion.init`, `fit-diffusion --init`),
     for example one trained on public data before fine-tuning under differential privacy.
@@ -71,7 +78,7 @@ def initial_weights(denoiser: Denoiser, source: Path) -> dict[str, Any]:
     `source` is a run folder or a folder with model.json and ema.safetensors. The UNet must be
     the same; tensors of another shape (the label embedding of data with other labels) keep
     their fresh initialisation. Returns what the datasheet says of the starting point."""
-    folder = source / "fit-diffusion" if (source / "fit-diffusion" / "model.json").is_file() else source
+    folder = init_folder(source)
     if not (folder / "model.json").is_file() or not (folder / "ema.safetensors").is_file():
         raise UserError(f"diffusion.init {source}: neither a run with a trained diffusion model "
                         "nor a folder with model.json and ema.safetensors")

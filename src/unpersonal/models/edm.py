@@ -115,7 +115,7 @@ class EDM2Loss:
         return self.given(denoiser, images, sigma, noise, cond)
 
     def given(self, denoiser: nn.Module, images: Tensor, sigma: Tensor, noise: Tensor,
-              cond: Tensor | None) -> Tensor:
+              cond: Tensor | None = None) -> Tensor:
         """The per-sample loss at noise levels `sigma` [B, 1, 1, 1] (> 0) with unit `noise`
         already drawn: nothing random inside, so `torch.func` can take it per patient."""
         denoised, logvar = denoiser(images + noise * sigma, sigma, cond, return_logvar=True,

@@ -134,16 +134,15 @@ def _extractor_inputs(config: Config, run: RunDir) -> dict[str, str]:
 def _diffusion_inputs(config: Config, run: RunDir) -> dict[str, str]:
     """What fit-diffusion reads besides the prepared data: the pseudo-conditions' file and the
     starting weights (`diffusion.init`), by content."""
+    from unpersonal.artifacts.denoiser import init_folder
     from unpersonal.training.diffusion import pseudo_source
 
     kind, path = pseudo_source(config.diffusion, run.stage_path("fit-embedder")
                                if run.stage_record("fit-embedder") else None)
     inputs = {} if path is None else {f"pseudo_features ({kind})": sha256_file(path)}
-    init = config.diffusion.init
-    if init is not None:
-        weights = next((w for w in (init / "fit-diffusion" / "ema.safetensors",
-                                    init / "ema.safetensors") if w.is_file()), None)
-        if weights is not None:  # missing: fit-diffusion says so
+    if config.diffusion.init is not None:
+        weights = init_folder(config.diffusion.init) / "ema.safetensors"
+        if weights.is_file():  # missing: fit-diffusion says so
             inputs["init"] = sha256_file(weights)
     return inputs
 

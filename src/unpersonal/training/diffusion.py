@@ -286,10 +286,9 @@ class PrivateSteps:
 
     def _clipped_sum(self, net: torch.nn.Module, rows: np.ndarray, step: int
                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        if len(rows) == 0:  # no patient of this process in the step
+            return {name: torch.zeros_like(p) for name, p in net.named_parameters()}, torch.zeros(0)
         device = self.accelerator.device
-        summed = {name: torch.zeros_like(p) for name, p in net.named_parameters()}
-        if len(rows) == 0:
-            return summed, torch.zeros(0)
         repeats = self.settings.privacy.noise_levels
         flat = torch.from_numpy(rows.reshape(-1)).repeat_interleave(repeats)
         generator = step_generator(self.seed, step, device, self.accelerator.process_index)
@@ -300,21 +299,9 @@ class PrivateSteps:
         sigma = self.loss_fn.sample_sigma(len(flat), device, generator)
         noise = torch.randn(images.shape, generator=generator, device=device)
         inputs = [images, sigma, noise] + ([cond] if cond is not None else [])
-        inputs = [t.reshape(len(rows), -1, *t.shape[1:]) for t in inputs]
-
-        def loss_of_rows(denoiser: Any, x: torch.Tensor, s: torch.Tensor, n: torch.Tensor,
-                         c: torch.Tensor | None = None) -> torch.Tensor:
-            return self.loss_fn.given(denoiser, x, s, n, c)
-
-        losses = []
-        for start in range(0, len(rows), private.PATIENTS_PER_CALL):
-            part = tuple(t[start:start + private.PATIENTS_PER_CALL] for t in inputs)
-            grads, loss = private.per_patient_gradients(net, loss_of_rows, part)
-            clipped, _ = private.clip_and_sum(grads, self.plan.max_grad_norm)
-            for name, value in clipped.items():
-                summed[name] += value
-            losses.append(loss.detach())
-        return summed, torch.cat(losses)
+        return private.clipped_sum(net, self.loss_fn.given,
+                                   [t.reshape(len(rows), -1, *t.shape[1:]) for t in inputs],
+                                   self.plan.max_grad_norm)
 
 
 def _guide_step(settings: DiffusionConfig) -> int:

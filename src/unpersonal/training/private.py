@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
+from unpersonal.artifacts.denoiser import init_folder
 from unpersonal.config import DiffusionPrivacy
 from unpersonal.errors import UserError
 
@@ -231,6 +232,21 @@ def clip_and_sum(grads: dict[str, torch.Tensor], max_norm: float
     return {name: torch.einsum("p,p...->...", factors, g) for name, g in grads.items()}, norms
 
 
+def clipped_sum(model: torch.nn.Module, loss_of_rows: Any, inputs: list[torch.Tensor],
+                max_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """sum_p clip(g_p) over the patients of `inputs` ([P, rows, ...] tensors), taken
+    `PATIENTS_PER_CALL` patients at a time, and each patient's loss."""
+    summed = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    losses = []
+    for start in range(0, len(inputs[0]), PATIENTS_PER_CALL):
+        part = tuple(t[start:start + PATIENTS_PER_CALL] for t in inputs)
+        grads, loss = per_patient_gradients(model, loss_of_rows, part)
+        for name, value in clip_and_sum(grads, max_norm)[0].items():
+            summed[name] += value
+        losses.append(loss.detach())
+    return summed, torch.cat(losses)
+
+
 def add_noise(summed: dict[str, torch.Tensor], plan: PrivacyPlan, secret: int, step: int
               ) -> dict[str, torch.Tensor]:
     """(sum + N(0, sigma^2 C^2)) / expected patients: the private gradient. The noise comes from
@@ -246,8 +262,7 @@ def check_init_never_saw(source: Path, patients: np.ndarray) -> bool:
     """Refuse starting weights trained on any of these training patients (differential privacy
     protects them only if nothing else the generator starts from has seen them). Returns whether
     the starting run's patients could be checked (a bare weights folder has none to compare)."""
-    folder = source / "fit-diffusion" if (source / "fit-diffusion").is_dir() else source
-    arrays = folder.parent / "prepare" / "arrays.npz"
+    arrays = init_folder(source).parent / "prepare" / "arrays.npz"
     if not arrays.is_file():
         return False
     with np.load(arrays, allow_pickle=False) as data:
