@@ -133,6 +133,35 @@ def test_singling_out_counts_patients_not_images() -> None:
     np.testing.assert_allclose(result["weight"], [(0 + 0 + 1 + 2) / 4 / 2, (1 + 1) / 4 / 2, 0])
 
 
+def test_a_release_farther_from_everyone_singles_out_nobody() -> None:
+    """New patients' images moved away from every training patient alike (a generator a little
+    off the data: every cosine shrunk, by an extra dimension only the release uses). Their
+    predicates match fewer patients at every threshold; where held-out ones match several, they
+    isolate someone far more often than held-out images' do, without knowing anyone. Those
+    thresholds are not singling out (weight above 1/n) and are left out; copies mixed into the
+    same release are still caught."""
+    rng = np.random.default_rng(21)
+    train, train_patient = patients(rng, 150, "T")
+    heldout, heldout_patient = patients(rng, 80, "H")
+    fresh, _ = patients(rng, 300, "F", per=1)
+    apart = lambda x, a: np.c_[np.sqrt(1 - a * a) * x, np.full(len(x), a)]  # noqa: E731
+    train, heldout, farther = apart(train, 0), apart(heldout, 0), apart(fresh, 0.4)
+    everywhere = [0.003, 0.01, *THRESHOLDS]
+    matched = [(SCORER.score_matrix(rows, train)[:, :, None] >= everywhere)
+               .reshape(len(rows), 150, 3, -1).any(axis=2).sum(axis=1)
+               for rows in (farther, heldout)]
+    isolating = [(m == 1).mean(axis=0) for m in matched]
+    assert isolating[0][1] > isolating[1][1] + 0.1, isolating  # at 0.01 (4 patients matched)
+    shifted = singling_out(farther, train, train_patient, heldout, SCORER, everywhere,
+                           heldout_patient=heldout_patient, repeats=399)
+    assert 0.01 in shifted["high_weight_thresholds"] and 0.01 not in shifted["thresholds"]
+    assert shifted["p_value"] > 0.05, shifted
+    copied = np.concatenate([farther[:285], copies_of(train[rng.choice(len(train), 15)], rng)])
+    leaked = singling_out(copied, train, train_patient, heldout, SCORER, everywhere,
+                          heldout_patient=heldout_patient, repeats=399)
+    assert leaked["p_value"] < 0.05 and leaked["max_excess"] > 0.03, leaked
+
+
 # ---- an honest synthetic set: images of new patients ----
 
 def test_honest_set_reid_rate_is_the_heldout_rate(world: SimpleNamespace) -> None:
@@ -183,7 +212,7 @@ def test_non_members_of_another_kind_read_as_membership() -> None:
 
 def test_honest_set_singles_out_nobody(world: SimpleNamespace) -> None:
     result = singling_out(world.fresh, world.train, world.train_patient, world.heldout, SCORER,
-                          THRESHOLDS, repeats=199)
+                          THRESHOLDS, heldout_patient=world.heldout_patient, repeats=199)
     assert result["heldout_rate"].max() > 0.2  # predicates do isolate people by chance ...
     assert not result["significant"]  # ... no more often from the set than from new patients
     low, high = result["max_ci"]
@@ -223,7 +252,7 @@ def test_copies_of_some_images_reveal_membership_of_those(world: SimpleNamespace
 
 def test_copies_single_out_training_patients(world: SimpleNamespace) -> None:
     result = singling_out(world.copies, world.train, world.train_patient, world.heldout, SCORER,
-                          THRESHOLDS, repeats=199)
+                          THRESHOLDS, heldout_patient=world.heldout_patient, repeats=199)
     assert result["significant"] and result["max_ci"][0] > 0.5
     assert result["max_excess"] > 0.8 and result["max_threshold"] >= 0.5
     assert result["p_value"] == pytest.approx(1 / 200)  # no permutation came near
@@ -234,14 +263,15 @@ def test_a_few_copies_among_honest_images_single_out_the_whole_population() -> N
     training patient counts (no subsample of the population dilutes the copies)."""
     rng = np.random.default_rng(12)
     train, train_patient = patients(rng, 400, "T")
-    heldout, _ = patients(rng, 100, "H")
+    heldout, heldout_patient = patients(rng, 100, "H")
     fresh, _ = patients(rng, 380, "F", per=1)
     copied = rng.choice(len(train), 20, replace=False)
     synthetic = np.concatenate([fresh, copies_of(train[copied], rng)])
     result = singling_out(synthetic, train, train_patient, heldout, SCORER, THRESHOLDS,
-                          repeats=999)
+                          heldout_patient=heldout_patient, repeats=999)
     assert result["p_value"] < 0.01 and result["max_excess"] > 0.04, result
-    honest = singling_out(fresh, train, train_patient, heldout, SCORER, THRESHOLDS, repeats=999)
+    honest = singling_out(fresh, train, train_patient, heldout, SCORER, THRESHOLDS,
+                          heldout_patient=heldout_patient, repeats=999)
     assert honest["p_value"] > 0.05
 
 
@@ -252,10 +282,10 @@ def test_two_samples_of_one_population_show_no_excess() -> None:
     many predicates isolate someone: whatever the threshold, the interval contains 0."""
     rng = np.random.default_rng(11)
     train, train_patient = patients(rng, 90, "A")
-    heldout, _ = patients(rng, 60, "B")
-    synthetic, _ = patients(rng, 60, "C")
+    heldout, heldout_patient = patients(rng, 60, "B")
+    synthetic, _ = patients(rng, 180, "C", per=1, noise=0.5)
     result = singling_out(synthetic, train, train_patient, heldout, SCORER, THRESHOLDS,
-                          repeats=400, seed=2)
+                          heldout_patient=heldout_patient, repeats=400, seed=2)
     assert result["population_size"] == 90 and result["repeats"] == 400
     assert result["train_rate"].max() > 0.2 and result["heldout_rate"].max() > 0.2
     assert (result["excess_ci"][:, 0] <= 0).all() and (result["excess_ci"][:, 1] >= 0).all()
@@ -269,15 +299,17 @@ def test_singling_out_false_alarms_at_most_alpha() -> None:
     train, train_patient = patients(rng, 60, "T")
     alarms = []
     for draw in range(60):
-        synthetic, _ = patients(rng, 30, f"S{draw}-")
-        heldout, _ = patients(rng, 30, f"H{draw}-")
+        synthetic, _ = patients(rng, 90, f"S{draw}-", per=1)  # drawn apart, one by one
+        heldout, heldout_patient = patients(rng, 30, f"H{draw}-")
         alarms.append(singling_out(synthetic, train, train_patient, heldout, SCORER, THRESHOLDS,
-                                   repeats=99, seed=draw)["p_value"] <= 0.05)
+                                   heldout_patient=heldout_patient, repeats=99,
+                                   seed=draw)["p_value"] <= 0.05)
     assert np.mean(alarms) <= 0.05 + 2.5 * np.sqrt(0.05 * 0.95 / 60)
 
 
 def test_results_repeat_with_the_seed_and_vary_without(world: SimpleNamespace) -> None:
-    args = (world.fresh, world.train, world.train_patient, world.heldout, SCORER, THRESHOLDS)
+    args = (world.fresh, world.train, world.train_patient, world.heldout, SCORER, THRESHOLDS,
+            world.heldout_patient)
     first, again = singling_out(*args, seed=4), singling_out(*args, seed=4)
     other = singling_out(*args, seed=5)
     np.testing.assert_array_equal(first["excess"], again["excess"])

@@ -14,7 +14,8 @@ TESTS = ("reid_rate", "dcr_embedding_q01", "dcr_embedding_min", "dcr_pixel_q01",
          "dcr_pixel_min", "mia_distance", "mia_density_ratio", "singling_out")
 REID = "re-identified: linked to a training patient by the audit's re-ID network"
 MIA = "membership inference: can the set tell training patients from others?"
-PSO = "singling out: predicates built from released images isolating one training patient"
+PSO = ("singling out: low-weight predicates built from released images isolating one training "
+       "patient")
 PLANTED = "planted near-copies of training images caught by the audit"
 UTILITY = "classifier trained on synthetic, test ROC-AUC"
 VERDICT_OF = {

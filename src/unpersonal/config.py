@@ -479,7 +479,8 @@ class AuditConfig(Section):
     pso_thresholds: tuple[float, ...] = Field(
         (0.5, 0.8, 0.9, 0.95, 0.99), description="re-ID score thresholds t of the singling-out "
         "predicates 'score with s >= t'; the audit's threshold and the median, 90th and 99th "
-        "percentiles of held-out images' best scores are always added")
+        "percentiles of held-out images' best scores are always added; of these, those where the "
+        "predicates match at most one patient on average are tested")
     pso_repeats: int = Field(999, ge=2, description="permutations of released and held-out "
                              "images behind the singling-out interval and p-value, whose "
                              "smallest value is 1 / (repeats + 1), below what the Holm "

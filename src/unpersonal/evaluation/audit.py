@@ -210,6 +210,7 @@ def audit_vectors(models: AuditModels, release: SetVectors, settings: AuditConfi
         tests[f"dcr_{space}_min"] = exceedance_test(d["synthetic"], d["heldout"], 0.0, "below")
     pso = singling_out(release.reid, models.reid_vectors["train"], models.train.patient_id,
                        heldout.reid, models.scorer, pso_thresholds(models, settings),
+                       heldout_patient=models.heldout.patient_id,
                        repeats=settings.pso_repeats, seed=seed)
     mia = membership_inference(models.features["train"], heldout.features, release.features,
                                heldout_patient=models.heldout.patient_id, seed=seed,

@@ -8,9 +8,9 @@ measure how often. So each attack is run twice, or carries its own reference:
     reid_rate              synthetic vs held-out images linked to any training patient
     dcr_summary            distances to the closest training image, synthetic vs held-out
     membership_inference   can the synthetic set tell training images from held-out ones? (AUC)
-    singling_out           do synthetic images' predicates isolate one training patient more
-                           often than held-out images' predicates do? (excess rate, permutation
-                           interval and p-value)
+    singling_out           do synthetic images' low-weight predicates isolate one training
+                           patient more often than held-out images' do? (excess rate,
+                           permutation interval and p-value)
 
 Inputs are unit-norm embeddings [N, D] (the re-ID network's or the embedder's); patient ids are
 any array of hashable labels, one per row. Nothing here loads a model: a re-ID network enters as
@@ -243,7 +243,8 @@ def _attack_result(truth: np.ndarray, scores: np.ndarray) -> dict[str, float]:
 
 def singling_out(synthetic: np.ndarray, train: np.ndarray, train_patient: np.ndarray,
                  heldout: np.ndarray, scorer: ReidScorer, thresholds: Sequence[float],
-                 repeats: int = 999, seed: int = 0, level: float = 0.95) -> dict:
+                 heldout_patient: np.ndarray | None = None, repeats: int = 999, seed: int = 0,
+                 level: float = 0.95) -> dict:
     """Predicate singling out (Cohen & Nissim 2020) of the whole training population.
 
     Each released image s and threshold t define the predicate "some image of the patient has a
@@ -255,15 +256,28 @@ def singling_out(synthetic: np.ndarray, train: np.ndarray, train_patient: np.nda
         excess(t) = share of released images whose predicate isolates a training patient
                   - the same share for held-out images
 
-    The predicate's weight, the share of patients a held-out image's predicate matches (its
-    chance to match someone it knows nothing of), is reported per threshold ("weight"): a
-    predicate of weight w isolates by chance in a population of n at most about n w (1 - w)^(n-1);
-    the excess at low weight is what singles out.
+    Only predicates of low weight count. A predicate's weight is the share of patients it
+    matches; a predicate of weight w isolates someone by chance in a population of n about
+    n w (1 - w)^(n-1) of the time, which rises with w up to w = 1/n. Singling out, as Cohen and
+    Nissim define it, is isolating with a predicate of weight well below 1/n, and only there
+    does this chance fall as the predicates know less. Above it the comparison confounds
+    weight with knowledge: a release whose images all lie a little farther from everyone than
+    new patients' images do (a generator slightly off the data, which singles out nobody)
+    matches fewer patients at a low threshold and so isolates someone more often. So the
+    thresholds kept are those at which the pooled released and held-out predicates match at
+    most one patient on average (weight at most 1/n; the highest threshold if none does), chosen
+    from the pooled sets so that the permutations below stay exact. There a release farther
+    from everyone isolates less, and a copy, whose own patient scores near 1 whatever the
+    threshold, more. The held-out predicates' weight is reported per threshold kept
+    ("weight").
 
     The uncertainty comes from permutations: if the released set knew no more of the training
     patients than new patients' images do, released and held-out images would be exchangeable.
     Each of `repeats` draws pools them, reassigns which are "released" at random, and takes the
-    same difference. Each threshold's difference is divided by its null spread (a max-T test),
+    same difference. A held-out patient's images move together (`heldout_patient`; each
+    released image is its own unit): they isolate together, and moving them apart would make
+    the null too narrow (with three images per held-out patient, an honest release then fails
+    about three times as often as it should). Each threshold's difference is divided by its null spread (a max-T test),
     so that the few isolations of a rare, telling predicate are not drowned by the chance
     swings of a common one. The band [low, high] holds these studentized null differences at
     every threshold at once in `level` of the draws, and each threshold's interval is
@@ -281,14 +295,20 @@ def singling_out(synthetic: np.ndarray, train: np.ndarray, train_patient: np.nda
     if repeats < 1 or not 0 < level < 1:
         raise ValueError(f"need repeats >= 1 and 0 < level < 1, got {repeats}, {level}")
     train_sorted, starts = _grouped(train, train_patient, "train_patient")
-    matched_synthetic = _matched_patients(synthetic, train_sorted, starts, scorer, thresholds)
-    matched_heldout = _matched_patients(heldout, train_sorted, starts, scorer, thresholds)
-    isolating = np.concatenate([matched_synthetic == 1, matched_heldout == 1]).astype(np.float64)
-    released = np.r_[np.ones(len(synthetic), bool), np.zeros(len(heldout), bool)]
+    matched = np.concatenate([_matched_patients(rows, train_sorted, starts, scorer, thresholds)
+                              for rows in (synthetic, heldout)])
+    low_weight = matched.mean(axis=0) <= 1
+    kept = low_weight if low_weight.any() else thresholds == thresholds.max()
+    dropped, thresholds, matched = thresholds[~kept], thresholds[kept], matched[:, kept]
+    matched_heldout = matched[len(synthetic):]
+    isolating = (matched == 1).astype(np.float64)
+    released = np.arange(len(isolating)) < len(synthetic)
+    unit = _permutation_units(len(synthetic), len(heldout), heldout_patient)
+    units = int(unit.max()) + 1
     rng = np.random.default_rng(seed)
     null = np.empty((repeats, len(thresholds)))
     for draw in range(repeats):
-        shuffled = rng.permutation(released)
+        shuffled = (rng.permutation(units) < len(synthetic))[unit]
         null[draw] = isolating[shuffled].mean(axis=0) - isolating[~shuffled].mean(axis=0)
     train_rate, heldout_rate = isolating[released].mean(axis=0), isolating[~released].mean(axis=0)
     excess = train_rate - heldout_rate
@@ -304,7 +324,8 @@ def singling_out(synthetic: np.ndarray, train: np.ndarray, train_patient: np.nda
     best = int(np.argmax(z))
     exceeding = int(np.sum(null_z.max(axis=1) >= z[best] - 1e-12))
     patients = len(starts)
-    return {"thresholds": thresholds, "train_rate": train_rate, "heldout_rate": heldout_rate,
+    return {"thresholds": thresholds, "high_weight_thresholds": dropped,
+            "train_rate": train_rate, "heldout_rate": heldout_rate,
             "excess": excess, "excess_ci": ci,
             "weight": matched_heldout.mean(axis=0) / patients,
             "max_excess": float(excess[best]), "max_threshold": float(thresholds[best]),
@@ -313,6 +334,16 @@ def singling_out(synthetic: np.ndarray, train: np.ndarray, train_patient: np.nda
             "p_value": (1 + exceeding) / (1 + repeats),
             "population_size": patients, "repeats": repeats, "level": level,
             "n_synthetic": len(synthetic), "n_heldout": len(heldout)}
+
+
+def _permutation_units(synthetic: int, heldout: int, heldout_patient: np.ndarray | None
+                       ) -> np.ndarray:
+    """Each row's unit of exchange, 0..U-1: released images one each, then held-out patients
+    (held-out images one each when no patient ids are given)."""
+    if heldout_patient is None:
+        return np.arange(synthetic + heldout)
+    codes, _ = _patient_codes(heldout_patient, heldout, "heldout_patient")
+    return np.r_[np.arange(synthetic), synthetic + codes]
 
 
 def _grouped(images: np.ndarray, patients: np.ndarray, what: str

@@ -86,7 +86,8 @@ def privacy_verdicts(privacy: dict[str, Any]) -> list[Verdict]:
     pso = privacy["singling_out"]
     ci_low, ci_high = pso["max_ci"]
     out.append(Verdict(
-        "singling out: predicates built from released images isolating one training patient",
+        "singling out: low-weight predicates built from released images isolating one training "
+        "patient",
         f"excess {pso['max_excess']:+.3f} (95% CI {ci_low:+.3f} to {ci_high:+.3f}; "
         f"{p_text('singling_out')})",
         "0 = as often as on a held-out population", passed("singling_out"),
