@@ -9,7 +9,8 @@ from unpersonal.errors import UserError
 def test_presets_set_their_resolution_and_data_implies_cpu(tmp_path: Path) -> None:
     assert load_config().preset == "demo"
     assert load_config().data.resolution == 32
-    assert load_config("gpu").data.resolution == 128
+    gpu = load_config("gpu")
+    assert (gpu.data.resolution, gpu.diffusion.space, gpu.autoencoder.factor) == (256, "latent", 8)
     with_data = load_config(data_source=tmp_path)
     assert with_data.preset == "cpu" and with_data.data.resolution == 32
     assert with_data.data.source == tmp_path.resolve()

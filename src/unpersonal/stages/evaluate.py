@@ -12,6 +12,7 @@ from unpersonal.artifacts.classifier import Classifier
 from unpersonal.config import Config
 from unpersonal.data.canonical import CanonicalDataset, load_canonical
 from unpersonal.evaluation.evaluate import evaluate_set, roc_plot
+from unpersonal.errors import UserError
 from unpersonal.evaluation.sets import AUDIT_EMBEDDER, read_synthetic_set
 from unpersonal.rundir import RunDir, write_atomic, write_npz_atomic
 from unpersonal.stages import StageTask
@@ -24,6 +25,11 @@ def build_evaluate(task: StageTask) -> dict[str, Any]:
     config, run = task.config, task.run
     dataset = load_canonical(task.input("prepare"))
     released = read_synthetic_set(task.input("generate") / "synthetic", dataset.label_names)
+    fewest = config.evaluate.prdc_k + 1
+    if len(released.images) < fewest:
+        raise UserError(f"evaluate: the release has {len(released.images)} images; coverage "
+                        f"and recall need at least {fewest} (evaluate.prdc_k + 1): generate "
+                        "more (generate.count) or lower evaluate.prdc_k")
     metrics, curves = evaluate_run_set(config, run, dataset, released.images, released.labels)
     audit = task.input("audit") / "privacy.json"
     if run.stage_record("audit") is not None and audit.is_file():
