@@ -1,6 +1,7 @@
 """The command line as a user meets it: help, exit codes, one-line errors, skipping, demo data."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -120,8 +121,6 @@ def test_demo_data_files_prepare_like_the_builtin_phantoms(cli, tmp_path: Path, 
 
 def test_run_after_every_stage_skips_them_all(cli, released_run: Path, tmp_path: Path) -> None:
     """`run` finds the stages a user ran one by one, with the same config, up to date."""
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(released_run, run)
     again = cli("run", "--out", run)
@@ -130,6 +129,17 @@ def test_run_after_every_stage_skips_them_all(cli, released_run: Path, tmp_path:
                   "fit-diffusion", "generate", "audit", "eval", "report", "export"):
         assert f"{stage}: up to date" in again.stderr, stage
     assert str(run / "export") in again.stderr
+
+
+def test_evaluate_refuses_a_release_too_small_for_coverage(cli, released_run: Path,
+                                                          tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(released_run, run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    result = cli("evaluate", "--out", run, "--set", "evaluate.prdc_k=100000")
+    assert result.code == 2, result.stderr
+    assert "evaluate.prdc_k" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing written
 
 
 def test_switching_preset_on_an_existing_run_is_refused(cli, tmp_path: Path) -> None:
