@@ -100,6 +100,61 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def over_trainings(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per release present in every training: the mean of each figure, and each training's."""
+    names = [name for name in results[0]["releases"]
+             if all(name in r["releases"] for r in results)]
+    out = {}
+    for name in names:
+        rows = [r["releases"][name] for r in results]
+        out[name] = {"trainings": len(rows),
+                     **{key: _mean([row.get(key) for row in rows])
+                        for key in ("images", "auc", "auc_real", "gap_pp", "coverage", "recall",
+                                    "fd", "retrieval", "nfe_per_accepted")},
+                     "gap_pp_per_training": [round(row["gap_pp"], 2) for row in rows],
+                     "auc_per_training": [round(row["auc"], 4) for row in rows],
+                     "audit_passed": sum(bool(row["audit_passed"]) for row in rows)}
+    return out
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """The mean, or None where a release lacks the figure (a subset of another's images)."""
+    return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def trainings_markdown(table: dict[str, dict[str, Any]]) -> str:
+    lines = ["| release | trainings | images | ROC-AUC (real) | gap to real (pp): mean, per training "
+             "| coverage | recall | FD | retrieval | NFE / image | audit passed |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    def cell(value: float | None, fmt: str) -> str:
+        return "" if value is None else format(value, fmt)
+
+    for name, r in table.items():
+        each = ", ".join(f"{gap:+.1f}" for gap in r["gap_pp_per_training"])
+        lines.append(f"| {name} | {r['trainings']} | {r['images']:.0f} | {r['auc']:.3f} "
+                     f"({r['auc_real']:.3f}) | {r['gap_pp']:+.1f}: {each} | "
+                     f"{cell(r['coverage'], '.3f')} | {cell(r['recall'], '.3f')} | "
+                     f"{cell(r['fd'], '.4f')} | {cell(r['retrieval'], '.3f')} | "
+                     f"{cell(r['nfe_per_accepted'], '.1f')} | "
+                     f"{r['audit_passed']} of {r['trainings']} |")
+    return "\n".join(lines)
+
+
+def report_trainings(prefix: str, trainings: int, out: Path, marker: str) -> str:
+    """The table over trainings from `PREFIX-t.json` (t = 0 .. trainings - 1, those that exist),
+    into `out` and BENCHMARKS.md between the `marker` markers; returns the table."""
+    files = [RESULTS / f"{prefix}-{t}.json" for t in range(trainings)]
+    results = [json.loads(f.read_text()) for f in files if f.is_file()]
+    if not results:
+        sys.exit(f"no results yet: {files[0]} and the others are missing")
+    over = over_trainings(results)
+    write_atomic(out, json.dumps({**provenance(), "trainings": [r["run"] for r in results],
+                                  "releases": over}, indent=2) + "\n")
+    text = trainings_markdown(over)
+    write_table(ROOT / "BENCHMARKS.md", marker, text)
+    return text
+
+
 def main() -> None:
     parser = parser_beside_run(__doc__.splitlines()[0])
     parser.add_argument("--sources", type=int, default=2240,
@@ -108,7 +163,16 @@ def main() -> None:
     parser.add_argument("--name", default="diversity",
                         help="results file benchmarks/results/NAME.json, and the table of "
                              "BENCHMARKS.md between the markers NAME.py, where they exist")
+    parser.add_argument("--report-trainings", type=int, metavar="N",
+                        help="draw nothing: the table over trainings of NAME-0.json .. "
+                             "NAME-(N-1).json into NAME-trainings.json and BENCHMARKS.md "
+                             "(markers NAME.py trainings)")
     options = parser.parse_args()
+    if options.report_trainings:
+        print(report_trainings(options.name, options.report_trainings,
+                               RESULTS / f"{options.name}-trainings.json",
+                               f"{options.name}.py trainings"))
+        return
     if not (options.run / "eval" / "test_probs.npz").is_file():
         sys.exit(f"{options.run} is not evaluated: run benchmarks/kermany.py first")
     evaluated = EvaluatedRun.load(options.run, options.seeds)

@@ -23,16 +23,14 @@ several times, each release scored labels-only against diversity-aware.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from runner import provenance, sets, unpersonal, write_table
-from unpersonal.rundir import write_atomic
+from diversity import report_trainings
+from runner import sets, unpersonal
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT.parent / "shared" / "data" / "kermany_cxr_64.npz"
@@ -71,57 +69,9 @@ def subset_file(images: int, seed: int, out: Path) -> Path:
     return out
 
 
-def over_trainings(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per release present in every training: the mean of each figure, and each training's."""
-    names = [name for name in results[0]["releases"]
-             if all(name in r["releases"] for r in results)]
-    out = {}
-    for name in names:
-        rows = [r["releases"][name] for r in results]
-        out[name] = {"trainings": len(rows),
-                     **{key: _mean([row.get(key) for row in rows])
-                        for key in ("images", "auc", "auc_real", "gap_pp", "coverage", "recall",
-                                    "fd", "retrieval", "nfe_per_accepted")},
-                     "gap_pp_per_training": [round(row["gap_pp"], 2) for row in rows],
-                     "auc_per_training": [round(row["auc"], 4) for row in rows],
-                     "audit_passed": sum(bool(row["audit_passed"]) for row in rows)}
-    return out
-
-
-def _mean(values: list[float | None]) -> float | None:
-    """The mean, or None where a release lacks the figure (a subset of another's images)."""
-    return None if any(v is None for v in values) else float(np.mean(values))
-
-
-def markdown(table: dict[str, dict[str, Any]]) -> str:
-    lines = ["| release | trainings | images | ROC-AUC (real) | gap to real (pp): mean, per training "
-             "| coverage | recall | FD | retrieval | NFE / image | audit passed |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
-    def cell(value: float | None, fmt: str) -> str:
-        return "" if value is None else format(value, fmt)
-
-    for name, r in table.items():
-        each = ", ".join(f"{gap:+.1f}" for gap in r["gap_pp_per_training"])
-        lines.append(f"| {name} | {r['trainings']} | {r['images']:.0f} | {r['auc']:.3f} "
-                     f"({r['auc_real']:.3f}) | {r['gap_pp']:+.1f}: {each} | "
-                     f"{cell(r['coverage'], '.3f')} | {cell(r['recall'], '.3f')} | "
-                     f"{cell(r['fd'], '.4f')} | {cell(r['retrieval'], '.3f')} | "
-                     f"{cell(r['nfe_per_accepted'], '.1f')} | "
-                     f"{r['audit_passed']} of {r['trainings']} |")
-    return "\n".join(lines)
-
-
 def report(trainings: int) -> None:
-    files = [RESULTS / f"subtle-{t}.json" for t in range(trainings)]
-    results = [json.loads(f.read_text()) for f in files if f.is_file()]
-    if not results:
-        sys.exit("no results yet: run the trainings first")
-    table = over_trainings(results)
-    write_atomic(RESULTS / "subtle.json", json.dumps(
-        {**provenance(), "trainings": [r["run"] for r in results], "releases": table},
-        indent=2) + "\n")
-    write_table(ROOT / "BENCHMARKS.md", "subtle.py", markdown(table))
-    print(markdown(table))
+    """The table over the trainings whose results exist, into subtle.json and BENCHMARKS.md."""
+    print(report_trainings("subtle", trainings, RESULTS / "subtle.json", "subtle.py"))
 
 
 def main() -> None:
