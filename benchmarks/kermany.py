@@ -97,7 +97,7 @@ def training_runs(first: Path, trainings: int) -> list[Path]:
     return [first, *(first.with_name(f"{first.name}-t{t}") for t in range(1, trainings))]
 
 
-def stage_seconds(run: Path) -> dict[str, float]:
+def stage_seconds(run: Path, order: tuple[str, ...] = STAGE_ORDER) -> dict[str, float]:
     """Each stage's own wall time, read from what the stage left in the run directory.
 
     Training stages log `elapsed_s`; generate records `seconds_total`; the others, the seconds
@@ -107,7 +107,7 @@ def stage_seconds(run: Path) -> dict[str, float]:
     finished = {stage: datetime.strptime(record["finished"], "%Y-%m-%dT%H:%M:%S%z")
                 for stage, record in manifest.items()}
     seconds: dict[str, float] = {}
-    for previous, stage in zip(STAGE_ORDER, STAGE_ORDER[1:]):
+    for previous, stage in zip(order, order[1:]):
         if stage == "generate":
             seconds[stage] = json.loads((run / stage / "generate.json").read_text())[
                 "seconds_total"]

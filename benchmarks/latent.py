@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/latent.py quality          # the chosen one through the CLI
     .venv/bin/python benchmarks/latent.py ceiling          # what the latents keep for a classifier
     .venv/bin/python benchmarks/latent.py multilabel       # phantoms with four findings, end to end
+    .venv/bin/python benchmarks/latent.py release          # the cpu-128 preset on Kermany, end to end
 
 Each part adds its figures to `benchmarks/results/latent.json` under its name.
 
@@ -27,6 +28,11 @@ Each part adds its figures to `benchmarks/results/latent.json` under its name.
 * multilabel: `unpersonal run` at the demo preset on phantoms with four kinds of finding
   (`phantoms.findings=4`, `runs/multilabel-demo`): each label's test ROC-AUC for the classifier
   trained on real images and on the release, and the audit's verdicts.
+* release: `unpersonal run --preset cpu-128` on Kermany's 128 px file (`runs/bench-kermany-128`,
+  resumable), `--seeds` classifier seeds: each stage's time and the whole run's, the
+  synthetic-only ROC-AUC and its gap to the real-trained classifier at 64 px, FD and coverage,
+  the audit's verdicts; beside the 32 px headline's figures from `results/kermany.json`. Each
+  classifier is tested at its own resolution on the same test patients.
 """
 
 from __future__ import annotations
@@ -241,14 +247,50 @@ def multilabel(seeds: int) -> dict[str, Any]:
                                    if test["rejected"]]}
 
 
+RELEASE_RUN = ROOT / "runs" / "bench-kermany-128"
+# The order one uninterrupted `unpersonal run --preset cpu-128` builds the stages in.
+LATENT_STAGE_ORDER = ("prepare", "fit-embedder", "fit-reid", "calibrate", "fit-classifier",
+                      "fit-autoencoder", "fit-diffusion", "generate", "audit-embedder",
+                      "audit-reid", "audit", "eval")
+
+
+def release(seeds: int) -> dict[str, Any]:
+    from kermany import stage_seconds
+
+    if not DATA.is_file():
+        raise SystemExit(f"needs {DATA}")
+    invocation = unpersonal("run", "--out", str(RELEASE_RUN), "--data", str(DATA), "--preset",
+                            "cpu-128", "--set", f"evaluate.classifier_seeds={seeds}")
+    metrics = json.loads((RELEASE_RUN / "eval" / "metrics.json").read_text())
+    privacy = json.loads((RELEASE_RUN / "audit" / "privacy.json").read_text())
+    classes = metrics["utility"]["classification"]
+    fidelity = metrics["fidelity"]
+    seconds = stage_seconds(RELEASE_RUN, LATENT_STAGE_ORDER)
+    headline = json.loads((RESULTS.parent / "kermany.json").read_text())
+    return {
+        "run": RELEASE_RUN.name, "classifier_seeds": seeds, "invocation_s": invocation,
+        "stage_seconds": seconds, "wall_time_s": round(sum(seconds.values()), 1),
+        "auc_real": classes["real"]["mean"], "auc_synthetic": classes["synthetic"]["mean"],
+        "gap_pp": classes["gap_pp"], "gap_pp_ci": classes["gap_pp_ci95"],
+        "fd": fidelity["fd"], "coverage": fidelity["prdc"]["coverage"],
+        "recall": fidelity["prdc"]["recall"],
+        "audit_passed": privacy["tests"]["passed"],
+        "audit_failed_tests": [name for name, test in privacy["tests"]["by_figure"].items()
+                               if test["rejected"]],
+        "headline_32px": {key: headline.get(key) for key in (
+            "auc_real", "auc_synthetic", "gap_pp", "gap_pp_ci", "fd", "coverage", "recall",
+            "wall_time_s", "date")}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=("throughput", "autoencoders", "speed", "quality",
-                                         "ceiling", "multilabel"))
+                                         "ceiling", "multilabel", "release"))
     parser.add_argument("--steps", type=int, default=1000, help="autoencoders: training steps")
     parser.add_argument("--batch", type=int, default=32, help="throughput: images per step")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seeds", type=int, default=3, help="ceiling: classifier seeds")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="ceiling, multilabel, release: classifier seeds")
     parser.add_argument("--input-size", type=int, default=64,
                         help="ceiling: the classifier's input side")
     options = parser.parse_args()
@@ -262,8 +304,10 @@ def main() -> None:
         save("quality", quality())
     elif options.part == "ceiling":
         save("ceiling", ceiling(options.seeds, options.input_size))
-    else:
+    elif options.part == "multilabel":
         save("multilabel", multilabel(options.seeds))
+    else:
+        save("release", release(options.seeds))
 
 
 if __name__ == "__main__":
