@@ -86,6 +86,42 @@ def score_release(evaluated: EvaluatedRun, models: AuditModels, images: np.ndarr
     return figures
 
 
+def release_folders(run: Path, sources: int) -> dict[str, tuple[Path, set[int]]]:
+    """Each release of the results: the run copy that generated it and the sources it keeps."""
+    first = set(range(sources))
+    folders = {"labels only (cpu preset)": (run, first)}
+    for name in CONDITIONS:
+        folders[name] = (run.with_name(f"{run.name}-{name}"), first)
+    kept = first & set(accepted_positions(run).values())
+    folders[f"{FIRST_CONDITION}, only the sources labels-only kept"] = (
+        run.with_name(f"{run.name}-{FIRST_CONDITION}"), kept)
+    return folders
+
+
+def reaudit(run: Path, name: str) -> None:
+    """Every release of `NAME.json` audited again with the audit as it is now (the images read
+    back from the run copies that made them); the other figures are kept."""
+    results = RESULTS / f"{name}.json"
+    result = json.loads(results.read_text())
+    evaluated = EvaluatedRun.load(run, result["classifier_seeds"])
+    models = load_audit_models(evaluated.config, evaluated.run, evaluated.dataset)
+    names = evaluated.dataset.label_names
+    for release, (folder, sources) in release_folders(run, result["sources"]).items():
+        if release not in result["releases"]:
+            continue
+        images, _, _ = released_from_sources(folder, names, sources)
+        audit, _ = audit_set(models, images, evaluated.config.audit, evaluated.config.seed)
+        figures = result["releases"][release]
+        figures["audit_passed"] = audit["tests"]["passed"]
+        figures["audit_failed"] = [test for test, verdict in audit["tests"]["by_figure"].items()
+                                   if verdict["rejected"]]
+        figures["reid_rate"] = audit["reid_rate"]
+        print(f"{release}: audit {'pass' if figures['audit_passed'] else 'FAIL'} "
+              f"{figures['audit_failed']}", flush=True)
+    result["audited_again"] = provenance()
+    write_atomic(results, json.dumps(result, indent=2) + "\n")
+
+
 def table(result: dict[str, Any]) -> str:
     lines = ["| release | images | synthetic-only ROC-AUC (gap to real, pp) | FD | precision | "
              "recall | coverage | retrieval | NFE per image | audit |",
@@ -167,7 +203,13 @@ def main() -> None:
                         help="draw nothing: the table over trainings of NAME-0.json .. "
                              "NAME-(N-1).json into NAME-trainings.json and BENCHMARKS.md "
                              "(markers NAME.py trainings)")
+    parser.add_argument("--reaudit", action="store_true",
+                        help="draw nothing: audit the releases of NAME.json again with the "
+                             "audit as it is now, keeping their other figures")
     options = parser.parse_args()
+    if options.reaudit:
+        reaudit(options.run, options.name)
+        return
     if options.report_trainings:
         print(report_trainings(options.name, options.report_trainings,
                                RESULTS / f"{options.name}-trainings.json",

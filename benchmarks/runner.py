@@ -152,9 +152,10 @@ def cores() -> int:
 def provenance() -> dict[str, str]:
     """Where, when and with what command a result was measured, for its results file: the
     command quoted as it would be typed, so that it reruns as it stands."""
+    root = f"{Path(__file__).resolve().parents[1]}/"  # paths inside the project, as typed there
     return {"machine": f"{platform.machine()}, {cores()} cores", "date": time.strftime("%Y-%m-%d"),
             "command": shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}",
-                                   *sys.argv[1:]])}
+                                   *(arg.replace(root, "") for arg in sys.argv[1:])])}
 
 
 def parser_beside_run(description: str) -> argparse.ArgumentParser:
