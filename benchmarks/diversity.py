@@ -45,6 +45,8 @@ CONDITIONS = {
                           "generate.pseudo_neighbours=8", "generate.guidance=0.5"),
 }
 FIRST_CONDITION = "neighbours-8-w1"
+LABELS_ONLY = "labels only (cpu preset)"
+FIRST_ON_KEPT = f"{FIRST_CONDITION}, only the sources labels-only kept"
 
 
 def released_from_sources(run: Path, label_names: list[str], sources: set[int]
@@ -89,12 +91,13 @@ def score_release(evaluated: EvaluatedRun, models: AuditModels, images: np.ndarr
 def release_folders(run: Path, sources: int) -> dict[str, tuple[Path, set[int]]]:
     """Each release of the results: the run copy that generated it and the sources it keeps."""
     first = set(range(sources))
-    folders = {"labels only (cpu preset)": (run, first)}
+    folders = {LABELS_ONLY: (run, first)}
     for name in CONDITIONS:
         folders[name] = (run.with_name(f"{run.name}-{name}"), first)
+    # The sources the labels-only search kept: a release without the others tells whether
+    # the sources it skipped are what the other releases lose utility on.
     kept = first & set(accepted_positions(run).values())
-    folders[f"{FIRST_CONDITION}, only the sources labels-only kept"] = (
-        run.with_name(f"{run.name}-{FIRST_CONDITION}"), kept)
+    folders[FIRST_ON_KEPT] = (folders[FIRST_CONDITION][0], kept)
     return folders
 
 
@@ -225,28 +228,27 @@ def main() -> None:
     result: dict[str, Any] = {**provenance(), "run": options.run.name,
                               "sources": options.sources, "classifier_seeds": options.seeds,
                               "releases": {}}
-    first = set(range(options.sources))
-    images, labels, summary = released_from_sources(options.run, names, first)
+    folders = release_folders(options.run, options.sources)
+    run, first = folders[LABELS_ONLY]
+    images, labels, summary = released_from_sources(run, names, first)
     print(f"labels only ({len(images):,} images):", flush=True)
-    result["releases"]["labels only (cpu preset)"] = {
+    result["releases"][LABELS_ONLY] = {
         "images": len(images), **score_release(evaluated, models, images, labels, summary)}
-    # The sources the labels-only search kept: a release without the others tells whether
-    # the sources it skipped are what the other releases lose utility on.
-    kept = first & set(accepted_positions(options.run).values())
     for name, overrides in CONDITIONS.items():
-        copy = options.run.with_name(f"{options.run.name}-{name}")
+        copy, sources = folders[name]
         if not (copy / "generate" / "generate.json").is_file():
             copy_run_without(options.run, copy)
         unpersonal("generate", "--out", str(copy),
                    *sets(*overrides, f"generate.count={options.sources}"))
-        images, labels, summary = released_from_sources(copy, names, first)
+        images, labels, summary = released_from_sources(copy, names, sources)
         print(f"{name} ({len(images):,} images):", flush=True)
         result["releases"][name] = {"images": len(images), "settings": list(overrides),
                                     **score_release(evaluated, models, images, labels, summary)}
         if name == FIRST_CONDITION:
-            images, labels, _ = released_from_sources(copy, names, kept)
-            print(f"{name}, sources labels-only kept ({len(images):,} images):", flush=True)
-            result["releases"][f"{name}, only the sources labels-only kept"] = {
+            kept_copy, kept = folders[FIRST_ON_KEPT]
+            images, labels, _ = released_from_sources(kept_copy, names, kept)
+            print(f"{FIRST_ON_KEPT} ({len(images):,} images):", flush=True)
+            result["releases"][FIRST_ON_KEPT] = {
                 "images": len(images), "settings": list(overrides),
                 **score_release(evaluated, models, images, labels, None)}
         write_atomic(results, json.dumps(result, indent=2) + "\n")

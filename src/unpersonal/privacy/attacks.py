@@ -277,9 +277,9 @@ def singling_out(synthetic: np.ndarray, train: np.ndarray, train_patient: np.nda
     same difference. A held-out patient's images move together (`heldout_patient`; each
     released image is its own unit): they isolate together, and moving them apart would make
     the null too narrow (with three images per held-out patient, an honest release then fails
-    about three times as often as it should). Each threshold's difference is divided by its null spread (a max-T test),
-    so that the few isolations of a rare, telling predicate are not drowned by the chance
-    swings of a common one. The band [low, high] holds these studentized null differences at
+    about three times as often as it should). Each threshold's difference is divided by its
+    null spread (a max-T test), so that the few isolations of a rare, telling predicate are not
+    drowned by the chance swings of a common one. The band [low, high] holds these studentized null differences at
     every threshold at once in `level` of the draws, and each threshold's interval is
     [excess - high * spread, excess - low * spread] (simultaneous, so picking the threshold of
     the largest excess keeps its coverage). The threshold reported ("max_threshold",
