@@ -5,7 +5,8 @@
 Clones this repository (its committed HEAD) into a temporary folder, runs `make demo` there as a
 new user would, checks that runs/demo/report/index.html and runs/demo/export/ exist, and writes
 benchmarks/results/demo.json with the wall time (environment creation included, and the
-pipeline's share apart).
+pipeline's share apart), each stage's time, and the release's verdicts and classifier figures
+as its datasheet states them.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ def main() -> None:
         export = clone / "runs" / "demo" / "export"
         if not report.is_file() or not (export / "README.md").is_file():
             sys.exit("make demo finished without runs/demo/report/index.html or runs/demo/export")
-        summary = json.loads((clone / "runs" / "demo" / "generate" / "generate.json").read_text())
+        run = clone / "runs" / "demo"
+        summary = json.loads((run / "generate" / "generate.json").read_text())
+        sheet = json.loads((export / "datasheet.json").read_text())
+        stages = json.loads((run / "manifest.json").read_text())["stages"]
         images = len(list((export / "images").glob("*.png")))
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone,
                                 capture_output=True, text=True).stdout.strip()
@@ -50,6 +54,14 @@ def main() -> None:
         "pipeline_s": round(finished - installed, 1),
         "released_images": images, "acceptance_rate": summary["acceptance_rate"],
         "prints_locations": bool(re.search(r"report \(internal", demo.stderr)),
+        "stage_seconds": {name: stage["seconds"] for name, stage in stages.items()},
+        "verdicts": [{"figure": v["figure"], "value": v["value"], "passed": v["passed"]}
+                     for v in sheet["privacy"]["verdicts"]],
+        "every_verdict_passed": all(v["passed"] is not False
+                                    for v in sheet["privacy"]["verdicts"]),
+        "classification_auc": sheet["utility"]["classification_auc"],
+        "classification_auc_ci95": sheet["utility"]["classification_auc_ci95"],
+        "gap_pp": sheet["utility"]["gap_pp"],
         "machine": f"{platform.machine()}, {_cores()} cores, Python {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"), "commit": commit,
         "command": "make demo (fresh clone; timed by python benchmarks/demo.py)",
