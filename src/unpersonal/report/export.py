@@ -214,7 +214,7 @@ def datasheet_markdown(sheet: dict[str, Any]) -> str:
         low, high = utility["classification_auc_ci95"][name]
         lines.append(f"* trained on {TRAINING_SET_TITLES.get(name, name)}: {auc:.3f} "
                      f"(95% CI {low:.3f}-{high:.3f})")
-    lines.append(f"* gap, synthetic minus real: {utility['gap_pp']:+.1f} percentage points")
+    lines.append(f"* gap, synthetic minus real: {utility['gap_pp']:+.2f} percentage points")
     for task, psnr in utility["restoration_psnr"].items():
         lines.append(f"* {task} network PSNR on real test images: {psnr['synthetic']:.2f} dB "
                      f"trained on synthetic, {psnr['real']:.2f} dB trained on real; "

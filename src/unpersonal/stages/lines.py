@@ -224,7 +224,7 @@ def evaluation_table(metrics: dict[str, Any]) -> Table:
     table.add_row("test ROC-AUC, classifier trained on it",
                   f"{synthetic['mean']:.3f} ({synthetic['ci95'][0]:.3f}-{synthetic['ci95'][1]:.3f})",
                   f"{real['mean']:.3f} ({real['ci95'][0]:.3f}-{real['ci95'][1]:.3f})")
-    table.add_row("gap to real (pp)", f"{classes['gap_pp']:+.1f}", "")
+    table.add_row("gap to real (pp)", f"{classes['gap_pp']:+.2f}", "")
     for name in TRAINING_SETS[2:]:
         if name in classes:
             table.add_row(f"test ROC-AUC, {TRAINING_SET_TITLES[name]}",
