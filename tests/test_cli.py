@@ -109,8 +109,8 @@ def test_demo_data_files_prepare_like_the_builtin_phantoms(cli, tmp_path: Path, 
     target = tmp_path / ("demo.npz" if layout == "npz" else "demo")
     assert cli("demo-data", "--out", target, "--layout", layout, *SMALL_DEMO).code == 0
     assert target.exists() and not list(tmp_path.glob(".*partial*"))
-    from_files = cli("prepare", "--data", target, "--out", tmp_path / "a", "--set",
-                     "data.resolution=16")
+    from_files = cli("prepare", "--data", target, "--out", tmp_path / "a", "--preset", "demo",
+                     "--set", "data.resolution=16")
     builtin = cli("prepare", "--out", tmp_path / "b", *SMALL_DEMO)
     assert from_files.code == builtin.code == 0
     a = np.load(tmp_path / "a" / "prepare" / "arrays.npz")
