@@ -17,7 +17,8 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # the conditioning are stated, not the demo preset's, so tuning the demo leaves them as they are.
 TINY = ("--set", "phantoms.n_patients=10", "--set", "data.resolution=16",
         "--set", "data.split_fractions=[0.8,0.1,0.1]",
-        "--set", "diffusion.conditioning=class+pseudo", "--set", "diffusion.model_channels=8", "--set", "diffusion.channel_mult=[1,2]",
+        "--set", "diffusion.conditioning=class+pseudo", "--set", "diffusion.model_channels=8",
+        "--set", "diffusion.channel_mult=[1,2]",
         "--set", "diffusion.num_blocks=1", "--set", "diffusion.attn_resolutions=[]",
         "--set", "diffusion.batch_size=4", "--set", "diffusion.warmup_steps=0",
         "--set", "diffusion.steps=6", "--set", "sampling.count=8", "--set", "sampling.steps=4")

@@ -279,10 +279,10 @@ def singling_out(synthetic: np.ndarray, train: np.ndarray, train_patient: np.nda
     the null too narrow (with three images per held-out patient, an honest release then fails
     about three times as often as it should). Each threshold's difference is divided by its
     null spread (a max-T test), so that the few isolations of a rare, telling predicate are not
-    drowned by the chance swings of a common one. The band [low, high] holds these studentized null differences at
-    every threshold at once in `level` of the draws, and each threshold's interval is
-    [excess - high * spread, excess - low * spread] (simultaneous, so picking the threshold of
-    the largest excess keeps its coverage). The threshold reported ("max_threshold",
+    drowned by the chance swings of a common one. The band [low, high] holds these studentized
+    null differences at every threshold at once in `level` of the draws, and each threshold's
+    interval is [excess - high * spread, excess - low * spread] (simultaneous, so picking the
+    threshold of the largest excess keeps its coverage). The threshold reported ("max_threshold",
     "max_excess") is the one of the largest studentized excess; "p_value" (one-sided: only an
     excess harms) is the share of draws whose largest studentized null difference reaches it,
     at least 1 / (repeats + 1). "significant" means that threshold's interval lies above 0.

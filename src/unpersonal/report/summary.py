@@ -39,7 +39,8 @@ def release_verdicts(metrics: dict[str, Any], privacy: dict[str, Any]) -> list[V
     # Two decimals: at one, a gap of -1.04 would read "-1.0" beside the verdict "not met".
     return [Verdict(
         "classifier trained on synthetic, test ROC-AUC",
-        f"{synthetic['mean']:.3f} (gap {classes['gap_pp']:+.2f} pp, 95% CI {low:+.1f} to {high:+.1f})",
+        f"{synthetic['mean']:.3f} (gap {classes['gap_pp']:+.2f} pp, "
+        f"95% CI {low:+.1f} to {high:+.1f})",
         f"{real['mean']:.3f} trained on real", classes["gap_pp"] >= -1.0,
         "within 1 point of the real-data classifier, tested on the same real test images"),
         *privacy_verdicts(privacy)]
