@@ -38,7 +38,8 @@ def main() -> None:
     results = {}
     for weight in options.weights:
         wall = unpersonal("sample", "--out", str(MODEL_RUN), *sets(
-            "diffusion.conditioning=class", f"sampling.count={len(dataset.subset('train'))}",
+            "diffusion.conditioning=class", "sampling.guidance_against=empty",
+            f"sampling.count={len(dataset.subset('train'))}",
             "sampling.solver=dpmpp2m", "sampling.steps=16", f"sampling.guidance={weight}",
             "sampling.batch_size=250"))
         with np.load(MODEL_RUN / "sample" / "images.npz") as arrays:

@@ -44,6 +44,18 @@ def test_bad_override_names_the_key(override: str, named: str) -> None:
         load_config(None, None, [override])
 
 
+def test_a_guidance_weight_a_labels_only_model_would_ignore_is_refused() -> None:
+    """Told the labels alone and guided against them, the model draws from its labels at any
+    weight: w = 0 (the cpu preset's) is kept, w = 2 is refused, guided against the empty
+    condition it is class guidance."""
+    labels_only = ["diffusion.conditioning=class"]
+    assert load_config("cpu", None, labels_only).generate.guidance == 0.0
+    with pytest.raises(UserError, match=r"generate\.guidance=2 would change nothing"):
+        load_config("cpu", None, [*labels_only, "generate.guidance=2"])
+    load_config("cpu", None, [*labels_only, "generate.guidance=2",
+                              "sampling.guidance_against=empty"])
+
+
 def test_typo_in_config_file_names_file_and_key(tmp_path: Path) -> None:
     config_file = tmp_path / "typo.yaml"
     config_file.write_text("data:\n  resoltion: 64\n")

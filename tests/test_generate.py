@@ -271,9 +271,20 @@ def test_label_divergence_is_zero_on_agreement_symmetric_and_grows_with_disagree
 def test_guidance_steps_down_to_its_floor_and_seeds_are_pure() -> None:
     settings = GenerateConfig(guidance_step=0.5, guidance_floor=1.0)
     sampling = SamplingConfig(guidance=2.0)
-    assert [guidance_at(settings, sampling, a) for a in range(4)] == [2.0, 1.5, 1.0, 1.0]
+    assert [guidance_at(settings, sampling, a, "class+pseudo") for a in range(4)] == [
+        2.0, 1.5, 1.0, 1.0]
     own = settings.model_copy(update={"guidance": 0.5})
-    assert guidance_at(own, sampling, 3) == 0.5  # generate's own first weight, never raised
+    assert guidance_at(own, sampling, 3, "class+pseudo") == 0.5  # the first weight, never raised
+    # A model told the labels alone, guided against them, draws from the labels at any weight:
+    # w = 0 must not turn into an unconditional sample.
+    zero = settings.model_copy(update={"guidance": 0.0})
+    assert [guidance_at(zero, sampling, a, "class") for a in range(3)] == [1.0, 1.0, 1.0]
+    assert drawn_from("class", "cfg", "labels", guidance_at(zero, sampling, 0, "class"),
+                      "source") == "its source's labels alone"
+    assert drawn_from("class", "cfg", "labels", 0.0, "source") == "its source's labels alone"
+    empty = sampling.model_copy(update={"guidance_against": "empty"})
+    assert guidance_at(zero, empty, 0, "class") == 0.0
+    assert drawn_from("class", "cfg", "empty", 0.0, "source").startswith("nothing")
     # Drawn from the source's image unless the model has no pseudo-condition or w = 0 leaves
     # classifier-free guidance with its null alone.
     assert drawn_from_source(True, "cfg", 0.5) and drawn_from_source(True, "autoguidance", 0.0)

@@ -374,4 +374,7 @@ def test_the_null_condition_against_the_labels_keeps_the_labels_and_drops_the_ps
     assert torch.equal(null[:, :2], both.build(codes, pseudo)[:, :2])
     assert torch.equal(null[:, 2:], torch.zeros(2, 3))
     assert both.null(codes, pseudo, "empty") is None  # the all-zero condition
-    assert Conditioner("class", label_dim=2, pseudo_dim=0).null(codes, None, "labels") is None
+    # Told the labels alone, its null against the labels is its condition: w changes nothing.
+    labels_only = Conditioner("class", label_dim=2, pseudo_dim=0)
+    assert torch.equal(labels_only.null(codes, None, "labels"), labels_only.build(codes, None))
+    assert labels_only.null(codes, None, "empty") is None

@@ -237,8 +237,9 @@ class SamplingConfig(Section):
         "cfg", description="guide against the null condition, or against the early checkpoint")
     guidance_against: Literal["empty", "labels"] = Field(
         "labels", description="what classifier-free guidance pushes away from: "
-        "the empty condition (empty), or (class+pseudo models) the labels alone, so that w weighs the "
-        "source image's embedding only and w = 0 is the class-conditional model")
+        "the empty condition (empty), or the labels alone, so that w weighs the source image's "
+        "embedding only and w = 0 is the class-conditional model (a model told the labels alone "
+        "then draws from its labels whatever w)")
     sigma_min: float = Field(0.002, gt=0.0)
     sigma_max: float = Field(80.0, gt=0.0)
     rho: float = Field(7.0, gt=0.0)
@@ -538,6 +539,23 @@ class Config(Section):
     audit: AuditConfig = AuditConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
+    @model_validator(mode="after")
+    def _guidance_weighs_something(self) -> Config:
+        """A model told the labels alone and guided against the labels draws from its labels
+        whatever the weight (`schedule.guidance_at`): refuse a weight it would ignore."""
+        if (self.diffusion.conditioning != "class" or self.sampling.guide != "cfg"
+                or self.sampling.guidance_against != "labels"):
+            return self
+        for option, weight in (("sampling.guidance", self.sampling.guidance),
+                               ("generate.guidance", self.generate.guidance)):
+            if weight not in (None, 0.0, 1.0):
+                raise ValueError(
+                    f"{option}={weight:g} would change nothing: a model told the labels alone "
+                    "(diffusion.conditioning=class) guided against the labels draws from them "
+                    "at any weight; set sampling.guidance_against=empty for classifier-free "
+                    "guidance on the labels")
+        return self
+
     def section_dump(self, names: tuple[str, ...]) -> dict[str, Any]:
         """The named sections (plus the seed) as plain data: what a stage's cache key covers."""
         dumped = self.model_dump(mode="json")
@@ -590,7 +608,7 @@ _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
              "diffusion": {"conditioning": "class", "model_channels": 16, "num_blocks": 1,
                            "attn_resolutions": [], "steps": 800, "batch_size": 32,
                            "lr_ref_steps": 400},
-             "generate": {"attempts": 2, "guidance_floor": 1.0},
+             "generate": {"attempts": 2},
              "sampling": {"steps": 10},
              "embedder": {"steps": 75},
              "reid": {"width": 24, "steps": 200, "validate_every": 50},
@@ -735,4 +753,5 @@ def _describe(error: ValidationError) -> str:
     where = ".".join(str(part) for part in first["loc"])
     if first["type"] == "extra_forbidden":
         return f"unknown key {where!r} (check the spelling; `unpersonal config --help` lists the fields)"
-    return f"{where}: {first['msg']}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message

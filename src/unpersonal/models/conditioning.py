@@ -78,11 +78,14 @@ class Conditioner:
 
     def null(self, codes: torch.Tensor | None, pseudo: torch.Tensor | None, against: str
              ) -> torch.Tensor | None:
-        """What classifier-free guidance pushes away from: None (the empty condition), or for a
-        model told both parts and `against="labels"`, the labels alone. Then the guidance weight
-        weighs the pseudo-condition only, and w = 0 samples the class-conditional model."""
-        if against == "empty" or not (self.uses_labels and self.uses_pseudo):
-            return None  # a model with one part or none: its null is the empty condition
+        """What classifier-free guidance pushes away from: None (the empty condition), or with
+        `against="labels"` for a model told the labels, the labels alone. Then the guidance
+        weight weighs the pseudo-condition only, and w = 0 samples the class-conditional model;
+        for a model told the labels alone the null is its condition, and no weight changes it."""
+        if against == "empty" or not self.uses_labels:
+            return None
+        if not self.uses_pseudo:
+            return self.build(codes, None)
         return self.build(codes, torch.zeros_like(_required(pseudo, "pseudo features")))
 
     def drop(self, cond: torch.Tensor | None, rate: float, generator: torch.Generator

@@ -118,7 +118,8 @@ class CandidateDrawer:
                           sum(batch.evaluations for batch in batches))
 
     def guidance(self, attempt: int) -> float:
-        return guidance_at(self.settings, self.sampler.settings, attempt)
+        return guidance_at(self.settings, self.sampler.settings, attempt,
+                           self.sampler.conditioner.mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +279,8 @@ def _settings(generation: Generation) -> dict[str, Any]:
             "label_gate": settings.label_gate,
             "selection": settings.selection, "attempts": settings.attempts,
             "solver": sampling.solver, "steps": sampling.steps,
-            "guidance": guidance_at(settings, sampling, 0), "guide": sampling.guide,
+            "guidance": guidance_at(settings, sampling, 0, generation.conditioning),
+            "guide": sampling.guide,
             "guidance_against": sampling.guidance_against,
             "guidance_step": settings.guidance_step,
             "guidance_floor": settings.guidance_floor,
@@ -292,7 +294,8 @@ def _settings(generation: Generation) -> dict[str, Any]:
             "pretrained_on": (generation.model.get("init") or {}).get("trained_on"),
             "drawn_from": drawn_from(generation.conditioning, sampling.guide,
                                      sampling.guidance_against,
-                                     guidance_at(settings, sampling, 0),
+                                     guidance_at(settings, sampling, 0,
+                                                 generation.conditioning),
                                      settings.pseudo_condition)}
 
 
@@ -325,10 +328,10 @@ def drawn_from(conditioning: str, guide: str, against: str, first_weight: float,
     """What a candidate's first attempt is drawn from, in words, for generate.json and the
     datasheet: the datasheet must say the generator follows an image's embedding only when it
     does. Classifier-free guidance at w = 0 evaluates its null condition only: the labels alone
-    for a model told both parts and guided against the labels, else nothing."""
+    for a model told the labels and guided against them, else nothing."""
     labels, pseudo = "class" in conditioning, "pseudo" in conditioning
     if guide == "cfg" and first_weight == 0:
-        labels = labels and pseudo and against == "labels"
+        labels = labels and against == "labels"
     pseudo = drawn_from_source(pseudo, guide, first_weight)  # the pseudo part is followed
     told = (["its source's labels"] if labels else []) + (
         ["its source image's embedding" if pseudo_condition == "source" else

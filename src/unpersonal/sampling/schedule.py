@@ -30,13 +30,21 @@ def candidate_seed(seed: int, position: int, attempt: int, candidate: int) -> in
     return int(np.random.SeedSequence([seed, 3, position, attempt, candidate]).generate_state(1)[0])
 
 
-def guidance_at(generate: GenerateConfig, sampling: SamplingConfig, attempt: int) -> float:
-    """The guidance weight of a generate attempt (attempt 0: the first weight).
+def guidance_at(generate: GenerateConfig, sampling: SamplingConfig, attempt: int,
+                conditioning: str) -> float:
+    """The guidance weight of a generate attempt (attempt 0: the first weight) for a denoiser
+    told `conditioning` (`diffusion.conditioning`).
 
     The first weight is generate's own, else the sampling section's. Each failed attempt lowers
     it by a step, since a source whose candidates all resemble a patient is better served by a
     weaker pull towards its image; never below the floor, nor raised to a floor above the first.
+    A model told the labels alone and guided against the labels has its condition for its null
+    (`Conditioner.null`): every weight draws the class-conditional model, so the weight is 1,
+    which says so and skips the null pass.
     """
+    if (conditioning == "class" and sampling.guide == "cfg"
+            and sampling.guidance_against == "labels"):
+        return 1.0
     first = sampling.guidance if generate.guidance is None else generate.guidance
     floor = min(first, generate.guidance_floor)
     return max(floor, first - attempt * generate.guidance_step)

@@ -60,7 +60,8 @@ def assemble(task: StageTask, device: torch.device) -> Generation:
     dataset = load_canonical(task.input("prepare"))
     train = dataset.subset("train")
     sampler = load_sampler(task.input("fit-diffusion"), train, config.sampling,
-                           guidance_at(config.generate, config.sampling, 0), device,
+                           guidance_at(config.generate, config.sampling, 0,
+                                       config.diffusion.conditioning), device,
                            neighbours=(config.generate.pseudo_neighbours
                                        if config.generate.pseudo_condition == "neighbours"
                                        else None))
