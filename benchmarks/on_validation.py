@@ -38,7 +38,7 @@ from unpersonal.data.canonical import load_canonical
 from unpersonal.evaluation.evaluate import TRAINING_SETS
 from unpersonal.evaluation.sets import read_synthetic_set
 from unpersonal.rundir import RunDir, write_atomic
-from unpersonal.stages import pipeline
+from unpersonal.stages import commands, pipeline
 from unpersonal.stages.evaluate import evaluate_run_set
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,12 +87,13 @@ def make_variant(run: Path, name: str, settings: list[str]) -> Path:
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(run, copy, ignore=shutil.ignore_patterns(".work", ".partial"))
     config = load_config(config_file=copy / "config.yaml", overrides=settings)
-    chain = pipeline(config)
-    built_by_others = {name for entry in chain for name in entry.builds_first}
-    stages = [entry.name for entry in chain if entry.name not in built_by_others]
-    for stage in stages[:stages.index("audit") + 1]:
-        unpersonal(stage, "--out", str(copy), *sets(*settings))
-    return copy
+    needed = {entry.name for entry in pipeline(config)}
+    for command, chain in commands().items():  # the registry's order, as `unpersonal run`
+        if any(entry.name in needed for entry in chain):
+            unpersonal(command, "--out", str(copy), *sets(*settings))
+        if command == "audit":
+            return copy
+    raise AssertionError("the stage registry has no audit command")
 
 
 def summarise(rows: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:

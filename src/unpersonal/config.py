@@ -244,6 +244,13 @@ class SamplingConfig(Section):
     sigma_max: float = Field(80.0, gt=0.0)
     rho: float = Field(7.0, gt=0.0)
     batch_size: int = Field(64, ge=1)
+
+    def ignores_weight(self, conditioning: str) -> bool:
+        """Whether every guidance weight draws the same images from a denoiser told
+        `conditioning`: told the labels alone and guided against the labels, its null is its
+        condition (`Conditioner.null`)."""
+        return (conditioning == "class" and self.guide == "cfg"
+                and self.guidance_against == "labels")
     count: int = Field(64, ge=1, description="images `unpersonal sample` draws")
 
 
@@ -543,8 +550,7 @@ class Config(Section):
     def _guidance_weighs_something(self) -> Config:
         """A model told the labels alone and guided against the labels draws from its labels
         whatever the weight (`schedule.guidance_at`): refuse a weight it would ignore."""
-        if (self.diffusion.conditioning != "class" or self.sampling.guide != "cfg"
-                or self.sampling.guidance_against != "labels"):
+        if not self.sampling.ignores_weight(self.diffusion.conditioning):
             return self
         for option, weight in (("sampling.guidance", self.sampling.guidance),
                                ("generate.guidance", self.generate.guidance)):

@@ -274,13 +274,13 @@ def _settings(generation: Generation) -> dict[str, Any]:
     """The choices behind the set, as generate.json and the datasheet show them."""
     settings, sampling = generation.settings, generation.sampling
     pair, anyone = generation.judge.reid_thresholds()
+    first_weight = guidance_at(settings, sampling, 0, generation.conditioning)
     return {"mode": settings.mode, "candidates": settings.candidates,
             "round_size": settings.round_size, "tolerance": settings.tolerance,
             "label_gate": settings.label_gate,
             "selection": settings.selection, "attempts": settings.attempts,
             "solver": sampling.solver, "steps": sampling.steps,
-            "guidance": guidance_at(settings, sampling, 0, generation.conditioning),
-            "guide": sampling.guide,
+            "guidance": first_weight, "guide": sampling.guide,
             "guidance_against": sampling.guidance_against,
             "guidance_step": settings.guidance_step,
             "guidance_floor": settings.guidance_floor,
@@ -293,9 +293,7 @@ def _settings(generation: Generation) -> dict[str, Any]:
             "differential_privacy": generation.model.get("privacy"),
             "pretrained_on": (generation.model.get("init") or {}).get("trained_on"),
             "drawn_from": drawn_from(generation.conditioning, sampling.guide,
-                                     sampling.guidance_against,
-                                     guidance_at(settings, sampling, 0,
-                                                 generation.conditioning),
+                                     sampling.guidance_against, first_weight,
                                      settings.pseudo_condition)}
 
 

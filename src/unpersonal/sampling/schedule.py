@@ -38,12 +38,10 @@ def guidance_at(generate: GenerateConfig, sampling: SamplingConfig, attempt: int
     The first weight is generate's own, else the sampling section's. Each failed attempt lowers
     it by a step, since a source whose candidates all resemble a patient is better served by a
     weaker pull towards its image; never below the floor, nor raised to a floor above the first.
-    A model told the labels alone and guided against the labels has its condition for its null
-    (`Conditioner.null`): every weight draws the class-conditional model, so the weight is 1,
-    which says so and skips the null pass.
+    Where no weight changes what the denoiser draws (`SamplingConfig.ignores_weight`: told the
+    labels alone, guided against them), the weight is 1, which says so and skips the null pass.
     """
-    if (conditioning == "class" and sampling.guide == "cfg"
-            and sampling.guidance_against == "labels"):
+    if sampling.ignores_weight(conditioning):
         return 1.0
     first = sampling.guidance if generate.guidance is None else generate.guidance
     floor = min(first, generate.guidance_floor)
