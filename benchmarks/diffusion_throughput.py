@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from runner import peak_flops
 from unpersonal.models import UNet, count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,17 +82,6 @@ def step_flops(net: torch.nn.Module, images: torch.Tensor, cond: torch.Tensor) -
     with FlopCounterMode(display=False) as counter:
         edm_step(net, optimizer, images, cond, torch.Generator().manual_seed(0))
     return counter.get_total_flops()
-
-
-def peak_flops(size: int = 2048, repeats: int = 10) -> float:
-    """Best float32 GEMM rate: what the cores reach on the most favourable kernel."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
 
 
 def measure(resolution: int, ours_kwargs: dict, channels: tuple[int, ...], layers: int,

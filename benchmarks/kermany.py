@@ -60,6 +60,7 @@ from runner import (DOWNSTREAM, copy_run_without, provenance, reference_run, set
                     write_table)
 from trainings import markdown as trainings_markdown
 from trainings import over_trainings
+from unpersonal import stages
 from unpersonal.config import load_config
 from unpersonal.data.canonical import load_canonical
 from unpersonal.evaluation.audit import audit_set
@@ -100,8 +101,10 @@ def training_runs(first: Path, trainings: int) -> list[Path]:
 def stage_seconds(run: Path, order: tuple[str, ...] = STAGE_ORDER) -> dict[str, float]:
     """Each stage's own wall time, read from what the stage left in the run directory.
 
-    Training stages log `elapsed_s`; generate records `seconds_total`; the others, the seconds
-    the manifest keeps (older runs: the time from the previous stage's finish to this one's).
+    Trainers record their seconds in their summary file (`seconds`, resumes included) or log
+    `elapsed_s`; generate records `seconds_total`; the others, the seconds the manifest keeps
+    (for a resumed stage, its last part only; older runs: the time from the previous stage's
+    finish to this one's).
     """
     manifest = RunDir(run).manifest()["stages"]
     finished = {stage: datetime.strptime(record["finished"], "%Y-%m-%dT%H:%M:%S%z")
@@ -111,6 +114,8 @@ def stage_seconds(run: Path, order: tuple[str, ...] = STAGE_ORDER) -> dict[str, 
         if stage == "generate":
             seconds[stage] = json.loads((run / stage / "generate.json").read_text())[
                 "seconds_total"]
+        elif (recorded := summary_seconds(run, stage)) is not None:
+            seconds[stage] = recorded
         elif (trained := training_seconds(run / stage)) is not None:
             seconds[stage] = trained
         elif manifest[stage].get("seconds") is not None:
@@ -159,6 +164,16 @@ def unfiltered_sample(run: Path, count: int) -> tuple[np.ndarray, np.ndarray, di
                  {"sample": sampling})
     shutil.rmtree(copy)
     return drawn
+
+
+def summary_seconds(run: Path, stage: str) -> float | None:
+    """The `seconds` a stage's summary file records (the trainers' own time), if any."""
+    name = stages.stage(stage).summary_file
+    path = run / stage / name if name else None
+    if path is None or not path.is_file():
+        return None
+    recorded = json.loads(path.read_text()).get("seconds")
+    return None if recorded is None else float(recorded)
 
 
 def training_seconds(stage: Path) -> float | None:

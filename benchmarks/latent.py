@@ -11,7 +11,8 @@
 Each part adds its figures to `benchmarks/results/latent.json` under its name.
 
 * throughput: one training step of the cpu preset's denoiser (EDM loss, Adam) on 128 px images,
-  on the 32 px latents of a factor-4 autoencoder and on the 16 px latents of a factor-8 one,
+  on the 32 px latents of a factor-4 autoencoder, on the 16 px latents of a factor-8 one and on
+  32 px images (what the cpu preset trains on),
   rounds alternating so machine noise hits all alike; medians. Latents are encoded once before
   training, so the denoiser's step is the whole per-step cost.
 * autoencoders: MONAI's AutoencoderKL and ours (`unpersonal.models.autoencoder`), same widths,
@@ -48,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from runner import provenance, side_by_side, unpersonal
+from runner import provenance, side_by_side, unpersonal, write_table
 from unpersonal.config import AutoencoderConfig
 from unpersonal.data.canonical import load_canonical
 from unpersonal.models import UNet
@@ -76,7 +77,7 @@ def save(part: str, figures: dict[str, Any]) -> None:
 
 def throughput(batch: int, rounds: int, steps: int) -> dict[str, Any]:
     shapes = {"pixel 128 px": (1, 128), "latent f=4 (4x32x32)": (4, 32),
-              "latent f=8 (4x16x16)": (4, 16)}
+              "latent f=8 (4x16x16)": (4, 16), "pixel 32 px": (1, 32)}
     torch.manual_seed(0)
     nets = {name: Denoiser(UNet(size, channels, COND_DIM, **DENOISER), sigma_data=0.5)
             .to(memory_format=torch.channels_last) for name, (channels, size) in shapes.items()}
@@ -279,7 +280,31 @@ def release(seeds: int) -> dict[str, Any]:
                                if test["rejected"]],
         "headline_32px": {key: headline.get(key) for key in (
             "auc_real", "auc_synthetic", "gap_pp", "gap_pp_ci", "fd", "coverage", "recall",
-            "wall_time_s", "date")}}
+            "wall_time_s", "date", "classifier_seeds", "audit_flagged_ours")}}
+
+
+def release_table(figures: dict[str, Any]) -> str:
+    """BENCHMARKS.md's table: the 128 px latent release beside the 32 px pixel headline."""
+    headline = figures["headline_32px"]
+    audit = "passes" if figures["audit_passed"] else (
+        "fails " + ", ".join(figures["audit_failed_tests"]))
+
+    def row(name: str, f: dict[str, Any], seeds: Any, audited: str) -> str:
+        low, high = f["gap_pp_ci"]
+        return (f"| {name} | {seeds} | {f['auc_real']:.3f} | {f['auc_synthetic']:.3f} | "
+                f"{f['gap_pp']:+.2f} ({low:+.2f} to {high:+.2f}) | {f['fd']:.4f} | "
+                f"{f['coverage']:.3f} | {f['recall']:.3f} | {audited} | "
+                f"{f['wall_time_s'] / 3600:.1f} h |")
+
+    return "\n".join([
+        "| release | classifier seeds | real ROC-AUC | synthetic ROC-AUC | gap (pp, 95% CI) "
+        "| FD | coverage | recall | audit | whole run |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---|---:|",
+        row("cpu-128: latent, 128 px (classifier 64 px)", figures,
+            figures["classifier_seeds"], audit),
+        row(f"cpu: pixels, 32 px (headline of {headline['date']})", headline,
+            headline["classifier_seeds"],
+            f"flagged {100 * headline['audit_flagged_ours']:.1f}% (the audit of its day)")])
 
 
 def main() -> None:
@@ -307,7 +332,9 @@ def main() -> None:
     elif options.part == "multilabel":
         save("multilabel", multilabel(options.seeds))
     else:
-        save("release", release(options.seeds))
+        figures = release(options.seeds)
+        save("release", figures)
+        write_table(ROOT / "BENCHMARKS.md", "latent.py", release_table(figures))
 
 
 if __name__ == "__main__":

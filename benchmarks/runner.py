@@ -149,13 +149,43 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def provenance() -> dict[str, str]:
+def provenance() -> dict[str, Any]:
     """Where, when and with what command a result was measured, for its results file: the
-    command quoted as it would be typed, so that it reruns as it stands."""
+    command quoted as it would be typed, so that it reruns as it stands.
+
+    Machines of one name differ: on 2026-12-07 a "2-core x86_64" multiplied float32 matrices at
+    a fifth of the rate one did on 2026-11-22, and trained the same UNet 3.4x slower. So every
+    result carries the CPU's name and its measured matrix-multiply rate, which say whether two
+    files' times can be compared."""
     root = f"{Path(__file__).resolve().parents[1]}/"  # paths inside the project, as typed there
-    return {"machine": f"{platform.machine()}, {cores()} cores", "date": time.strftime("%Y-%m-%d"),
+    return {"machine": f"{platform.machine()}, {cores()} cores", "cpu": cpu_name(),
+            "matmul_gflops": round(peak_flops() / 1e9, 1), "date": time.strftime("%Y-%m-%d"),
             "command": shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}",
                                    *(arg.replace(root, "") for arg in sys.argv[1:])])}
+
+
+def cpu_name() -> str:
+    """The CPU's model name as Linux reports it ("unknown" elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines
+                 if line.startswith("model name")), "unknown")
+
+
+def peak_flops(size: int = 2048, repeats: int = 10) -> float:
+    """Best float32 matrix-multiply rate (FLOP/s) on torch's threads: what the cores reach on
+    the most favourable kernel. Measured beside other work it reads low."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
 
 
 def parser_beside_run(description: str) -> argparse.ArgumentParser:

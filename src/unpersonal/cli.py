@@ -41,8 +41,8 @@ DataOption = Annotated[Optional[Path], typer.Option(
     "--data", "-d", help="dataset: .npz, image folder or CSV, DICOM or NIfTI folder; none = demo "
     "phantoms")]
 PresetOption = Annotated[Optional[str], typer.Option(
-    "--preset", "-p", help="demo, cpu or gpu (default: demo without --data, cpu with it); "
-    "cpu-128 is latent diffusion at 128 px, not yet run end to end on real data")]
+    "--preset", "-p", help="demo, cpu, cpu-128 or gpu (default: demo without --data, cpu with "
+    "it); cpu-128 is latent diffusion at 128 px, gpu at 256 px (not yet run end to end)")]
 ConfigOption = Annotated[Optional[Path], typer.Option(
     "--config", "-c", help="YAML config file (default: the run directory's config.yaml)")]
 SetOption = Annotated[Optional[list[str]], typer.Option(

@@ -633,11 +633,13 @@ _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
     # time; the closer fit to the training pool carries less over to the test split.
     "cpu": _CPU,
     # The cpu preset at 128 px: the denoiser works on the 4 x 32 x 32 latents of a factor-4
-    # autoencoder, where the cpu preset's UNet trains 27x faster than on the 128 px pixels and
-    # at the cost it has at 32 px (benchmarks/latent.py). The embedder and the re-ID network see
-    # 32 px copies, as at 32 px; the classifier (the label gate and the utility figures) sees
-    # 64 px, at 4x the 32 px cost where 128 px would cost 16x. Restoration utility is left to
-    # the 32 px presets: its networks work at the full resolution.
+    # autoencoder, where the cpu preset's UNet trains 20x faster than on the 128 px pixels, at
+    # the cost it has on 32 px pixels (benchmarks/latent.py, side by side). On Kermany (4,466
+    # training images) the whole run took 5.3 hours on 2 cores, a third of it the evaluation.
+    # The embedder and the re-ID network see 32 px copies, as at 32 px; the classifier (the
+    # label gate and the utility figures) sees 64 px, at 4x the 32 px cost where 128 px would
+    # cost 16x. Restoration utility is left to the 32 px presets: its networks work at the
+    # full resolution.
     "cpu-128": _deep_merge(_CPU, {
         "data": {"resolution": 128}, "diffusion": {"space": "latent"},
         "embedder": {"input_size": 32}, "classifier": {"input_size": 64},
