@@ -244,6 +244,7 @@ class SamplingConfig(Section):
     sigma_max: float = Field(80.0, gt=0.0)
     rho: float = Field(7.0, gt=0.0)
     batch_size: int = Field(64, ge=1)
+    count: int = Field(64, ge=1, description="images `unpersonal sample` draws")
 
     def ignores_weight(self, conditioning: str) -> bool:
         """Whether every guidance weight draws the same images from a denoiser told
@@ -251,7 +252,6 @@ class SamplingConfig(Section):
         condition (`Conditioner.null`)."""
         return (conditioning == "class" and self.guide == "cfg"
                 and self.guidance_against == "labels")
-    count: int = Field(64, ge=1, description="images `unpersonal sample` draws")
 
 
 class ViewAugmentation(Section):
