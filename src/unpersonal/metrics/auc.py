@@ -10,6 +10,7 @@ labels all go through the same code; the mean is the unweighted (macro) mean ove
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
 LABEL_KINDS = ("binary", "multiclass", "multilabel")
@@ -145,9 +146,24 @@ def _seed_mean_auc(labels: np.ndarray, stack: np.ndarray) -> float | None:
 
 
 def _mean_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
-    scores = [roc_auc_score(labels[:, c], probs[:, c]) for c in range(labels.shape[1])
+    scores = [rank_auc(labels[:, c], probs[:, c]) for c in range(labels.shape[1])
               if labels[:, c].min() != labels[:, c].max()]
     return float(np.mean(scores)) if scores else None
+
+
+def rank_auc(truth: np.ndarray, scores: np.ndarray) -> float:
+    """ROC-AUC of binary `truth` (both classes present) as the Mann-Whitney statistic.
+
+    The probability that a positive outscores a negative, ties counting one half: the area
+    under the ROC curve exactly (Hanley & McNeil, 1982), as `roc_auc_score` computes it. Written
+    here because the bootstraps score thousands of resamples, and `roc_auc_score`'s input
+    checks make it about 17 times slower on 275 images (3.6 ms a call against 0.21).
+    """
+    positive = np.asarray(truth) > 0.5
+    count = int(positive.sum())
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - count * (count + 1) / 2)
+                 / (count * (len(positive) - count)))
 
 
 def _group_members(count: int, groups: np.ndarray | None) -> list[np.ndarray]:
