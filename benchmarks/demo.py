@@ -1,6 +1,6 @@
 """`make demo` on a fresh clone, timed: environment, then every stage on the phantoms.
 
-    .venv/bin/python benchmarks/demo.py        # about 15 min on 2 cores; see BENCHMARKS.md
+    .venv/bin/python benchmarks/demo.py        # about 10 min on 2 cores; see BENCHMARKS.md
 
 Clones this repository (its committed HEAD) into a temporary folder, runs `make demo` there as a
 new user would, checks that runs/demo/report/index.html and runs/demo/export/ exist, and writes
@@ -20,11 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from runner import provenance
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
 def main() -> None:
+    measured_on = provenance()  # before the clone: the matmul rate of an idle machine
     with tempfile.TemporaryDirectory(prefix="unpersonal-demo-") as scratch:
         clone = Path(scratch) / "unpersonal"
         subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
@@ -62,19 +65,12 @@ def main() -> None:
         "classification_auc": sheet["utility"]["classification_auc"],
         "classification_auc_ci95": sheet["utility"]["classification_auc_ci95"],
         "gap_pp": sheet["utility"]["gap_pp"],
-        "machine": f"{platform.machine()}, {_cores()} cores, Python {platform.python_version()}",
-        "date": time.strftime("%Y-%m-%d"), "commit": commit,
+        **measured_on, "python": platform.python_version(), "commit": commit,
         "command": "make demo (fresh clone; timed by python benchmarks/demo.py)",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "demo.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 if __name__ == "__main__":
