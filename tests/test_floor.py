@@ -156,3 +156,23 @@ def test_aligned_pixels_take_any_layout_and_survive_flat_images() -> None:
     with pytest.raises(ValueError, match="too small"):
         AlignedPixels(max_shift=3, resolution=32).reference(images[:, :6, :6])
 
+
+
+def test_aligned_pixels_search_in_chunks_finds_the_nearest_view_of_each_image(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`nearest` searches many images' views at once, in chunks of whole images: the result is
+    each image's smallest distance over its views, searched one view at a time, chunk or not."""
+    import unpersonal.privacy.floor as floor
+
+    space = AlignedPixels(max_shift=2, smooth=0.7, resolution=32)
+    train, queries = smooth_images(30, 32, seed=0), smooth_images(7, 32, seed=2)
+    index = space.index(train)
+    per_view = [index.search(view, k=1) for view in space.shifted(queries)]
+    distances = np.stack([found[0][:, 0] for found in per_view])
+    view = distances.argmin(axis=0)
+    expected_rows = np.stack([found[1][:, 0] for found in per_view])[view, np.arange(7)]
+    for rows_per_search in (8192, 2 * 25 * 3):  # all at once; chunks of 3 images, then 1
+        monkeypatch.setattr(floor, "SEARCH_ROWS", rows_per_search)
+        found, rows = space.nearest(index, queries)
+        np.testing.assert_allclose(found, np.maximum(distances.min(axis=0), 0), atol=1e-6)
+        np.testing.assert_array_equal(rows, expected_rows)
