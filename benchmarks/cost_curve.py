@@ -1,6 +1,7 @@
 """The cost curve: time and peak memory of each stage as the training set grows (phantoms).
 
     .venv/bin/python benchmarks/cost_curve.py [--images 1000 5000 20000] [--sources 500]
+    .venv/bin/python benchmarks/cost_curve.py --remeasure generate audit   # after a change
 
 For each size N, a phantom run at the demo preset (32 px) with about N training images
 (`runs/cost-N`), each stage run by its own `unpersonal` command in a child process, timed by
@@ -34,13 +35,15 @@ from typing import Any
 import numpy as np
 
 from runner import provenance, sets
+from unpersonal.config import load_config
 from unpersonal.rundir import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "cost_curve.json"
 STAGES = ("prepare", "fit-embedder", "fit-reid", "calibrate", "fit-classifier", "fit-diffusion",
           "generate", "audit")
-IMAGES_PER_PATIENT = 3.5 * 0.8  # phantoms: 1-6 scans each, 80% of patients in training
+# Phantoms: 1-6 scans a patient, the demo preset's share of patients in training.
+IMAGES_PER_PATIENT = 3.5 * load_config("demo").data.split_fractions[0]
 PROJECT_TO = 100_000
 
 
@@ -56,20 +59,23 @@ def timed(command: list[str]) -> tuple[float, float]:
     return round(seconds, 1), round(usage.ru_maxrss / 1024, 1)  # Linux: ru_maxrss in KiB
 
 
-def measure(images: int, sources: int, extra: list[str]) -> dict[str, Any]:
-    """One size's stages, or what an earlier invocation measured."""
+def measure(images: int, sources: int, extra: list[str],
+            remeasure: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One size's stages, or what an earlier invocation measured (but the `remeasure` stages,
+    run again on that run's other stages)."""
     run = ROOT / "runs" / f"cost-{images}"
     saved = run / "cost.json"
-    if saved.is_file():
-        return json.loads(saved.read_text())
+    earlier = json.loads(saved.read_text()) if saved.is_file() else None
+    if earlier is not None and not remeasure:
+        return earlier
     patients = max(4, round(images / IMAGES_PER_PATIENT))
     executable = str(Path(sys.executable).with_name("unpersonal"))
     common = ["--out", str(run), *sets(f"phantoms.n_patients={patients}",
                                        f"generate.count={sources}"), *extra]
-    figures = {}
-    for stage in STAGES:
+    figures = dict(earlier["stages"]) if earlier is not None else {}
+    for stage in remeasure if earlier is not None else STAGES:
         seconds, memory = timed([executable, stage, *common, "--force"])
-        figures[stage] = {"seconds": seconds, "peak_mib": memory}
+        figures[stage] = {"seconds": seconds, "peak_mib": memory, "commit": commit()}
     train = json.loads((run / "prepare" / "dataset.json").read_text())["summary"]["splits"]["train"]
     searched = json.loads((run / "generate" / "generate.json").read_text())["seconds_total"]
     figures["generate"]["search_s_per_source"] = round(searched / sources, 4)
@@ -78,6 +84,16 @@ def measure(images: int, sources: int, extra: list[str]) -> dict[str, Any]:
               "patients": patients, "sources": sources, "stages": figures}
     write_atomic(saved, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def commit() -> str:
+    """The checked-out commit, with "+" when the tree has changes: which code a figure timed."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain",
+                                                              "--untracked-files=no") else "")
 
 
 def growth(sizes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -109,9 +125,12 @@ def main() -> None:
                         help="sources generate draws for at every size (time scaled to N)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="a config override for every run (e.g. a smaller model to try it)")
+    parser.add_argument("--remeasure", nargs="+", choices=STAGES, default=(),
+                        help="run these stages again at every size measured before (after a "
+                        "change to them), keeping the other stages' figures")
     options = parser.parse_args()
-    sizes = [measure(images, options.sources, sets(*options.overrides))
-             for images in sorted(options.images)]
+    sizes = [measure(images, options.sources, sets(*options.overrides),
+                     tuple(options.remeasure)) for images in sorted(options.images)]
     results = {**provenance(), "sizes": sizes,
                "growth": growth(sizes) if len(sizes) > 1 else None}
     write_atomic(RESULTS, json.dumps(results, indent=2) + "\n")
