@@ -1,7 +1,7 @@
 """The cost curve: time and peak memory of each stage as the training set grows (phantoms).
 
     .venv/bin/python benchmarks/cost_curve.py [--images 1000 5000 20000] [--sources 500]
-    .venv/bin/python benchmarks/cost_curve.py --remeasure generate audit   # after a change
+    .venv/bin/python benchmarks/cost_curve.py --remeasure calibrate generate audit  # after a change
 
 For each size N, a phantom run at the demo preset (32 px) with about N training images
 (`runs/cost-N`), each stage run by its own `unpersonal` command in a child process, timed by
@@ -73,7 +73,7 @@ def measure(images: int, sources: int, extra: list[str],
     common = ["--out", str(run), *sets(f"phantoms.n_patients={patients}",
                                        f"generate.count={sources}"), *extra]
     figures = dict(earlier["stages"]) if earlier is not None else {}
-    for stage in remeasure if earlier is not None else STAGES:
+    for stage in [s for s in STAGES if earlier is None or s in remeasure]:
         seconds, memory = timed([executable, stage, *common, "--force"])
         figures[stage] = {"seconds": seconds, "peak_mib": memory, "commit": commit()}
     train = json.loads((run / "prepare" / "dataset.json").read_text())["summary"]["splits"]["train"]
