@@ -7,7 +7,8 @@ For each size N, a phantom run at the demo preset (32 px) with about N training 
 (`runs/cost-N`), each stage run by its own `unpersonal` command in a child process, timed by
 the wall clock and measured for peak resident memory (the child's `ru_maxrss`): prepare, the
 filter's models (fit-embedder, fit-reid, calibrate), fit-classifier, fit-diffusion, generate,
-and the audit (`unpersonal audit`: its own embedder and re-ID network, then the tests).
+and the audit (`unpersonal audit`: its own embedder and re-ID network, then the tests; with
+`--remeasure audit`, the tests alone, the models being up to date).
 
 Training budgets are fixed in steps, so a training stage grows with N only through what it does
 once per image (features of every image, validation passes). generate draws for `--sources`
