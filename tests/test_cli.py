@@ -148,3 +148,20 @@ def test_switching_preset_on_an_existing_run_is_refused(cli, tmp_path: Path) -> 
     result = cli("prepare", "--out", run, "--preset", "gpu")
     assert result.code == 2 and "made with preset demo" in result.stderr
     assert cli("prepare", "--out", run, "--preset", "demo").code == 0
+
+
+def test_a_command_on_a_run_another_command_holds_stops_and_names_it(cli, tmp_path: Path
+                                                                      ) -> None:
+    """Two commands on one run directory would write over each other: the second stops."""
+    fcntl = pytest.importorskip("fcntl")
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "w") as held:
+        held.write("4242\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = cli("prepare", "--out", run)
+        assert result.code == 2
+        assert f"{run} is in use by another unpersonal command (process 4242)" in result.stderr
+        assert [path.name for path in run.iterdir()] == [".lock"]  # nothing written
+    assert cli("prepare", "--out", run).code == 0  # released when its holder ends

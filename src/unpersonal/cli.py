@@ -156,10 +156,11 @@ def run_stages(chain: list[Stage], config: Config, run: RunDir, redo: list[Stage
     the audit's models it builds first; `run --force`: every stage)."""
     check_inputs(chain, config, run)
     install_sigterm_as_interrupt()
-    for entry in chain:
-        outcome = execute(entry, config, run, entry in redo)
-        for line in outcome_lines(outcome, run):
-            console.print(line, soft_wrap=True)
+    with run.in_use():
+        for entry in chain:
+            outcome = execute(entry, config, run, entry in redo)
+            for line in outcome_lines(outcome, run):
+                console.print(line, soft_wrap=True)
 
 
 def audit_folder(chain: list[Stage], config: Config, run: RunDir, release: Path,

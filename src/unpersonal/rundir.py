@@ -4,6 +4,7 @@
       config.yaml      the resolved config of the latest invocation
       manifest.json    per stage: cache key, config it ran with, output files and their sha256
       prepare/         one folder per stage, written whole or not at all
+      .lock            held by the one command at work on the run (`RunDir.in_use`)
       ...
 
 A stage builds its folder under `.partial/` and only a finished folder is renamed into place,
@@ -28,8 +29,15 @@ from typing import Any
 import numpy as np
 
 from unpersonal import __version__
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks (see RunDir.in_use)
+    fcntl = None  # type: ignore[assignment]
 from unpersonal.config import Config
 from unpersonal.errors import UserError
+
+LOCK_FILE = ".lock"
 
 MANIFEST_FORMAT = 1
 _HASH_CHUNK = 1 << 20
@@ -76,6 +84,40 @@ class RunDir:
 
     def stage_path(self, stage: str) -> Path:
         return self.root / stage
+
+    @contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Hold the run for one command, so that a second command on the same run directory
+        stops with an error instead of working beside the first (two `generate`s would clear
+        and fill one work folder). An advisory lock (`flock`) on `.lock`, which the system
+        releases when the process ends, however it ends; none where there is no `fcntl`
+        (Windows). The processes of one `accelerate launch` share the run by design: only the
+        first (`RANK` 0, or no launcher) holds it. A run directory that the command created
+        and left empty (a refused command) is removed again."""
+        if fcntl is None or os.environ.get("RANK", "0") != "0":
+            yield
+            return
+        created = not self.root.exists()
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = self.root / LOCK_FILE
+        with open(lock, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise UserError(f"{self.root} is in use by another unpersonal command (process "
+                                f"{holder}): wait for it to end, or stop it") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            try:
+                yield
+            finally:
+                if created and [p.name for p in self.root.iterdir()] == [LOCK_FILE]:
+                    lock.unlink()
+                    self.root.rmdir()
 
     def manifest(self) -> dict[str, Any]:
         """Which stages are finished, with their keys and output hashes.
