@@ -294,3 +294,14 @@ def test_run_killed_at_a_random_point_then_rerun_gives_the_same_export(tmp_path:
     _, err = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, err[-3000:]
     assert _tree(tmp_path / "killed" / "export") == _tree(tmp_path / "whole" / "export")
+
+
+def test_the_datasheet_says_one_seed_or_a_mean_over_seeds(released_run: Path) -> None:
+    """The demo trains one classifier per set: its datasheet says so, not "mean over 1"."""
+    from unpersonal.report.export import datasheet_markdown
+
+    sheet = json.loads((released_run / "export" / "datasheet.json").read_text())
+    assert "mean over 2 training seeds" in datasheet_markdown(sheet)
+    sheet["utility"]["classifier_seeds"] = 1
+    text = datasheet_markdown(sheet)
+    assert "(real test images, one training seed)" in text and "mean over" not in text

@@ -207,9 +207,9 @@ def datasheet_markdown(sheet: dict[str, Any]) -> str:
         "## Privacy audit (judged by models the filter did not use; baseline: real images of "
         "patients never trained on)", "",
         *verdict_table(sheet["privacy"]["verdicts"])]
-    lines += ["", "## Utility", "",
-              f"Classifier test ROC-AUC (real test images, mean over {utility['classifier_seeds']} "
-              "training seeds):", ""]
+    seeds = utility["classifier_seeds"]
+    over = "one training seed" if seeds == 1 else f"mean over {seeds} training seeds"
+    lines += ["", "## Utility", "", f"Classifier test ROC-AUC (real test images, {over}):", ""]
     for name, auc in utility["classification_auc"].items():
         low, high = utility["classification_auc_ci95"][name]
         lines.append(f"* trained on {TRAINING_SET_TITLES.get(name, name)}: {auc:.3f} "
