@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from runner import provenance, sets
+from runner import commit, provenance, sets
 from unpersonal.config import load_config
 from unpersonal.rundir import write_atomic
 
@@ -85,16 +85,6 @@ def measure(images: int, sources: int, extra: list[str],
               "patients": patients, "sources": sources, "stages": figures}
     write_atomic(saved, json.dumps(result, indent=2) + "\n")
     return result
-
-
-def commit() -> str:
-    """The checked-out commit, with "+" when the tree has changes: which code a figure timed."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True,
-                              text=True).stdout.strip()
-
-    return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain",
-                                                              "--untracked-files=no") else "")
 
 
 def growth(sizes: list[dict[str, Any]]) -> dict[str, Any]:

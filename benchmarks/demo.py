@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from runner import provenance
+from runner import commit, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -49,8 +49,7 @@ def main() -> None:
         sheet = json.loads((export / "datasheet.json").read_text())
         stages = json.loads((run / "manifest.json").read_text())["stages"]
         images = len(list((export / "images").glob("*.png")))
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone,
-                                capture_output=True, text=True).stdout.strip()
+        cloned = commit(clone)
     results = {
         "wall_time_s": round(finished - started, 1),
         "environment_s": round(installed - started, 1),
@@ -65,7 +64,7 @@ def main() -> None:
         "classification_auc": sheet["utility"]["classification_auc"],
         "classification_auc_ci95": sheet["utility"]["classification_auc_ci95"],
         "gap_pp": sheet["utility"]["gap_pp"],
-        **measured_on, "python": platform.python_version(), "commit": commit,
+        **measured_on, "python": platform.python_version(), "commit": cloned,
         "command": "make demo (fresh clone; timed by python benchmarks/demo.py)",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -164,6 +164,17 @@ def provenance() -> dict[str, Any]:
                                    *(arg.replace(root, "") for arg in sys.argv[1:])])}
 
 
+def commit(repo: Path = Path(__file__).resolve().parents[1]) -> str:
+    """The commit checked out in `repo`, with "+" when its tracked files have changes: which
+    code a figure timed."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True,
+                              text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain",
+                                                              "--untracked-files=no") else "")
+
+
 def cpu_name() -> str:
     """The CPU's model name as Linux reports it ("unknown" elsewhere)."""
     try:

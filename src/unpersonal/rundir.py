@@ -26,14 +26,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from unpersonal import __version__
-
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks (see RunDir.in_use)
     fcntl = None  # type: ignore[assignment]
+
+import numpy as np
+
+from unpersonal import __version__
 from unpersonal.config import Config
 from unpersonal.errors import UserError
 
